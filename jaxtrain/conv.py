@@ -1,0 +1,98 @@
+"""3x3 convolutions and 2x2 max-pooling with a backend-chosen implementation.
+
+XLA's CPU convolutions are several times slower than its matmuls (and than
+PyTorch's oneDNN convolutions), so on CPU a 3x3 "SAME" convolution is computed as
+nine shifted slices concatenated on the channel axis and one matmul against the
+reshaped kernel; max-pooling becomes a reshape and a max. Their backward passes
+are slices, pads and matmuls too, all fast on CPU. On GPU/TPU ``lax.conv`` and
+``reduce_window`` stay. Both implementations share the same parameters (a
+``[3, 3, in, out]`` kernel, like ``nn.Conv``), so a checkpoint moves freely
+between backends, and agree within float tolerance.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+IMPLS = ("auto", "xla", "matmul")
+
+
+def check_impl(impl: str) -> None:
+  if impl not in IMPLS:
+    raise ValueError(f"conv_impl must be one of {IMPLS}, got {impl!r}")
+
+
+def resolve_impl(impl: str) -> str:
+  """``"auto"`` -> ``"matmul"`` on CPU, ``"xla"`` on other backends."""
+  check_impl(impl)
+  if impl == "auto":
+    return "matmul" if jax.default_backend() == "cpu" else "xla"
+  return impl
+
+
+def conv3x3_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """A stride-1 'SAME' 3x3 convolution (NHWC, HWIO) as slices and one matmul.
+
+  >>> x = jax.random.normal(jax.random.key(0), (2, 5, 5, 3))
+  >>> k = jax.random.normal(jax.random.key(1), (3, 3, 3, 4))
+  >>> ref = jax.lax.conv_general_dilated(x, k, (1, 1), "SAME",
+  ...     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  >>> bool(jnp.allclose(conv3x3_matmul(x, k), ref, atol=1e-5))
+  True
+  """
+  _, height, width, channels = x.shape
+  padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  # Channel-last concatenation in (row, column, channel) order matches the
+  # row-major reshape of the HWIO kernel below.
+  patches = jnp.concatenate(
+      [padded[:, i : i + height, j : j + width, :] for i in range(3) for j in range(3)],
+      axis=-1,
+  )
+  return patches @ kernel.reshape(9 * channels, kernel.shape[-1])
+
+
+def conv3x3_xla(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  return jax.lax.conv_general_dilated(
+      x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+  )
+
+
+def max_pool_2x2(x: jax.Array, *, impl: str = "auto") -> jax.Array:
+  """2x2 max-pooling with stride 2 (odd trailing rows/columns are dropped).
+
+  >>> x = jnp.arange(16.0).reshape(1, 4, 4, 1)
+  >>> max_pool_2x2(x, impl="matmul")[0, :, :, 0].tolist()
+  [[5.0, 7.0], [13.0, 15.0]]
+  """
+  if resolve_impl(impl) == "xla":
+    return nn.max_pool(x, (2, 2), strides=(2, 2))
+  b, h, w, c = x.shape
+  x = x[:, : h // 2 * 2, : w // 2 * 2, :]
+  return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
+class Conv3x3(nn.Module):
+  """A 3x3 stride-1 'SAME' convolution with ``nn.Conv``'s parameters and init.
+
+  Attributes:
+    features: output channels.
+    use_bias: add a bias (off when batch norm follows).
+    impl: ``"auto"``, ``"xla"`` or ``"matmul"``.
+  """
+
+  features: int
+  use_bias: bool = True
+  impl: str = "auto"
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param(
+        "kernel", nn.initializers.lecun_normal(), (3, 3, x.shape[-1], self.features)
+    )
+    conv = conv3x3_xla if resolve_impl(self.impl) == "xla" else conv3x3_matmul
+    y = conv(x, kernel)
+    if self.use_bias:
+      y = y + self.param("bias", nn.initializers.zeros_init(), (self.features,))
+    return y

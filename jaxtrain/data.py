@@ -1,0 +1,113 @@
+"""Mini-batches: the epoch order as a pure function of a key, padded and masked.
+
+One function, :func:`epoch_indices`, decides which rows form which batch of an
+epoch. The host iterator :func:`batches` and the on-device epoch of
+:mod:`jaxtrain.loop` both use it, so the two paths see the same batches.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxtrain.keys import as_key
+
+
+def num_batches(n: int, batch_size: int, drop_remainder: bool = False) -> int:
+  """Batches per epoch: ``ceil(n / batch_size)``, or the floor when dropping."""
+  return n // batch_size if drop_remainder else -(-n // batch_size)
+
+
+def check_arrays(arrays: Mapping[str, np.ndarray], batch_size: int) -> int:
+  """Checks a dict of equally long arrays and a batch size; returns the length."""
+  if not isinstance(arrays, Mapping) or not arrays:
+    raise ValueError(f"arrays must be a non-empty dict of arrays, got {arrays!r:.80}")
+  lengths = {k: np.shape(v)[0] if np.ndim(v) else None for k, v in arrays.items()}
+  if None in lengths.values() or len(set(lengths.values())) != 1:
+    raise ValueError(f"arrays must share their leading axis, got lengths {lengths}")
+  n = next(iter(lengths.values()))
+  if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer):
+    raise ValueError(f"batch_size must be an integer, got {batch_size!r}")
+  if not 1 <= batch_size:
+    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  if n == 0:
+    raise ValueError("arrays are empty (0 rows)")
+  return n
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _epoch_indices(key, n: int, batch_size: int, drop_remainder: bool):
+  order = (
+      jnp.arange(n, dtype=jnp.int32)
+      if key is None
+      else jax.random.permutation(key, n).astype(jnp.int32)
+  )
+  steps = num_batches(n, batch_size, drop_remainder)
+  total = steps * batch_size
+  mask = (jnp.arange(total) < n).astype(jnp.float32)
+  # Padding rows point at row 0 (any valid row would do): their weight is 0.
+  order = jnp.pad(order[: min(total, n)], (0, max(total - n, 0)))
+  return order.reshape(steps, batch_size), mask.reshape(steps, batch_size)
+
+
+def epoch_indices(key, n: int, batch_size: int, drop_remainder: bool = False):
+  """The row indices and padding mask of every batch of one epoch.
+
+  Args:
+    key: the epoch's shuffle key, or ``None`` to keep the order.
+    n: number of rows.
+    batch_size: rows per batch.
+    drop_remainder: drop the last, incomplete batch instead of padding it.
+
+  Returns:
+    ``(indices, mask)``, int32 and float32 arrays of shape
+    ``[num_batches, batch_size]``; padding rows have mask 0.
+
+  >>> idx, mask = epoch_indices(None, 5, 2)
+  >>> idx.tolist(), mask.tolist()
+  ([[0, 1], [2, 3], [4, 0]], [[1.0, 1.0], [1.0, 1.0], [1.0, 0.0]])
+  """
+  return _epoch_indices(None if key is None else as_key(key), n, batch_size,
+                        drop_remainder)
+
+
+def batches(
+    arrays: Mapping[str, np.ndarray],
+    batch_size: int,
+    *,
+    key=None,
+    drop_remainder: bool = False,
+) -> Iterator[dict[str, np.ndarray]]:
+  """Iterates over mini-batches of a dict of arrays.
+
+  Every batch has the same keys, shapes and dtypes (the last one is padded and
+  masked unless ``drop_remainder``), so a jitted step compiles once per epoch.
+
+  Args:
+    arrays: e.g. ``{"inputs": x, "targets": y}``, equal leading axes. A
+      ``"mask"`` entry, if present, is multiplied into the padding mask.
+    batch_size: rows per batch.
+    key: shuffle key; ``None`` keeps the order. Fold the epoch into it.
+    drop_remainder: drop the incomplete last batch instead of padding it.
+
+  Yields:
+    dicts with the arrays' keys and a float32 ``"mask"`` of shape [batch_size].
+
+  >>> data = {"inputs": np.arange(5.0)[:, None], "targets": np.arange(5)}
+  >>> [b["targets"].tolist() for b in batches(data, 2)]
+  [[0, 1], [2, 3], [4, 0]]
+  >>> [b["mask"].tolist() for b in batches(data, 2)][-1]
+  [1.0, 0.0]
+  """
+  n = check_arrays(arrays, batch_size)
+  indices, masks = jax.device_get(epoch_indices(key, n, batch_size, drop_remainder))
+  for idx, mask in zip(indices, masks):
+    batch = {k: np.asarray(v)[idx] for k, v in arrays.items() if k != "mask"}
+    if "mask" in arrays:
+      mask = mask * np.asarray(arrays["mask"], np.float32)[idx]
+    batch["mask"] = mask
+    yield batch

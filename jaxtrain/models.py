@@ -1,0 +1,165 @@
+"""Models of the lessons, in flax.linen: ``MLP``, ``Pigeon`` and a small ``CNN``.
+
+Every model's ``__call__`` takes ``(inputs, *, train, mask=None)``: ``train``
+switches dropout and batch norm between their training and evaluation modes, and
+``mask`` (per-example, from padded batches) keeps padding rows out of batch-norm
+statistics. ``axis_name`` makes batch norm cross-replica under pmap/shard_map:
+statistics are averaged over that axis (leave it ``None`` under plain jit, where
+a sharded global batch already gives global statistics).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxtrain import conv as _conv
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "relu": nn.relu,
+    "tanh": jnp.tanh,
+    "sigmoid": nn.sigmoid,
+    "gelu": nn.gelu,
+    "silu": nn.silu,
+    "elu": nn.elu,
+    "leaky_relu": nn.leaky_relu,
+}
+
+
+def _check_rate(rate: float) -> None:
+  if not 0.0 <= rate < 1.0:
+    raise ValueError(f"dropout rate must be in [0, 1), got {rate}")
+
+
+def _batch_norm(module: nn.Module, x, *, train: bool, mask):
+  # PyTorch's BatchNorm defaults: momentum 0.1 (flax: 0.9), eps 1e-5.
+  if mask is not None:
+    mask = mask.reshape(mask.shape + (1,) * (x.ndim - 1))
+  return nn.BatchNorm(
+      use_running_average=not train, momentum=0.9, epsilon=1e-5,
+      axis_name=module.axis_name,
+  )(x, mask=mask if train else None)
+
+
+class MLP(nn.Module):
+  """A multi-layer perceptron; inputs are flattened after the batch axis.
+
+  Attributes:
+    hidden_sizes: width of each hidden layer.
+    outputs: width of the output layer (1 for a single logit).
+    activation: a name from ``ACTIVATIONS``.
+    dropout_rate: dropout after each hidden activation, in [0, 1).
+    batch_norm: batch norm before each hidden activation.
+    axis_name: cross-replica batch norm axis under pmap/shard_map.
+
+  >>> import jax, jax.numpy as jnp
+  >>> model = MLP(hidden_sizes=(16,), outputs=2)
+  >>> variables = model.init(jax.random.key(0), jnp.zeros((1, 2)), train=False)
+  >>> model.apply(variables, jnp.zeros((5, 2)), train=False).shape
+  (5, 2)
+  """
+
+  hidden_sizes: Sequence[int]
+  outputs: int
+  activation: str = "relu"
+  dropout_rate: float = 0.0
+  batch_norm: bool = False
+  axis_name: str | None = None
+
+  def __post_init__(self):
+    _check_rate(self.dropout_rate)
+    if self.activation not in ACTIVATIONS:
+      raise ValueError(
+          f"activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}"
+      )
+    if self.outputs < 1 or any(h < 1 for h in self.hidden_sizes):
+      raise ValueError(
+          f"layer sizes must be >= 1, got hidden_sizes={tuple(self.hidden_sizes)} "
+          f"outputs={self.outputs}"
+      )
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(self, inputs, *, train: bool, mask=None):
+    x = inputs.reshape(inputs.shape[0], -1).astype(jnp.float32)
+    for width in self.hidden_sizes:
+      x = nn.Dense(width, use_bias=not self.batch_norm)(x)
+      if self.batch_norm:
+        x = _batch_norm(self, x, train=train, mask=mask)
+      x = ACTIVATIONS[self.activation](x)
+      if self.dropout_rate:
+        x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+    return nn.Dense(self.outputs)(x)
+
+
+def Pigeon(hidden: int = 30, *, dropout_rate: float = 0.0) -> MLP:
+  """The lessons' "pigeon": 784 inputs, one ReLU hidden layer, one logit.
+
+  >>> Pigeon().hidden_sizes
+  (30,)
+  """
+  return MLP(hidden_sizes=(hidden,), outputs=1, dropout_rate=dropout_rate)
+
+
+class CNN(nn.Module):
+  """Conv / batch norm / ReLU / 2x2 max-pool blocks, dropout and a dense head.
+
+  Works for 28x28x1 (MNIST) and 32x32x3 (CIFAR-10) images, or any NHWC input
+  (uint8 inputs are scaled to [0, 1]).
+
+  Attributes:
+    features: output channels of each 3x3 conv block.
+    dense: width of the hidden dense layer (0 for none).
+    outputs: number of classes.
+    dropout_rate: dropout before the head, in [0, 1).
+    batch_norm: batch norm after each conv.
+    axis_name: cross-replica batch norm axis under pmap/shard_map.
+    conv_impl: ``"auto"`` (shifted-slice matmuls on CPU, ``lax.conv`` elsewhere),
+      ``"xla"`` or ``"matmul"``; see :mod:`jaxtrain.conv`.
+
+  >>> import jax, jax.numpy as jnp
+  >>> model = CNN(features=(8,), dense=16, outputs=10)
+  >>> variables = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)), train=False)
+  >>> model.apply(variables, jnp.zeros((2, 28, 28, 1)), train=False).shape
+  (2, 10)
+  """
+
+  features: Sequence[int] = (32, 64)
+  dense: int = 128
+  outputs: int = 10
+  dropout_rate: float = 0.0
+  batch_norm: bool = True
+  axis_name: str | None = None
+  conv_impl: str = "auto"
+
+  def __post_init__(self):
+    _check_rate(self.dropout_rate)
+    _conv.check_impl(self.conv_impl)
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(self, inputs, *, train: bool, mask=None):
+    if inputs.ndim == 3:  # [batch, H, W] grayscale
+      inputs = inputs[..., None]
+    if inputs.ndim != 4:
+      raise ValueError(f"CNN inputs must be [batch, H, W, C], got shape {inputs.shape}")
+    x = inputs.astype(jnp.float32)
+    if inputs.dtype == jnp.uint8:
+      x = x / 255.0
+    for width in self.features:
+      x = _conv.Conv3x3(width, use_bias=not self.batch_norm, impl=self.conv_impl)(x)
+      if self.batch_norm:
+        x = _batch_norm(self, x, train=train, mask=mask)
+      x = nn.relu(x)
+      x = _conv.max_pool_2x2(x, impl=self.conv_impl)
+    x = x.reshape(x.shape[0], -1)
+    if self.dropout_rate:
+      x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+    if self.dense:
+      x = nn.relu(nn.Dense(self.dense)(x))
+      if self.dropout_rate:
+        x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+    return nn.Dense(self.outputs)(x)

@@ -1,0 +1,356 @@
+"""What a training run writes to its run directory and to the terminal.
+
+``fit`` never syncs the host per step: it hands a chunk of per-step metrics
+(e.g. one epoch, fetched at once) to :meth:`RunMonitor.log_steps` and a row per
+epoch to :meth:`RunMonitor.log_epoch`. Files are buffered, flushed per epoch:
+``metrics.csv`` (a row per epoch, floats as ``repr``: byte-identical reruns),
+``steps.jsonl`` (a JSON object per step), ``tensorboard/`` (tensorboardX event
+files, no TensorFlow), ``config.json`` (:func:`write_config`) and
+``curves.png`` (:func:`plot_curves`).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import enum
+import importlib.metadata
+import json
+import os
+import platform
+import sys
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from jaxtrain.plots import plot_curves, read_history
+
+__all__ = ["RunMonitor", "plot_curves", "read_history", "write_config"]
+
+_SKIP_IN_LINE = ("epoch", "step", "seconds")  # Shown differently or not at all.
+_DISTRIBUTIONS = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy",
+                  "jaxtrain")
+
+
+def _py(value: Any) -> Any:
+  """A Python scalar for a numpy/JAX scalar (``repr(np.float32(1))`` is not
+  ``'1.0'``), so files do not depend on where a number came from."""
+  if value is None or isinstance(value, (str, bool, int, float)):
+    return value
+  array = np.asarray(value)
+  if array.ndim:
+    raise ValueError(f"expected a scalar, got shape {array.shape}")
+  return array.item() if array.dtype.kind in "iub" else float(array)
+
+
+def _column(values: Any, n: int, name: str) -> list:
+  array = np.asarray(values).reshape(-1)
+  if array.shape[0] != n:
+    raise ValueError(f"metric {name!r} has {array.shape[0]} values for {n} steps")
+  # float64 first: bfloat16/float16 .tolist() does not give Python floats.
+  return (array if array.dtype.kind in "iub" else array.astype(np.float64)).tolist()
+
+
+def _truncate_lines(path: str, n: int) -> None:
+  """Keeps the first ``n`` complete lines of ``path`` (a torn last line goes)."""
+  with open(path, "a+b") as f:  # Creates a missing file.
+    f.seek(0)
+    lines = offset = 0
+    while lines < n and (line := f.readline()).endswith(b"\n"):
+      lines, offset = lines + 1, offset + len(line)
+    f.truncate(offset)
+  if lines < n:
+    warnings.warn(f"{path} has {lines} step records, expected {n}; the resumed "
+                  "run will not be byte-identical to an uninterrupted one",
+                  stacklevel=3)
+
+
+class RunMonitor:
+  """Writes metrics, TensorBoard events and progress for one training run.
+
+  Args:
+    workdir: Run directory (created).
+    columns: ``metrics.csv`` columns in order.
+    total_steps: Steps of the whole run (progress bar, ETA).
+    steps_per_epoch: Steps per epoch (for "epoch 3/100").
+    histogram_every: Epochs between :meth:`log_histograms` calls (see
+      :meth:`histograms_due`); 0 disables.
+    progress: ``True``: tqdm bar; ``False``: one plain line per epoch;
+      ``None``: a bar when stderr is a terminal.
+    resume_rows: Epoch rows already done (from a checkpoint): ``metrics.csv``
+      is rewritten with exactly these rows. Empty for a fresh run.
+    resume_step_records: Keep the first N lines of ``steps.jsonl`` (``None``:
+      start it afresh).
+
+  Example:
+    >>> import tempfile
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> with RunMonitor(tmp.name, columns=["epoch", "step", "train_loss"],
+    ...                 total_steps=2, steps_per_epoch=2, progress=False) as mon:
+    ...   mon.log_steps(np.array([1, 2]), {"loss": np.array([0.75, 0.25])})
+    ...   mon.log_epoch({"epoch": 1, "step": 2, "train_loss": 0.5})
+    epoch 1/1  train_loss 0.5
+    >>> print(open(os.path.join(tmp.name, "metrics.csv")).read())
+    epoch,step,train_loss
+    1,2,0.5
+    >>> tmp.cleanup()
+  """
+
+  def __init__(self, workdir: str | os.PathLike, *, columns: Sequence[str],
+               total_steps: int, steps_per_epoch: int, histogram_every: int = 5,
+               progress: bool | None = None, resume_rows: Sequence[dict] = (),
+               resume_step_records: int | None = None):
+    from tensorboardX import SummaryWriter  # Lazy: imports protobuf.
+
+    self.workdir = os.fspath(workdir)
+    os.makedirs(self.workdir, exist_ok=True)
+    self.columns = list(columns)
+    self.total_steps = int(total_steps)
+    self.num_epochs = -(-self.total_steps // max(int(steps_per_epoch), 1))
+    self.histogram_every = int(histogram_every)
+    self._closed = False
+
+    # Steps done before this session: the bar and the ETA start from here.
+    start = resume_step_records or 0
+    if resume_rows and resume_rows[-1].get("step") is not None:
+      start = int(_py(resume_rows[-1]["step"]))
+    self._step = start
+
+    # Rewriting metrics.csv from the checkpoint's rows (rather than appending)
+    # drops rows logged after that checkpoint, keeping resumes byte-identical.
+    self._csv_file = open(os.path.join(self.workdir, "metrics.csv"), "w",
+                          newline="", buffering=1 << 16)
+    self._csv = csv.writer(self._csv_file, lineterminator="\n")
+    self._csv.writerow(self.columns)
+    for row in resume_rows:
+      self._write_row(row)
+    self._csv_file.flush()
+
+    steps_path = os.path.join(self.workdir, "steps.jsonl")
+    if resume_step_records is not None:
+      _truncate_lines(steps_path, int(resume_step_records))
+    self._steps_file = open(steps_path, "w" if resume_step_records is None
+                            else "a", buffering=1 << 16)
+
+    # TensorBoard hides events with step >= purge_step from older event files
+    # in this directory: the steps redone after a resume (step k = state after
+    # k updates), or all of a previous run's events on a fresh start.
+    # A large queue: the default (10) blocks the loop on a per-epoch burst.
+    # The suffix (sub-second time) keeps two writers started in the same
+    # second from sharing a file name, and sorts them in start order.
+    self._tb = SummaryWriter(os.path.join(self.workdir, "tensorboard"),
+                             purge_step=start + 1 if start else 0,
+                             max_queue=1024, flush_secs=10,
+                             filename_suffix=f".{time.time_ns() % 10**9:09d}")
+
+    # smoothing=0: speed = steps since mark_compiled / time since then.
+    show = sys.stderr.isatty() if progress is None else progress
+    self._bar = tqdm(total=self.total_steps, initial=start, unit="step",
+                     dynamic_ncols=True, smoothing=0) if show else None
+    self._t0, self._step0 = time.time(), start  # Rate clock.
+
+  def log_steps(self, steps: np.ndarray, metrics: Mapping[str, np.ndarray]) -> None:
+    """Logs a chunk of steps: ``steps.jsonl``, ``train/step_<name>`` scalars.
+
+    Args:
+      steps: Step numbers, shape ``[n]`` (numpy, already on the host).
+      metrics: Name -> per-step values, each of shape ``[n]``. Floats are
+        written in full (``repr``); NaN/inf as ``NaN``/``Infinity``, which
+        Python's ``json`` reads back.
+    """
+    self._check_open()
+    steps = np.asarray(steps).reshape(-1).tolist()
+    if not steps:
+      return
+    columns = {k: _column(v, len(steps), k) for k, v in metrics.items()}
+    from tensorboardX.proto.summary_pb2 import Summary
+
+    writer = self._tb.file_writer  # One event per step, not one per scalar.
+    lines = []
+    for i, step in enumerate(steps):
+      values = {k: v[i] for k, v in columns.items()}
+      lines.append(json.dumps({"step": int(step), **values}) + "\n")
+      writer.add_summary(Summary(value=[
+          Summary.Value(tag=f"train/step_{k}", simple_value=v)
+          for k, v in values.items()]), int(step))
+    self._steps_file.writelines(lines)
+    self._step += len(steps)
+    if self._bar is not None:
+      if "loss" in columns:
+        self._bar.set_postfix(loss=f"{columns['loss'][-1]:.4g}", refresh=False)
+      self._bar.update(len(steps))
+
+  def log_epoch(self, row: Mapping[str, Any]) -> None:
+    """Logs an epoch row: ``metrics.csv``, ``epoch/<name>`` scalars, a line.
+
+    Keys not in ``columns`` go to TensorBoard only; missing or ``None`` values
+    give empty cells. TensorBoard's x axis is ``row["step"]`` when present
+    (so epoch curves line up with per-step ones), else the epoch.
+    """
+    self._check_open()
+    row = {k: _py(v) for k, v in row.items()}
+    self._write_row(row)
+    x = row.get("step") if row.get("step") is not None else row.get("epoch")
+    for name, value in row.items():
+      if name not in ("epoch", "step") and isinstance(value, (int, float)):
+        self._tb.add_scalar(f"epoch/{name}", float(value), x)
+    self._csv_file.flush()
+    self._steps_file.flush()
+    self._tb.flush()
+    self.write(self._epoch_line(row))
+
+  def histograms_due(self, epoch: int) -> bool:
+    """Whether epoch ``epoch`` (1-based) should call :meth:`log_histograms`."""
+    return self.histogram_every > 0 and epoch % self.histogram_every == 0
+
+  def log_histograms(self, step: int, params: Any, grads: Any = None) -> None:
+    """Logs ``weights/<path>`` (and ``grads/<path>``) histograms.
+
+    Paths join pytree keys with "/", e.g. ``Dense_0/kernel``. Non-finite
+    values are left out (a leaf with none left is skipped).
+    """
+    self._check_open()
+    import jax  # Lazy: the rest of this module does not need JAX.
+
+    for prefix, tree in (("weights", params), ("grads", grads)):
+      if tree is None:
+        continue
+      leaves, _ = jax.tree_util.tree_flatten_with_path(jax.device_get(tree))
+      for path, leaf in leaves:
+        values = np.asarray(leaf, dtype=np.float64).reshape(-1)
+        values = values[np.isfinite(values)]
+        name = jax.tree_util.keystr(path, simple=True, separator="/")
+        if values.size:
+          self._tb.add_histogram(f"{prefix}/{name}", values, int(step))
+    self._tb.flush()
+
+  def mark_compiled(self) -> None:
+    """Restarts the speed/ETA clock (call after the first compiled step)."""
+    self._t0, self._step0 = time.time(), self._step
+    if self._bar is not None:
+      bar = self._bar
+      bar.start_t = bar.last_print_t = time.time()
+      bar.initial = bar.last_print_n = bar.n
+
+  def write(self, message: str) -> None:
+    """Prints ``message`` to stdout without breaking the progress bar."""
+    if self._bar is not None:
+      tqdm.write(message)
+    else:
+      print(message, flush=True)
+
+  def close(self) -> None:
+    """Flushes and closes everything; safe to call twice."""
+    if not self._closed:
+      self._closed = True
+      for closable in (self._bar, self._csv_file, self._steps_file, self._tb):
+        if closable is not None:
+          closable.close()
+
+  def __enter__(self) -> RunMonitor:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+  def _check_open(self) -> None:
+    if self._closed:
+      raise RuntimeError("RunMonitor is closed")
+
+  def _write_row(self, row: Mapping[str, Any]) -> None:
+    values = [_py(row.get(name)) for name in self.columns]
+    self._csv.writerow(["" if v is None else repr(v) if isinstance(v, float)
+                        else str(v) for v in values])
+
+  def _epoch_line(self, row: Mapping[str, Any]) -> str:
+    parts = [f"epoch {row.get('epoch', '?')}/{self.num_epochs}"]
+    for name in self.columns + [k for k in row if k not in self.columns]:
+      value = row.get(name)
+      if name in _SKIP_IN_LINE or value is None or isinstance(value, str):
+        continue
+      parts.append(f"{name} {value:.4g}" if isinstance(value, float)
+                   else f"{name} {value}")
+    if row.get("seconds") is not None:
+      parts.append(f"{row['seconds']:.1f} s")
+    elapsed, done = time.time() - self._t0, self._step - self._step0
+    if self._bar is None and done > 0 and self._step < self.total_steps:
+      eta = (self.total_steps - self._step) * elapsed / done
+      parts.append(f"eta {tqdm.format_interval(eta)}")
+    return "  ".join(parts)
+
+
+def _jsonable(obj: Any) -> Any:
+  """Converts configs (dataclasses, tuples, paths, numpy, enums) to JSON."""
+  if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+    return {f.name: _jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+  if isinstance(obj, Mapping):
+    return {str(k): _jsonable(v) for k, v in obj.items()}
+  if isinstance(obj, enum.Enum):
+    return _jsonable(obj.value)
+  if isinstance(obj, (str, bool, int, float)) or obj is None:
+    return obj
+  if isinstance(obj, (list, tuple)):
+    return [_jsonable(v) for v in obj]
+  if isinstance(obj, (set, frozenset)):
+    return sorted((_jsonable(v) for v in obj), key=repr)
+  if isinstance(obj, os.PathLike):
+    return os.fspath(obj)
+  if isinstance(obj, (np.ndarray, np.generic)):
+    return _jsonable(obj.tolist())
+  return getattr(obj, "__name__", None) or repr(obj)  # Functions, classes, ...
+
+
+def _version(distribution: str) -> str | None:
+  try:
+    return importlib.metadata.version(distribution)
+  except importlib.metadata.PackageNotFoundError:
+    return None
+
+
+def write_config(workdir: str | os.PathLike, config: Any) -> None:
+  """Writes ``config.json``: the resolved config plus the environment.
+
+  The config's keys (sorted, indent 2) are at the top level, next to
+  ``"versions"`` (python, jax, jaxlib, flax, optax, orbax-checkpoint, numpy,
+  jaxtrain), ``"backend"`` and ``"devices"`` (kind, count, local_count,
+  process_count).
+
+  Args:
+    workdir: Run directory (created).
+    config: A dict or dataclass; tuples, paths, enums and numpy values are
+      converted, anything else is written as its name or ``repr``.
+
+  Example:
+    >>> import pathlib, tempfile
+    >>> d = tempfile.mkdtemp()
+    >>> write_config(d, {"lr": 0.1, "sizes": (2, 3), "data": pathlib.Path("x")})
+    >>> c = json.load(open(os.path.join(d, "config.json")))
+    >>> c["lr"], c["sizes"], c["data"], sorted(c["versions"])[:3]
+    (0.1, [2, 3], 'x', ['flax', 'jax', 'jaxlib'])
+  """
+  import jax
+
+  out = _jsonable(config)
+  if not isinstance(out, dict):
+    raise TypeError(f"config must be a dict or dataclass, got {type(config)}")
+  env = {
+      "versions": {"python": platform.python_version(),
+                   **{name: _version(name) for name in _DISTRIBUTIONS}},
+      "backend": jax.default_backend(),
+      "devices": {"kind": jax.devices()[0].device_kind,
+                  "count": jax.device_count(),
+                  "local_count": jax.local_device_count(),
+                  "process_count": jax.process_count()},
+  }
+  if clash := sorted(set(out) & set(env)):
+    raise ValueError(f"config keys {clash} are reserved for environment info")
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, "config.json")
+  with open(path + ".tmp", "w") as f:  # Atomic: a crash leaves the old file.
+    json.dump({**out, **env}, f, sort_keys=True, indent=2)
+    f.write("\n")
+  os.replace(path + ".tmp", path)

@@ -1,0 +1,171 @@
+"""Training curves: reading a run's history back and drawing ``curves.png``.
+
+The figure is built with :class:`matplotlib.figure.Figure` directly, not
+``pyplot``: that needs no display, selects no global backend (so it cannot
+interfere with a notebook's or the user's own pyplot state) and leaks no
+figures.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+__all__ = ["plot_curves", "read_history"]
+
+# Linestyles distinguish runs (main run first); colours distinguish splits.
+_STYLES = ("-", "--", ":", "-.")
+_TRAIN, _VAL = "C0", "C1"
+
+
+def _points(table: Mapping[str, Any] | None, x_key: str, y_key: str):
+  """The (x, y) points of a column, skipping missing (``None``) and non-finite
+  values, so that e.g. a validation loss every few epochs is still a line.
+  Without an x column (or with one of another length) x is 1, 2, ..."""
+  table = table or {}
+  ys = list(table.get(y_key) or [])
+  xs = list(table.get(x_key) or [])
+  if len(xs) != len(ys):
+    xs = list(range(1, len(ys) + 1))
+  pairs = [(float(x), float(y)) for x, y in zip(xs, ys, strict=True)
+           if y is not None and x is not None and math.isfinite(float(y))]
+  return [x for x, _ in pairs], [y for _, y in pairs]
+
+
+def _autoscale(ax, values: Sequence[float]) -> None:
+  # Losses spanning several decades (typical of per-iteration losses) are
+  # unreadable on a linear axis; switch to log only when that is the case.
+  if values and min(values) > 0 and max(values) / min(values) > 100:
+    ax.set_yscale("log")
+
+
+def plot_curves(history: Mapping[str, Any], path: str | os.PathLike, *,
+                extra: Mapping[str, Mapping[str, Any]] | None = None,
+                label: str | None = None) -> None:
+  """Writes loss/accuracy curves of one or more runs to a PNG file.
+
+  Panels: loss per epoch (train and validation), accuracy per epoch (only
+  when some run has accuracies) and the per-iteration training loss (only
+  when some run has step records). Missing keys and ``None`` values are
+  tolerated (skipped: the line joins the points that exist).
+
+  Args:
+    history: ``{"epoch": {"epoch": [...], "train_loss": [...], "val_loss":
+      [...], "train_accuracy": [...], "val_accuracy": [...]}, "step":
+      {"step": [...], "loss": [...]}}``, e.g. from
+      :func:`jaxtrain.monitor.read_history`.
+    path: Output file (``.png``); parent directories are created.
+    extra: More runs to overlay, by name (drawn dashed, dotted, ...), e.g.
+      ``{"full batch": other_history}``.
+    label: Legend name of the main run (default: none, plain "train").
+
+  Example:
+    >>> import os, tempfile
+    >>> h = {"epoch": {"epoch": [1, 2], "train_loss": [0.9, 0.5],
+    ...                "val_loss": [1.0, None]},
+    ...      "step": {"step": [1, 2, 3, 4], "loss": [1.2, 0.8, 0.6, 0.4]}}
+    >>> out = os.path.join(tempfile.mkdtemp(), "curves.png")
+    >>> plot_curves(h, out, extra={"full batch": h})
+    >>> open(out, "rb").read(8) == b"\\x89PNG\\r\\n\\x1a\\n"
+    True
+  """
+  from matplotlib.figure import Figure  # Lazy: matplotlib is slow to import.
+
+  runs = [(label, h.get("epoch"), h.get("step"))
+          for label, h in [(label, history), *(extra or {}).items()]]
+  has_acc = any(_points(ep, "epoch", f"{split}_accuracy")[1]
+                for _, ep, _ in runs for split in ("train", "val"))
+  has_steps = any(_points(st, "step", "loss")[1] for _, _, st in runs)
+  n = 1 + has_acc + has_steps
+  fig = Figure(figsize=(5.5 * n, 4.2), layout="constrained")
+  axes = list(fig.subplots(1, n, squeeze=False)[0])
+
+  def finish(ax, title, xlabel, ylabel, seen):
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    if ylabel == "loss":
+      _autoscale(ax, seen)
+    if seen:
+      ax.legend()
+    ax.grid(alpha=0.3)
+
+  for metric in ("loss", "accuracy") if has_acc else ("loss",):
+    ax, seen = axes.pop(0), []
+    for i, (name, ep, _) in enumerate(runs):
+      for split, color, what in (("train", _TRAIN, "train"),
+                                 ("val", _VAL, "validation")):
+        x, y = _points(ep, "epoch", f"{split}_{metric}")
+        if y:
+          ax.plot(x, y, _STYLES[i % len(_STYLES)], color=color,
+                  marker="." if len(y) < 30 else None,
+                  label=what + (f" ({name})" if name else ""))
+          seen += y
+    finish(ax, f"{metric.capitalize()} per epoch", "epoch", metric, seen)
+  if has_steps:
+    ax, seen = axes.pop(0), []
+    for i, (name, _, st) in enumerate(runs):
+      x, y = _points(st, "step", "loss")
+      if y:
+        ax.plot(x, y, _STYLES[i % len(_STYLES)], color=f"C{i}", linewidth=0.8,
+                label="train" + (f" ({name})" if name else ""))
+        seen += y
+    finish(ax, "Training loss per iteration", "step", "loss", seen)
+
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path, dpi=110)
+
+
+def read_history(workdir: str | os.PathLike) -> dict[str, dict[str, list]]:
+  """Reads ``metrics.csv`` and ``steps.jsonl`` back as a history dict.
+
+  The result is what :func:`plot_curves` takes; it includes epochs done
+  before a resume. Numbers come back as floats (ints where written as ints),
+  empty cells as ``None``.
+
+  Example:
+    >>> import tempfile
+    >>> d = tempfile.mkdtemp()
+    >>> with open(os.path.join(d, "metrics.csv"), "w") as f:
+    ...   _ = f.write("epoch,train_loss,val_loss\\n1,0.5,\\n")
+    >>> with open(os.path.join(d, "steps.jsonl"), "w") as f:
+    ...   _ = f.write('{"step": 1, "loss": 0.5}\\n')
+    >>> read_history(d)
+    {'epoch': {'epoch': [1], 'train_loss': [0.5], 'val_loss': [None]},
+     'step': {'step': [1], 'loss': [0.5]}}
+  """
+  def number(cell: str) -> Any:
+    if cell == "":
+      return None
+    try:
+      return int(cell)
+    except ValueError:
+      try:
+        return float(cell)
+      except ValueError:
+        return cell
+
+  epoch: dict[str, list] = {}
+  path = os.path.join(workdir, "metrics.csv")
+  if os.path.exists(path):
+    with open(path, newline="") as f:
+      reader = csv.reader(f)
+      header = next(reader, [])
+      epoch = {name: [] for name in header}
+      for cells in reader:
+        cells += [""] * (len(header) - len(cells))  # A torn last line.
+        for name, cell in zip(header, cells, strict=False):
+          epoch[name].append(number(cell))
+  step: dict[str, list] = {}
+  path = os.path.join(workdir, "steps.jsonl")
+  if os.path.exists(path):
+    with open(path) as f:
+      records = [json.loads(line) for line in f if line.endswith("\n")]
+    for i, record in enumerate(records):
+      for name, value in record.items():
+        step.setdefault(name, [None] * i).append(value)
+      for values in step.values():  # Keys absent from this record.
+        values.extend([None] * (i + 1 - len(values)))
+  return {"epoch": epoch, "step": step}

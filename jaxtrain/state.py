@@ -1,0 +1,113 @@
+"""The training state: a pytree of arrays plus the static functions that use them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from jaxtrain.keys import as_key, key_for
+
+PyTree = Any
+
+
+class TrainState(struct.PyTreeNode):
+  """Everything that changes during training, and the functions that change it.
+
+  Data fields are arrays (checkpointed, replicated, donated); ``apply_fn``, ``tx``
+  and ``loss_fn`` are static: ``jit`` hashes them, so build them once per run.
+
+  Attributes:
+    step: number of updates applied so far (int32 scalar).
+    params: the model's parameters.
+    batch_stats: batch-norm running statistics (``{}`` when the model has none).
+    opt_state: the optimizer's state.
+    apply_fn: ``module.apply``.
+    tx: the optax transformation.
+    loss_fn: ``loss_fn(outputs, targets) -> per-example loss [batch]``.
+  """
+
+  step: jax.Array
+  params: PyTree
+  batch_stats: PyTree
+  opt_state: optax.OptState
+  apply_fn: Callable[..., Any] = struct.field(pytree_node=False)
+  tx: optax.GradientTransformation = struct.field(pytree_node=False)
+  loss_fn: Callable[[jax.Array, jax.Array], jax.Array] = struct.field(
+      pytree_node=False
+  )
+
+  @property
+  def variables(self) -> dict[str, PyTree]:
+    """The variable collections ``apply_fn`` expects."""
+    if self.batch_stats:
+      return {"params": self.params, "batch_stats": self.batch_stats}
+    return {"params": self.params}
+
+  def apply_gradients(self, grads: PyTree, **changes) -> TrainState:
+    """Returns the state after one optimizer update with ``grads``."""
+    updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
+    params = optax.apply_updates(self.params, updates)
+    return self.replace(
+        step=self.step + 1, params=params, opt_state=opt_state, **changes
+    )
+
+
+def create_train_state(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    key,
+    example_inputs,
+    *,
+    loss_fn: Callable[[jax.Array, jax.Array], jax.Array],
+) -> TrainState:
+  """Initialises a model's variables and the optimizer state.
+
+  Args:
+    model: a ``flax.linen.Module`` whose ``__call__`` takes ``(inputs, *, train)``.
+    tx: the optimizer, e.g. from :func:`jaxtrain.make_optimizer`.
+    key: the init key (typed or legacy). Parameters and init-time dropout draw
+      from keys derived from it by use.
+    example_inputs: an array with a leading batch axis (one row is enough).
+    loss_fn: per-example loss, ``loss_fn(outputs, targets) -> [batch]``.
+
+  Returns:
+    A :class:`TrainState` at step 0.
+
+  >>> import jaxtrain
+  >>> state = jaxtrain.create_train_state(
+  ...     jaxtrain.models.MLP(hidden_sizes=(4,), outputs=2),
+  ...     jaxtrain.make_optimizer("sgd", 0.1), jax.random.key(0),
+  ...     jnp.zeros((1, 3)), loss_fn=jaxtrain.losses.cross_entropy)
+  >>> int(state.step), state.params["Dense_0"]["kernel"].shape
+  (0, (3, 4))
+  """
+  if not isinstance(model, nn.Module):
+    raise ValueError(f"model must be a flax.linen.Module, got {type(model).__name__}")
+  if not callable(loss_fn):
+    raise ValueError(f"loss_fn must be callable, got {loss_fn!r}")
+  example_inputs = jnp.asarray(example_inputs)
+  if example_inputs.ndim < 2:
+    raise ValueError(
+        "example_inputs must have a leading batch axis (shape [batch, ...]), got "
+        f"shape {example_inputs.shape}"
+    )
+  key = as_key(key)
+  # train=False: initialisation needs no dropout key and leaves batch norm alone.
+  init = jax.jit(lambda k, x: model.init({"params": k}, x, train=False))
+  variables = init(key_for(key, "init"), example_inputs)
+  params = variables["params"]
+  return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      batch_stats=variables.get("batch_stats", {}),
+      opt_state=tx.init(params),
+      apply_fn=model.apply,
+      tx=tx,
+      loss_fn=loss_fn,
+  )

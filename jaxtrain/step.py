@@ -1,0 +1,283 @@
+"""The pure per-device steps: ``train_step`` and ``eval_step``.
+
+Both are written once for one device; with ``axis_name`` they run unchanged under
+``jax.pmap`` and ``jax.shard_map`` (sums and gradients are reduced over the named
+axis), and without it under ``jax.jit``, also on a sharded global batch.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxtrain import losses
+from jaxtrain.keys import as_key
+from jaxtrain.state import TrainState
+
+Batch = Mapping[str, jax.Array]
+Metrics = dict[str, jax.Array]
+
+# Losses whose single output is a logit (or margin) for a 0/1 or -1/+1 target: the
+# sign of the output is the prediction, whatever the targets' dtype.
+_BINARY_LOSSES = (losses.binary_cross_entropy_with_logits, losses.hinge)
+
+
+def check_batch(batch: Batch) -> int:
+  """Checks a batch's structure and returns its (per-device) size.
+
+  Shapes are static, so this runs at trace time and costs nothing per step.
+  """
+  if not isinstance(batch, Mapping) or not {"inputs", "targets"} <= set(batch):
+    keys = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
+    raise ValueError(f"batch must be a dict with 'inputs' and 'targets', got {keys}")
+  inputs, targets = batch["inputs"], batch["targets"]
+  if jnp.ndim(inputs) < 1 or jnp.ndim(targets) < 1:
+    raise ValueError(
+        "batch['inputs'] and batch['targets'] need a leading batch axis, got shapes "
+        f"{jnp.shape(inputs)} and {jnp.shape(targets)}"
+    )
+  n = jnp.shape(inputs)[0]
+  if jnp.shape(targets)[0] != n:
+    raise ValueError(
+        f"batch['targets'] has {jnp.shape(targets)[0]} rows but batch['inputs'] "
+        f"has {n}"
+    )
+  if "mask" in batch and jnp.shape(batch["mask"]) != (n,):
+    raise ValueError(
+        f"batch['mask'] must have shape ({n},), got {jnp.shape(batch['mask'])}"
+    )
+  return n
+
+
+@functools.lru_cache(maxsize=None)
+def _module_takes_mask(module_type: type) -> bool:
+  return "mask" in inspect.signature(module_type.__call__).parameters
+
+
+def _takes_mask(apply_fn) -> bool:
+  """Whether ``apply_fn`` is a Module's apply whose ``__call__`` takes ``mask=``.
+
+  Our models pass the mask to batch norm so padded rows do not enter the batch
+  statistics; a user's model without that keyword still works (its batch norm then
+  sees padding rows in the one ragged batch of an epoch).
+  """
+  module = getattr(apply_fn, "__self__", None)
+  return isinstance(module, nn.Module) and _module_takes_mask(type(module))
+
+
+def _forward(state: TrainState, params, batch: Batch, weights, *, train: bool, key=None):
+  """Runs the model; returns outputs and the (possibly updated) batch stats."""
+  variables = {**state.variables, "params": params}
+  kwargs = {"mask": weights > 0} if train and _takes_mask(state.apply_fn) else {}
+  if train:
+    kwargs["rngs"] = {"dropout": key}
+  if train and state.batch_stats:
+    outputs, mutated = state.apply_fn(
+        variables, batch["inputs"], train=True, mutable=["batch_stats"], **kwargs
+    )
+    return outputs, mutated["batch_stats"]
+  return state.apply_fn(variables, batch["inputs"], train=train, **kwargs), (
+      state.batch_stats
+  )
+
+
+def _per_example_loss(state: TrainState, outputs, targets, n: int) -> jax.Array:
+  per_example = state.loss_fn(outputs, targets)
+  if jnp.shape(per_example) != (n,):
+    raise ValueError(
+        f"loss_fn must return per-example losses of shape ({n},), got shape "
+        f"{jnp.shape(per_example)}"
+    )
+  return per_example.astype(jnp.float32)
+
+
+def per_example_correct(outputs, targets, loss_fn=None) -> jax.Array | None:
+  """Per-example accuracy in [0, 1], or ``None`` when targets are not class labels.
+
+  Integer labels with a trailing class axis on the outputs: ``argmax == label``.
+  One output per target with integer/bool targets (or a binary loss): the sign of
+  the logit against the target (0/1 or -1/+1). Trailing axes are averaged.
+  """
+  is_label = jnp.issubdtype(targets.dtype, jnp.integer) or targets.dtype == jnp.bool_
+  if is_label and outputs.ndim == targets.ndim + 1 and outputs.shape[-1] > 1:
+    correct = jnp.argmax(outputs, axis=-1) == targets
+  elif (is_label or loss_fn in _BINARY_LOSSES) and outputs.shape in (
+      targets.shape,
+      targets.shape + (1,),
+  ):
+    correct = (outputs.reshape(targets.shape) > 0) == (targets > 0)
+  else:
+    return None
+  return correct.reshape(correct.shape[0], -1).mean(axis=1, dtype=jnp.float32)
+
+
+def _weights(batch: Batch, n: int) -> jax.Array:
+  if "mask" in batch:
+    return jnp.asarray(batch["mask"], jnp.float32)
+  return jnp.ones((n,), jnp.float32)
+
+
+def _varying(tree, axis_name):
+  """Marks replicated leaves as device-varying before differentiation.
+
+  Under ``shard_map`` the gradient of a replicated (invariant) input is already
+  summed over the axis by autodiff; under ``pmap`` inputs are varying and it is
+  not. Making the parameters varying gives both the per-device gradient, which
+  the explicit ``psum`` below then sums exactly once.
+  """
+  if axis_name is None:
+    return tree
+
+  def cast(x):
+    aval = jax.typeof(x)
+    axis_type = getattr(aval, "manual_axis_type", None)
+    varying = axis_type.varying if axis_type is not None else getattr(aval, "vma", None)
+    if varying is None or axis_name in varying:
+      return x
+    return jax.lax.pcast(x, axis_name, to="varying")
+
+  return jax.tree.map(cast, tree)
+
+
+def _weighted_sum(values, weights):
+  # where, not a product: a padding row's loss may be inf or nan (garbage rows,
+  # out-of-range labels) and 0 * nan is nan.
+  return jnp.sum(jnp.where(weights > 0, values * weights, 0.0))
+
+
+def _psum(x, axis_name):
+  return x if axis_name is None else jax.lax.psum(x, axis_name)
+
+
+def _safe_divide(total, count):
+  return jnp.where(count > 0, total / jnp.where(count > 0, count, 1.0), 0.0)
+
+
+def train_step(
+    state: TrainState, batch: Batch, key, *, axis_name: str | None = None
+) -> tuple[TrainState, Metrics]:
+  """One optimizer update on a batch. Pure: the same inputs give the same bits.
+
+  Args:
+    state: the current :class:`~jaxtrain.TrainState`.
+    batch: ``{"inputs": x, "targets": y}`` and optionally ``"mask"``, a per-example
+      weight (0 for padding rows, which then change nothing).
+    key: drives dropout (typed or legacy key); fold the global step into it so the
+      run is a pure function of its seed.
+    axis_name: the mapped axis under ``pmap``/``shard_map``. Gradients and metrics
+      are then those of the whole global batch, batch statistics are averaged over
+      devices, and each device folds its axis index into ``key``.
+
+  Returns:
+    ``(new_state, metrics)`` with scalar ``loss`` (mask-weighted mean over the
+    global batch), ``grad_norm`` (global L2 norm of the global-batch gradient,
+    before clipping), ``count`` (sum of weights) and ``accuracy`` for class labels.
+
+  >>> import jax, jax.numpy as jnp, jaxtrain
+  >>> state = jaxtrain.create_train_state(
+  ...     jaxtrain.models.MLP(hidden_sizes=(8,), outputs=2),
+  ...     jaxtrain.make_optimizer("sgd", 0.1), jax.random.key(0),
+  ...     jnp.zeros((1, 2)), loss_fn=jaxtrain.losses.cross_entropy)
+  >>> batch = {"inputs": jnp.ones((4, 2)), "targets": jnp.array([0, 1, 1, 0])}
+  >>> state, metrics = jax.jit(jaxtrain.train_step)(state, batch, jax.random.key(1))
+  >>> int(state.step), sorted(metrics)
+  (1, ['accuracy', 'count', 'grad_norm', 'loss'])
+  """
+  n = check_batch(batch)
+  key = as_key(key)
+  if axis_name is not None:
+    key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
+  weights = _weights(batch, n)
+  # Dividing each device's weighted sum by the *global* count makes the psum of
+  # the per-device gradients exactly the gradient of the global-batch mean, even
+  # when padding leaves the devices with different counts.
+  count = _psum(jnp.sum(weights), axis_name)
+  denominator = jnp.where(count > 0, count, 1.0)
+
+  def objective(params):
+    outputs, batch_stats = _forward(state, params, batch, weights, train=True, key=key)
+    per_example = _per_example_loss(state, outputs, batch["targets"], n)
+    return _weighted_sum(per_example, weights) / denominator, (outputs, batch_stats)
+
+  (local_loss, (outputs, batch_stats)), grads = jax.value_and_grad(
+      objective, has_aux=True
+  )(_varying(state.params, axis_name))
+  if axis_name is not None:
+    grads = jax.lax.psum(grads, axis_name)
+    batch_stats = jax.lax.pmean(batch_stats, axis_name)
+  metrics = {
+      "loss": _psum(local_loss, axis_name),
+      "grad_norm": optax.tree.norm(grads),
+      "count": count,
+  }
+  correct = per_example_correct(outputs, batch["targets"], state.loss_fn)
+  if correct is not None:
+    metrics["accuracy"] = _safe_divide(
+        _psum(_weighted_sum(correct, weights), axis_name), count
+    )
+  return state.apply_gradients(grads, batch_stats=batch_stats), metrics
+
+
+def eval_step(state: TrainState, batch: Batch, *, axis_name: str | None = None) -> Metrics:
+  """Evaluates a batch: dropout off, batch norm on its running averages.
+
+  Returns sums and counts so that an epoch aggregates exactly over ragged, padded
+  batches (see :func:`summarize`): ``loss_sum``, ``count``, ``correct`` (for class
+  labels) and, for convenience, this batch's ``loss`` and ``accuracy``.
+
+  >>> import jax, jax.numpy as jnp, jaxtrain
+  >>> state = jaxtrain.create_train_state(
+  ...     jaxtrain.models.MLP(hidden_sizes=(8,), outputs=2),
+  ...     jaxtrain.make_optimizer("sgd", 0.1), jax.random.key(0),
+  ...     jnp.zeros((1, 2)), loss_fn=jaxtrain.losses.cross_entropy)
+  >>> batch = {"inputs": jnp.ones((4, 2)), "targets": jnp.array([0, 1, 1, 0]),
+  ...          "mask": jnp.array([1., 1., 1., 0.])}
+  >>> float(jax.jit(jaxtrain.eval_step)(state, batch)["count"])
+  3.0
+  """
+  n = check_batch(batch)
+  weights = _weights(batch, n)
+  outputs, _ = _forward(state, state.params, batch, weights, train=False)
+  per_example = _per_example_loss(state, outputs, batch["targets"], n)
+  sums = {
+      "loss_sum": _psum(_weighted_sum(per_example, weights), axis_name),
+      "count": _psum(jnp.sum(weights), axis_name),
+  }
+  correct = per_example_correct(outputs, batch["targets"], state.loss_fn)
+  if correct is not None:
+    sums["correct"] = _psum(_weighted_sum(correct, weights), axis_name)
+  return {**sums, **_means(sums)}
+
+
+def _means(sums: Mapping[str, Any]) -> dict[str, Any]:
+  means = {"loss": _safe_divide(sums["loss_sum"], sums["count"])}
+  if "correct" in sums:
+    means["accuracy"] = _safe_divide(sums["correct"], sums["count"])
+  return means
+
+
+def summarize(batch_metrics) -> dict[str, float]:
+  """Aggregates a sequence of :func:`eval_step` results exactly.
+
+  The epoch loss is the total weighted loss over the total weight, not a mean of
+  batch means, so a padded last batch counts for what it holds.
+
+  >>> summarize([{"loss_sum": 3.0, "count": 2.0}, {"loss_sum": 1.0, "count": 1.0}])
+  {'loss_sum': 4.0, 'count': 3.0, 'loss': 1.3333333333333333}
+  """
+  batch_metrics = list(batch_metrics)
+  keys = [k for k in ("loss_sum", "count", "correct") if k in batch_metrics[0]]
+  sums = {k: sum(float(m[k]) for m in batch_metrics) for k in keys}
+  if sums["count"] <= 0:
+    raise ValueError(f"cannot summarize batches of total weight {sums['count']}")
+  means = {"loss": sums["loss_sum"] / sums["count"]}
+  if "correct" in sums:
+    means["accuracy"] = sums["correct"] / sums["count"]
+  return {**sums, **means}

@@ -1,0 +1,38 @@
+"""Test setup: four fake CPU devices, set before JAX starts."""
+
+import os
+import pathlib
+
+# Must run before jax initialises its backends (conftest is imported first).
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def mnist_dir() -> pathlib.Path | None:
+  """The shared MNIST IDX folder, or None when this machine lacks it."""
+  for candidate in (os.environ.get("JAXTRAIN_MNIST_DIR"), REPO.parent / "shared/data/mnist"):
+    if candidate and (pathlib.Path(candidate) / "t10k-labels-idx1-ubyte.gz").exists():
+      return pathlib.Path(candidate)
+  return None
+
+
+@pytest.fixture
+def mnist_path():
+  path = mnist_dir()
+  if path is None:
+    pytest.skip(
+        "MNIST IDX files not found in ../shared/data/mnist or $JAXTRAIN_MNIST_DIR"
+    )
+  return path
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _four_devices():
+  assert jax.device_count() == 4, "tests expect 4 fake CPU devices"
