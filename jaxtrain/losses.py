@@ -25,7 +25,6 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import optax
 
 __all__ = [
     "LOSSES",
@@ -65,8 +64,11 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   """
   logits, labels = _fit_shapes(logits, labels, class_axis=True)
   _check_integer("labels", labels)
-  # optax subtracts the max logit before exponentiating: no overflow at +-100.
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  # log_softmax computes (x - max) - log(sum(exp(x - max))) like torch: no
+  # overflow at +-100, and no cancellation either (logsumexp(x) - x[y] would
+  # lose ~1e-5 when both are near 100, as optax's integer-label loss does).
+  log_probs = jax.nn.log_softmax(_as_float(logits), axis=-1)
+  losses = -jnp.take_along_axis(log_probs, labels[..., None], axis=-1)[..., 0]
   return _mean_over_trailing_axes(losses)
 
 
@@ -76,8 +78,9 @@ def binary_cross_entropy_with_logits(
   """Sigmoid binary cross-entropy on logits.
 
   Equals ``torch.nn.BCEWithLogitsLoss(reduction="none")`` averaged over
-  trailing axes, computed in the stable form
-  ``max(x, 0) - x * t + log1p(exp(-|x|))``.
+  trailing axes. Computes ``(1 - t) * x - log_sigmoid(x)`` like torch, which is
+  the stable form ``max(x, 0) - x * t + log1p(exp(-|x|))`` rearranged: finite
+  values and gradients for any finite logits.
 
   Args:
     logits: Logits of shape ``targets.shape`` or ``targets.shape + (1,)``.
@@ -100,9 +103,11 @@ def binary_cross_entropy_with_logits(
   logits, targets = _fit_shapes(logits, targets)
   x = _as_float(logits)
   t = targets.astype(x.dtype)
-  # exp(-|x|) <= 1 never overflows; the gradient at x = 0 is also right
-  # (jax splits max's tie 50/50 and abs'(0) = 0, giving sigmoid(0) - t).
-  losses = jnp.maximum(x, 0) - x * t + jnp.log1p(jnp.exp(-jnp.abs(x)))
+  # (1 - t) * x - log_sigmoid(x) is the stable max(x, 0) - x * t +
+  # log1p(exp(-|x|)) rearranged, in torch's own form (so it rounds like torch).
+  # log_sigmoid is computed stably, and unlike a literal max/abs version its
+  # gradient at x = 0 is right (sigmoid(0) - t; jax's max and abs kinks are not).
+  losses = (1 - t) * x - jax.nn.log_sigmoid(x)
   return _mean_over_trailing_axes(losses)
 
 
@@ -161,7 +166,8 @@ def hinge(outputs: jax.Array, targets: jax.Array) -> jax.Array:
     >>> import jax.numpy as jnp
     >>> hinge(jnp.array([0.5, -2.0, 3.0]), jnp.array([1, 0, -1])).tolist()
     [0.5, 0.0, 4.0]
-    >>> [round(v, 4) for v in hinge(jnp.array([[0.1, 0.2, 0.4, 0.8]]), jnp.array([3])).tolist()]
+    >>> multi_class = hinge(jnp.array([[0.1, 0.2, 0.4, 0.8]]), jnp.array([3]))
+    >>> [round(v, 4) for v in multi_class.tolist()]
     [0.325]
   """
   outputs, targets = jnp.asarray(outputs), jnp.asarray(targets)

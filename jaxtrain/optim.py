@@ -123,7 +123,9 @@ class ScaleByAdamTorchState(NamedTuple):
   nu: Any
 
 
-def _scale_by_adam_torch(b1: float, b2: float, eps: float) -> optax.GradientTransformation:
+def _scale_by_adam_torch(
+    b1: float, b2: float, eps: float
+) -> optax.GradientTransformation:
   """Adam's direction ``m_hat / (sqrt(v_hat) + eps)``, rounded like torch.
 
   ``optax.scale_by_adam`` computes the bias correction ``1 - b2**t`` in
@@ -146,15 +148,23 @@ def _scale_by_adam_torch(b1: float, b2: float, eps: float) -> optax.GradientTran
   def update_fn(updates, state, params=None):
     del params
     count = optax.safe_increment(state.count)
-    t = count.astype(jnp.float32)
+    # At least float32 (bfloat16 would round the corrections badly); the
+    # moments stay in the params' dtype, like torch's exp_avg / exp_avg_sq.
+    dtype = jnp.result_type(jnp.float32, *jax.tree_util.tree_leaves(updates))
+    t = count.astype(dtype)
     bias_correction1 = -jnp.expm1(t * log_b1)
     sqrt_bias_correction2 = jnp.sqrt(-jnp.expm1(t * log_b2))
-    mu = jax.tree_util.tree_map(lambda m, g: m + (1 - b1) * (g - m), state.mu, updates)
-    nu = jax.tree_util.tree_map(lambda v, g: v * b2 + (1 - b2) * g * g, state.nu, updates)
+    # Cast back so the state keeps its dtypes (a jit/scan carry must not change).
+    mu = jax.tree_util.tree_map(
+        lambda m, g: (m + (1 - b1) * (g - m)).astype(m.dtype), state.mu, updates
+    )
+    nu = jax.tree_util.tree_map(
+        lambda v, g: (v * b2 + (1 - b2) * g * g).astype(v.dtype), state.nu, updates
+    )
 
     def direction(m, v):
-      denom = jnp.sqrt(v) / sqrt_bias_correction2.astype(v.dtype) + eps
-      return (m / denom / bias_correction1.astype(m.dtype)).astype(m.dtype)
+      denom = jnp.sqrt(v) / sqrt_bias_correction2 + eps
+      return (m / denom / bias_correction1).astype(m.dtype)
 
     updates = jax.tree_util.tree_map(direction, mu, nu)
     return updates, ScaleByAdamTorchState(count=count, mu=mu, nu=nu)
@@ -208,28 +218,30 @@ def make_optimizer(
   """Builds an optimizer with exactly PyTorch's update rule.
 
   * ``"sgd"`` equals ``torch.optim.SGD(lr, momentum, nesterov=nesterov,
-   weight_decay=weight_decay)`` (dampening 0): ``g += wd * p``;
-   ``b = momentum * b + g`` (``b = g`` on the first step);
-   ``d = g + momentum * b`` if ``nesterov`` else ``b``; ``p -= lr * d``.
+    weight_decay=weight_decay)`` (dampening 0): ``g += wd * p``;
+    ``b = momentum * b + g`` (``b = g`` on the first step);
+    ``d = g + momentum * b`` if ``nesterov`` else ``b``; ``p -= lr * d``.
   * ``"adam"`` equals ``torch.optim.Adam``: the coupled L2 term ``wd * p`` is
-   added to the gradient, then Adam with bias correction,
-   ``p -= lr * m_hat / (sqrt(v_hat) + eps)``.
+    added to the gradient, then Adam with bias correction,
+    ``p -= lr * m_hat / (sqrt(v_hat) + eps)``.
   * ``"adamw"`` equals ``torch.optim.AdamW``: decoupled decay scaled by the
-   learning rate, ``p -= lr * (m_hat / (sqrt(v_hat) + eps) + wd * p)``.
+    learning rate, ``p -= lr * (m_hat / (sqrt(v_hat) + eps) + wd * p)``.
 
   If ``clip_norm`` is set, gradients are first clipped like
   ``torch.nn.utils.clip_grad_norm_`` (see :func:`clip_by_global_norm_torch`),
   before weight decay is added, as in a torch loop that clips ``p.grad``
   before ``optimizer.step()``.
 
-  The chain is wrapped in ``optax.inject_hyperparams``: the state holds
-  ``opt_state.hyperparams["learning_rate"]`` and
-  ``opt_state.hyperparams["weight_decay"]`` as arrays (dtype of the params),
-  which may be read (see :func:`current_learning_rate`), overwritten between
-  steps, or vmapped over. A schedule for ``learning_rate`` is evaluated at
-  the step count before each update (and overwrites any manual change).
-  Every other argument is static. Weight decay is always part of the chain so
-  that the injected value is live, so ``update`` must be given ``params``.
+  The chain is wrapped in ``optax.inject_hyperparams``, so ``opt_state`` is an
+  ``optax.InjectStatefulHyperparamsState`` whose ``hyperparams`` dict holds
+  ``"learning_rate"`` and ``"weight_decay"`` as scalar arrays (in the params'
+  highest float dtype, optax's default), and whose ``inner_state`` is the
+  chain's tuple of states. They may be read (see
+  :func:`current_learning_rate`), overwritten between steps, or vmapped over.
+  A schedule for ``learning_rate`` is evaluated at the step count before each
+  update (and overwrites any manual change). Every other argument is static.
+  Weight decay is always part of the chain, so that the injected value is
+  live even when it starts at 0; hence ``update`` must be given ``params``.
 
   Args:
     name: ``"sgd"``, ``"adam"`` or ``"adamw"`` (case-insensitive).

@@ -160,35 +160,16 @@ def _safe_divide(total, count):
   return jnp.where(count > 0, total / jnp.where(count > 0, count, 1.0), 0.0)
 
 
-def train_step(
+def compute_gradients(
     state: TrainState, batch: Batch, key, *, axis_name: str | None = None
-) -> tuple[TrainState, Metrics]:
-  """One optimizer update on a batch. Pure: the same inputs give the same bits.
+) -> tuple[Any, Any, Metrics]:
+  """The global-batch gradient, new batch statistics and metrics; no update.
 
-  Args:
-    state: the current :class:`~jaxtrain.TrainState`.
-    batch: ``{"inputs": x, "targets": y}`` and optionally ``"mask"``, a per-example
-      weight (0 for padding rows, which then change nothing).
-    key: drives dropout (typed or legacy key); fold the global step into it so the
-      run is a pure function of its seed.
-    axis_name: the mapped axis under ``pmap``/``shard_map``. Gradients and metrics
-      are then those of the whole global batch, batch statistics are averaged over
-      devices, and each device folds its axis index into ``key``.
+  This is :func:`train_step` without the optimizer (for gradient histograms,
+  gradient accumulation or custom updates); see it for the arguments.
 
   Returns:
-    ``(new_state, metrics)`` with scalar ``loss`` (mask-weighted mean over the
-    global batch), ``grad_norm`` (global L2 norm of the global-batch gradient,
-    before clipping), ``count`` (sum of weights) and ``accuracy`` for class labels.
-
-  >>> import jax, jax.numpy as jnp, jaxtrain
-  >>> state = jaxtrain.create_train_state(
-  ...     jaxtrain.models.MLP(hidden_sizes=(8,), outputs=2),
-  ...     jaxtrain.make_optimizer("sgd", 0.1), jax.random.key(0),
-  ...     jnp.zeros((1, 2)), loss_fn=jaxtrain.losses.cross_entropy)
-  >>> batch = {"inputs": jnp.ones((4, 2)), "targets": jnp.array([0, 1, 1, 0])}
-  >>> state, metrics = jax.jit(jaxtrain.train_step)(state, batch, jax.random.key(1))
-  >>> int(state.step), sorted(metrics)
-  (1, ['accuracy', 'count', 'grad_norm', 'loss'])
+    ``(grads, batch_stats, metrics)``.
   """
   n = check_batch(batch)
   key = as_key(key)
@@ -222,6 +203,40 @@ def train_step(
     metrics["accuracy"] = _safe_divide(
         _psum(_weighted_sum(correct, weights), axis_name), count
     )
+  return grads, batch_stats, metrics
+
+
+def train_step(
+    state: TrainState, batch: Batch, key, *, axis_name: str | None = None
+) -> tuple[TrainState, Metrics]:
+  """One optimizer update on a batch. Pure: the same inputs give the same bits.
+
+  Args:
+    state: the current :class:`~jaxtrain.TrainState`.
+    batch: ``{"inputs": x, "targets": y}`` and optionally ``"mask"``, a per-example
+      weight (0 for padding rows, which then change nothing).
+    key: drives dropout (typed or legacy key); fold the global step into it so the
+      run is a pure function of its seed.
+    axis_name: the mapped axis under ``pmap``/``shard_map``. Gradients and metrics
+      are then those of the whole global batch, batch statistics are averaged over
+      devices, and each device folds its axis index into ``key``.
+
+  Returns:
+    ``(new_state, metrics)`` with scalar ``loss`` (mask-weighted mean over the
+    global batch), ``grad_norm`` (global L2 norm of the global-batch gradient,
+    before clipping), ``count`` (sum of weights) and ``accuracy`` for class labels.
+
+  >>> import jax, jax.numpy as jnp, jaxtrain
+  >>> state = jaxtrain.create_train_state(
+  ...     jaxtrain.models.MLP(hidden_sizes=(8,), outputs=2),
+  ...     jaxtrain.make_optimizer("sgd", 0.1), jax.random.key(0),
+  ...     jnp.zeros((1, 2)), loss_fn=jaxtrain.losses.cross_entropy)
+  >>> batch = {"inputs": jnp.ones((4, 2)), "targets": jnp.array([0, 1, 1, 0])}
+  >>> state, metrics = jax.jit(jaxtrain.train_step)(state, batch, jax.random.key(1))
+  >>> int(state.step), sorted(metrics)
+  (1, ['accuracy', 'count', 'grad_norm', 'loss'])
+  """
+  grads, batch_stats, metrics = compute_gradients(state, batch, key, axis_name=axis_name)
   return state.apply_gradients(grads, batch_stats=batch_stats), metrics
 
 

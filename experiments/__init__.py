@@ -1,0 +1,1 @@
+"""Runnable recipes: ``uv run python -m experiments.NAME --help``."""

@@ -1,0 +1,300 @@
+"""``fit``: epochs of shuffled mini-batches, validation, curves and early stopping.
+
+The loop is thin: each epoch is one or a few calls of a compiled program
+(:mod:`jaxtrain.program`) and one host sync, after which the epoch's metrics are
+logged and early stopping decides. A run is a pure function of its seed and
+config: the shuffle key is folded with the epoch, the dropout key with the step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxtrain import data, parallel
+from jaxtrain.program import ProgramSpec, Programs, means
+from jaxtrain.state import TrainState
+from jaxtrain.step import compute_gradients
+from jaxtrain.stopping import Best, EarlyStopping
+
+COLUMNS = ("epoch", "step", "train_loss", "train_accuracy", "val_loss", "val_accuracy",
+           "train_loss_running", "learning_rate", "seconds")
+EXECUTIONS = ("auto", "scan", "step")
+
+
+@dataclasses.dataclass(frozen=True)
+class FitConfig:
+  """How to train; every field is part of the run's identity except ``progress``.
+
+  Attributes:
+    epochs: passes over the training set (>= 1).
+    batch_size: global mini-batch size (1 ..= training-set size).
+    seed: the run's seed: shuffling, dropout and augmentation keys derive from it.
+    eval_batch_size: batch size of evaluations (0: max(batch_size, 1024)).
+    eval_every_steps: also evaluate every N steps (0: only at epoch ends); the
+      values land in the per-step history as ``train_accuracy`` etc.
+    evaluate_train: evaluate the whole training set in eval mode each epoch.
+    drop_remainder: drop the incomplete last batch instead of padding it.
+    early_stopping: the rule, or ``None``.
+    nonfinite: ``"stop"`` the run at the first non-finite loss or gradient, or
+      ``"skip"`` such updates.
+    execution: ``"scan"`` (K steps per compiled call), ``"step"`` (one step per
+      call) or ``"auto"`` (chosen per model and backend).
+    steps_per_call: K for ``"scan"`` (0: a whole epoch per call).
+    unroll: ``lax.scan`` unroll factor.
+    devices: data-parallel devices (shard_map over the first N local devices).
+    histogram_every: epochs between weight/gradient histograms (0: never).
+    progress: progress bar (``None``: when on a terminal).
+  """
+
+  epochs: int
+  batch_size: int
+  seed: int = 0
+  eval_batch_size: int = 0
+  eval_every_steps: int = 0
+  evaluate_train: bool = True
+  drop_remainder: bool = False
+  early_stopping: EarlyStopping | None = None
+  nonfinite: str = "stop"
+  execution: str = "auto"
+  steps_per_call: int = 0
+  unroll: int = 1
+  devices: int = 1
+  histogram_every: int = 5
+  progress: bool | None = None
+
+
+@dataclasses.dataclass
+class FitResult:
+  """What ``fit`` returns.
+
+  Attributes:
+    state: the final state (the best epoch's parameters when early stopping
+      restored them).
+    history: ``{"epoch": {column: [...]}, "step": {"step": [...], "loss": [...], ...}}``.
+    best: the best epoch by the monitored metric.
+    stop_reason: why the run ended early, or ``None``.
+    test: test-set metrics when a test set was given.
+  """
+
+  state: TrainState
+  history: dict[str, dict[str, list]]
+  best: Best
+  stop_reason: str | None = None
+  test: dict[str, float] | None = None
+
+
+def _check(config: FitConfig, n_train: int) -> None:
+  def bad(name, value, why):
+    raise ValueError(f"{name} {why}, got {value!r}")
+
+  if not isinstance(config.epochs, int) or config.epochs < 1:
+    bad("epochs", config.epochs, "must be an integer >= 1")
+  if not isinstance(config.batch_size, int) or config.batch_size < 1:
+    bad("batch_size", config.batch_size, "must be an integer >= 1")
+  if config.batch_size > n_train:
+    bad("batch_size", config.batch_size, f"must not exceed the {n_train} training examples")
+  for name in ("eval_batch_size", "eval_every_steps", "steps_per_call", "histogram_every"):
+    if getattr(config, name) < 0:
+      bad(name, getattr(config, name), "must be >= 0")
+  if config.nonfinite not in ("stop", "skip"):
+    bad("nonfinite", config.nonfinite, "must be 'stop' or 'skip'")
+  if config.execution not in EXECUTIONS:
+    bad("execution", config.execution, f"must be one of {EXECUTIONS}")
+  if not 1 <= config.devices <= jax.local_device_count():
+    bad("devices", config.devices, f"must be in 1..{jax.local_device_count()} (local devices)")
+  if config.batch_size % config.devices:
+    bad("batch_size", config.batch_size, f"must be divisible by the {config.devices} devices")
+
+
+def choose_execution(state: TrainState, config: FitConfig) -> str:
+  """``"scan"`` unless measurements say per-step dispatch is faster.
+
+  On CPU, XLA runs convolutions inside a ``while`` loop (``lax.scan``) far slower
+  than in a straight-line program (jax#12868), so models with 4-D kernels step
+  one call at a time there; everything else scans (see BENCHMARKS.md).
+  """
+  if config.execution != "auto":
+    return config.execution
+  has_conv = any(np.ndim(p) == 4 for p in jax.tree.leaves(state.params))
+  return "step" if has_conv and jax.default_backend() == "cpu" else "scan"
+
+
+def _as_arrays(split: Mapping[str, Any] | None, name: str):
+  if split is None:
+    return None
+  data.check_arrays(split, 1)
+  if not {"inputs", "targets"} <= set(split):
+    raise ValueError(f"{name} data must hold 'inputs' and 'targets', got {sorted(split)}")
+  return {k: np.asarray(v) for k, v in split.items()}
+
+
+def _eval_batch_size(config: FitConfig, sizes) -> int:
+  size = config.eval_batch_size or max(config.batch_size, 1024)
+  size = min(size, max(sizes))  # never pad a small set to a huge batch
+  return -(-size // config.devices) * config.devices
+
+
+def _row(epoch, step, sums, step_metrics, seconds) -> dict[str, Any]:
+  row = {"epoch": epoch, "step": step}
+  for split in ("train", "val"):
+    if split in sums:
+      for name, value in means(sums[split]).items():
+        row[f"{split}_{name}"] = float(value)
+  row["train_loss_running"] = float(np.mean(step_metrics["loss"]))
+  row["learning_rate"] = float(step_metrics["learning_rate"][-1])
+  row["seconds"] = seconds
+  return row
+
+
+def fit(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
+        val: Mapping[str, Any] | None = None, test: Mapping[str, Any] | None = None,
+        augment: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
+        monitor=None, log: Callable[[str], None] = print) -> FitResult:
+  """Trains ``state`` on ``train`` for ``config.epochs`` epochs.
+
+  Args:
+    state: from :func:`jaxtrain.create_train_state` (built once per run).
+    train: ``{"inputs", "targets"}`` arrays, kept on the device.
+    config: a :class:`FitConfig`.
+    val: validation arrays, evaluated every epoch.
+    test: test arrays, evaluated once at the end (only when given).
+    augment: ``augment(key, one_example_inputs)``, applied to training inputs
+      with a key per step and row.
+    monitor: a :class:`jaxtrain.monitor.RunMonitor` to write the run directory.
+    log: where one-line messages (early stop, non-finite loss) go.
+
+  Returns:
+    A :class:`FitResult`.
+
+  >>> import jax, jax.numpy as jnp, numpy as np, jaxtrain
+  >>> x = np.random.default_rng(0).normal(size=(64, 2)).astype(np.float32)
+  >>> arrays = {"inputs": x, "targets": (x[:, 0] > 0).astype(np.int32)}
+  >>> state = jaxtrain.create_train_state(
+  ...     jaxtrain.models.MLP(hidden_sizes=(8,), outputs=2),
+  ...     jaxtrain.make_optimizer("sgd", 0.5), jax.random.key(0), x[:1],
+  ...     loss_fn=jaxtrain.losses.cross_entropy)
+  >>> result = fit(state, arrays, val=arrays, config=FitConfig(epochs=20, batch_size=16))
+  >>> result.history["epoch"]["val_accuracy"][-1] > 0.9
+  True
+  """
+  train = _as_arrays(train, "train")
+  val, test = _as_arrays(val, "val"), _as_arrays(test, "test")
+  n_train = len(train["targets"])
+  _check(config, n_train)
+  rule = config.early_stopping
+  if rule is not None and rule.monitor.startswith("val_") and val is None:
+    raise ValueError(f"early stopping monitors {rule.monitor!r} but no validation data was given")
+
+  mesh = parallel.local_mesh(jax.local_devices()[: config.devices]) if config.devices > 1 else None
+  execution = choose_execution(state, config)
+  spec = ProgramSpec(
+      num_train=n_train, batch_size=config.batch_size,
+      eval_batch_size=_eval_batch_size(config, [n_train] + [len(s["targets"]) for s in (val, test) if s]),
+      drop_remainder=config.drop_remainder, nonfinite=config.nonfinite,
+      eval_every=config.eval_every_steps, unroll=config.unroll)
+  steps_per_epoch = spec.steps_per_epoch
+  if steps_per_epoch == 0:
+    raise ValueError(f"batch_size {config.batch_size} with drop_remainder leaves no batch")
+  per_call = 1 if execution == "step" else (config.steps_per_call or steps_per_epoch)
+  programs = Programs(spec, augment=augment, mesh=mesh)
+
+  train_dev = programs.place(train)
+  epoch_evals = {"train": train_dev} if config.evaluate_train else {}
+  if val is not None:
+    epoch_evals["val"] = programs.place(val)
+  step_evals = epoch_evals if config.eval_every_steps else {}
+  state = programs.place(state)
+  halted = programs.place(jnp.zeros((), bool))
+  run_key = jax.random.key(config.seed)
+  window = parallel.InFlight(parallel.default_max_in_flight(
+      jax.local_devices()[: config.devices]))
+
+  history = {"epoch": {c: [] for c in COLUMNS}, "step": {}}
+  best, best_variables, stop_reason = Best(), None, None
+  compiled = False
+  for epoch in range(config.epochs):
+    started = time.perf_counter()
+    chunks, start = [], 0
+    while start < steps_per_epoch:
+      num = min(per_call, steps_per_epoch - start)
+      state, halted, metrics = programs.train(
+          state, halted, train_dev, step_evals, run_key, epoch, start, num)
+      window(metrics)
+      if not compiled:
+        jax.block_until_ready(metrics)
+        compiled = True
+        if monitor is not None:
+          monitor.mark_compiled()
+      chunks.append(metrics)
+      start += num
+    sums = programs.evaluate(state, epoch_evals)
+    chunks, sums = jax.device_get((chunks, sums))  # the epoch's one host sync
+    step_metrics = {k: np.concatenate([np.atleast_1d(c[k]) for c in chunks]) for k in chunks[0]}
+    first_step = epoch * steps_per_epoch
+    steps = np.arange(first_step + 1, first_step + steps_per_epoch + 1)
+
+    bad = np.flatnonzero(~step_metrics["finite"])
+    if bad.size and config.nonfinite == "stop":
+      index = int(bad[0])
+      stop_reason = (
+          f"non-finite loss or gradient at step {steps[index]} (epoch {epoch + 1}, batch "
+          f"{index + 1}): stopped; the state is the one before that step")
+      steps, step_metrics = steps[:index + 1], {k: v[:index + 1] for k, v in step_metrics.items()}
+    _extend(history["step"], {"step": steps, **step_metrics})
+    if monitor is not None:
+      monitor.log_steps(steps, step_metrics)
+    if stop_reason:
+      log(stop_reason)
+      break
+
+    row = _row(epoch + 1, int(steps[-1]), sums, step_metrics, time.perf_counter() - started)
+    _extend(history["epoch"], row)
+    if monitor is not None:
+      monitor.log_epoch(row)
+      if monitor.histograms_due(epoch + 1):
+        monitor.log_histograms(int(steps[-1]), state.params, _gradients(state, train, config, run_key))
+
+    monitored = row.get(rule.monitor if rule else "val_loss", math.nan)
+    best = best.update(monitored, epoch + 1, rule)
+    if rule is not None and rule.restore_best and best.epoch == epoch + 1:
+      best_variables = jax.tree.map(jnp.copy, (state.params, state.batch_stats))
+    if best.should_stop(rule):
+      stop_reason = (f"early stopping after epoch {epoch + 1}: {rule.monitor} has not improved "
+                     f"for {rule.patience} epochs; best epoch {best.epoch} "
+                     f"({rule.monitor} {best.value:.6g})")
+      log(stop_reason)
+      break
+
+  window.drain()
+  if best_variables is not None:
+    state = state.replace(params=best_variables[0], batch_stats=best_variables[1])
+    log(f"restored the parameters of epoch {best.epoch} ({rule.monitor} {best.value:.6g})")
+  test_metrics = None
+  if test is not None:
+    test_sums = jax.device_get(programs.evaluate(state, {"test": programs.place(test)}))
+    test_metrics = {k: float(v) for k, v in means(test_sums["test"]).items()}
+  return FitResult(state=state, history=history, best=best, stop_reason=stop_reason,
+                   test=test_metrics)
+
+
+def _extend(table: dict[str, list], values: Mapping[str, Any]) -> None:
+  for key, value in values.items():
+    table.setdefault(key, []).extend(np.atleast_1d(value).tolist())
+
+
+def _gradients(state: TrainState, train, config: FitConfig, run_key):
+  """The gradient on the first training batch, for histograms."""
+  batch = {k: v[: config.batch_size] for k, v in train.items()}
+  grads, _, _ = _jit_gradients(jax.device_get(state), batch, run_key)
+  return grads
+
+
+_jit_gradients = jax.jit(compute_gradients)

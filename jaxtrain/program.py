@@ -1,0 +1,214 @@
+"""Compiled training programs: K steps of an epoch in one call, on device.
+
+The training arrays live on the device. One call draws the epoch's permutation
+from the epoch key (:func:`jaxtrain.data.epoch_indices`), gathers each batch,
+runs :func:`jaxtrain.train_step` under ``lax.scan`` and returns the per-step
+metrics as stacked arrays; the end-of-epoch evaluation (and, when asked, an
+evaluation every N steps) is compiled into the same program. Every key is
+``key_for(run_key, use, position)``, so the numbers do not depend on how the
+epoch is cut into calls: K = 1 (one step per call) and K = a whole epoch give
+the same run, which is what makes a mid-epoch resume exact.
+
+The program is written per device with an optional ``axis_name``: under
+``shard_map`` every device draws the same permutation, takes its slice of each
+global batch and the step averages gradients across devices, so a run on four
+devices equals the run on one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jaxtrain import data
+from jaxtrain.keys import key_for
+from jaxtrain.optim import current_learning_rate
+from jaxtrain.state import TrainState
+from jaxtrain.step import eval_step, train_step
+
+Arrays = Mapping[str, jax.Array]
+# augment(key, one_example_inputs) -> augmented inputs of the same shape.
+Augment = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class ProgramSpec:
+  """Static description of a run's compiled programs (hashable).
+
+  Attributes:
+    num_train: rows in the training set.
+    batch_size: global batch size.
+    eval_batch_size: global batch size of evaluations.
+    drop_remainder: drop the last incomplete batch of each epoch.
+    nonfinite: ``"stop"`` (freeze the state at the first non-finite loss or
+      gradient) or ``"skip"`` (skip that update and go on).
+    eval_every: evaluate every N steps inside the epoch (0: only at its end).
+    unroll: ``lax.scan`` unroll factor (``True``: fully unrolled).
+  """
+
+  num_train: int
+  batch_size: int
+  eval_batch_size: int
+  drop_remainder: bool = False
+  nonfinite: str = "stop"
+  eval_every: int = 0
+  unroll: int | bool = 1
+
+  @property
+  def steps_per_epoch(self) -> int:
+    return data.num_batches(self.num_train, self.batch_size, self.drop_remainder)
+
+
+def _local(rows: jax.Array, axis_name: str | None) -> jax.Array:
+  """This device's contiguous slice of a global batch's leading axis."""
+  if axis_name is None:
+    return rows
+  shards = jax.lax.axis_size(axis_name)
+  size = rows.shape[0] // shards
+  return jax.lax.dynamic_slice_in_dim(rows, jax.lax.axis_index(axis_name) * size, size)
+
+
+def _gather(arrays: Arrays, idx: jax.Array, mask: jax.Array, axis_name) -> dict:
+  idx, mask = _local(idx, axis_name), _local(mask, axis_name)
+  batch = {k: jnp.take(v, idx, axis=0) for k, v in arrays.items() if k != "mask"}
+  if "mask" in arrays:
+    mask = mask * jnp.take(arrays["mask"], idx, axis=0)
+  return {**batch, "mask": mask}
+
+
+def evaluate(state: TrainState, arrays: Arrays, batch_size: int, axis_name=None):
+  """Exact sums (loss_sum, count[, correct]) of ``eval_step`` over a whole set."""
+  n = jax.tree.leaves(arrays)[0].shape[0]
+  indices, masks = data.epoch_indices(None, n, batch_size)
+
+  def batch_sums(xs):
+    sums = eval_step(state, _gather(arrays, *xs, axis_name), axis_name=axis_name)
+    return {k: sums[k] for k in ("loss_sum", "count", "correct") if k in sums}
+
+  def body(totals, xs):
+    return jax.tree.map(jnp.add, totals, batch_sums(xs)), None
+
+  shapes = jax.eval_shape(batch_sums, (indices[0], masks[0]))
+  init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+  return jax.lax.scan(body, init, (indices, masks))[0]
+
+
+
+def means(totals: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+  """Loss and accuracy from evaluation sums."""
+  count = totals["count"]
+  out = {"loss": totals["loss_sum"] / count}
+  if "correct" in totals:
+    out["accuracy"] = totals["correct"] / count
+  return out
+
+
+def _train_chunk(spec: ProgramSpec, augment: Augment | None, axis_name, num_steps: int,
+                 state: TrainState, halted, train: Arrays, evals: Mapping[str, Arrays],
+                 run_key, epoch, start):
+  """Runs steps ``start .. start + num_steps`` of ``epoch``."""
+  indices, masks = data.epoch_indices(
+      key_for(run_key, "shuffle", epoch), spec.num_train, spec.batch_size,
+      spec.drop_remainder)
+  indices = jax.lax.dynamic_slice_in_dim(indices, start, num_steps)
+  masks = jax.lax.dynamic_slice_in_dim(masks, start, num_steps)
+
+  def body(carry, xs):
+    state, halted = carry
+    batch = _gather(train, *xs, axis_name)
+    if augment is not None:
+      # One key per global row position, so the augmentation of a row does not
+      # depend on how the batch is split across devices.
+      keys = jax.random.split(key_for(run_key, "augment", state.step), spec.batch_size)
+      batch["inputs"] = jax.vmap(augment)(_local(keys, axis_name), batch["inputs"])
+    new_state, metrics = train_step(
+        state, batch, key_for(run_key, "dropout", state.step), axis_name=axis_name)
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+    apply = finite & ~halted
+    # A non-finite update is never applied; with "stop" nothing after it is either.
+    state = jax.tree.map(lambda new, old: jnp.where(apply, new, old), new_state, state)
+    if spec.nonfinite == "stop":
+      halted = halted | ~finite
+    metrics = {**metrics, "finite": finite,
+               "learning_rate": current_learning_rate(new_state.opt_state)}
+    if spec.eval_every:
+      metrics.update(_maybe_evaluate(spec, state, evals, axis_name))
+    return (state, halted), metrics
+
+  (state, halted), metrics = jax.lax.scan(
+      body, (state, halted), (indices, masks), unroll=spec.unroll)
+  return state, halted, metrics
+
+
+def _maybe_evaluate(spec, state, evals, axis_name):
+  """Evaluation every ``spec.eval_every`` steps; NaN on the other steps."""
+  def run(state):
+    out = {}
+    for name, arrays in evals.items():
+      for metric, value in means(evaluate(state, arrays, spec.eval_batch_size,
+                                          axis_name)).items():
+        out[f"{name}_{metric}"] = value.astype(jnp.float32)
+    return out
+
+  shapes = jax.eval_shape(run, state)
+
+  def skip(state):
+    return {k: jnp.full(v.shape, jnp.nan, v.dtype) for k, v in shapes.items()}
+
+  return jax.lax.cond(state.step % spec.eval_every == 0, run, skip, state)
+
+
+def _evaluate_all(spec: ProgramSpec, axis_name, state, evals: Mapping[str, Arrays]):
+  return {name: evaluate(state, arrays, spec.eval_batch_size, axis_name)
+          for name, arrays in evals.items()}
+
+
+class Programs:
+  """The jitted programs of one run; built once, so nothing recompiles.
+
+  ``train(state, halted, train_arrays, eval_arrays, run_key, epoch, start,
+  num_steps)`` returns ``(state, halted, per_step_metrics)``;
+  ``evaluate(state, eval_arrays)`` returns ``{name: sums}``.
+  With a ``mesh`` both run as ``shard_map`` over its single axis: the state and
+  data are replicated, each device takes its slice of every batch.
+  """
+
+  def __init__(self, spec: ProgramSpec, *, augment: Augment | None = None,
+               mesh: Mesh | None = None, donate: bool = True):
+    self.spec, self.mesh = spec, mesh
+    axis_name = mesh.axis_names[0] if mesh is not None else None
+    if mesh is not None:
+      shards = mesh.devices.size
+      for name, size in (("batch_size", spec.batch_size),
+                         ("eval_batch_size", spec.eval_batch_size)):
+        if size % shards:
+          raise ValueError(f"{name} {size} is not divisible by the {shards} devices")
+    self._train = {}
+    self._make_train = lambda num_steps: self._wrap(
+        functools.partial(_train_chunk, spec, augment, axis_name, num_steps),
+        n_in=7, donate=donate)
+    self.evaluate = self._wrap(functools.partial(_evaluate_all, spec, axis_name),
+                               n_in=2, donate=False)
+
+  def _wrap(self, fn, *, n_in: int, donate: bool):
+    if self.mesh is not None:
+      fn = jax.shard_map(fn, mesh=self.mesh, in_specs=(P(),) * n_in, out_specs=P())
+    return jax.jit(fn, donate_argnums=(0,) if donate else ())
+
+  def train(self, state, halted, train_arrays, eval_arrays, run_key, epoch, start,
+            num_steps: int):
+    if num_steps not in self._train:
+      self._train[num_steps] = self._make_train(num_steps)
+    return self._train[num_steps](state, halted, train_arrays, eval_arrays, run_key,
+                                  epoch, start)
+
+  def place(self, tree):
+    """Puts a tree on the device(s) the programs run on (replicated on a mesh)."""
+    if self.mesh is None:
+      return jax.device_put(tree)
+    return jax.device_put(tree, NamedSharding(self.mesh, P()))
