@@ -52,3 +52,24 @@ def main(config_type: type[T], run: Callable[[T], object], args: list[str] | Non
     if os.environ.get("JAXTRAIN_DEBUG"):
       raise
     fail(str(error).splitlines()[0] if str(error) else type(error).__name__)
+
+
+def from_record(config_type: type[T], values: dict) -> T:
+  """Rebuilds a config dataclass from its JSON form in ``config.json``."""
+  import dataclasses
+  import pathlib
+
+  kwargs = {}
+  defaults = config_type()
+  for field in dataclasses.fields(config_type):
+    if field.name not in values:
+      continue
+    value, default = values[field.name], getattr(defaults, field.name)
+    if dataclasses.is_dataclass(default) and isinstance(value, dict):
+      value = from_record(type(default), value)
+    elif isinstance(default, pathlib.Path):
+      value = pathlib.Path(value)
+    elif isinstance(default, tuple) and isinstance(value, list):
+      value = tuple(value)
+    kwargs[field.name] = value
+  return config_type(**kwargs)

@@ -15,11 +15,13 @@ import dataclasses
 import pathlib
 
 import jax
+import jax.numpy as jnp
 
 import jaxtrain
 from experiments import _cli
 from jaxtrain import datasets, losses, models
-from jaxtrain.run import check_workdir, run
+from jaxtrain.checkpoint import CheckpointConfig
+from jaxtrain.run import run
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +44,8 @@ class Config:
   clip_norm: float | None = None  # Clip the global gradient norm to this.
   full_batch: bool = False  # Also train by full-batch gradient descent; plot both.
   devices: int = 1  # Data-parallel devices.
-  overwrite: bool = False  # Replace a run already in --workdir.
+  overwrite: bool = False  # Replace a different run already in --workdir.
+  checkpoint: CheckpointConfig = CheckpointConfig()  # When to save; a rerun resumes.
 
 
 def load_data(config: Config):
@@ -57,35 +60,43 @@ def load_data(config: Config):
   return {**train, "inputs": train_x}, {**test, "inputs": test_x}
 
 
-def train(config: Config, *, batch_size: int, workdir: pathlib.Path, extra=None):
-  train_set, test_set = load_data(config)
+def create_state(config: Config) -> jaxtrain.TrainState:
+  """The model and optimizer of a config, initialised from its seed."""
   tx = jaxtrain.make_optimizer(config.optimizer, config.learning_rate,
                                momentum=config.momentum, weight_decay=config.weight_decay,
                                clip_norm=config.clip_norm)
   model = models.MLP(hidden_sizes=config.hidden, outputs=2, dropout_rate=config.dropout)
-  state = jaxtrain.create_train_state(model, tx, jax.random.key(config.seed),
-                                      train_set["inputs"][:1], loss_fn=losses.cross_entropy)
+  return jaxtrain.create_train_state(model, tx, jax.random.key(config.seed),
+                                     jnp.zeros((1, 2)), loss_fn=losses.cross_entropy)
+
+
+def config_from_record(record: dict) -> Config:
+  return _cli.from_record(Config, record["config"])
+
+
+def train(config: Config, *, batch_size: int, workdir: pathlib.Path, extra=None):
+  train_set, test_set = load_data(config)
+  state = create_state(config)
   fit_config = jaxtrain.FitConfig(epochs=config.epochs, batch_size=batch_size,
                                   seed=config.seed, devices=config.devices)
   record = {"experiment": "two_moons", "config": dataclasses.asdict(config),
             "fit": dataclasses.asdict(fit_config)}
   return run(state, train_set, config=fit_config, workdir=workdir, record=record,
-             val=test_set, test=test_set, overwrite=config.overwrite, extra_curves=extra)
+             val=test_set, test=test_set, overwrite=config.overwrite,
+             checkpoint=config.checkpoint, extra_curves=extra)
 
 
 def main(config: Config) -> None:
-  check_workdir(config.workdir, overwrite=config.overwrite)
   extra = None
   if config.full_batch:
     n_train = round(config.samples * (1 - config.test_fraction))
-    gd_dir = config.workdir / "full_batch"
-    check_workdir(gd_dir, overwrite=config.overwrite)
-    gd = train(config, batch_size=n_train, workdir=gd_dir)
+    gd = train(config, batch_size=n_train, workdir=config.workdir / "full_batch")
     extra = {"full batch": gd.history}
     print(f"full-batch GD: held-out accuracy {gd.test['accuracy']:.4f}")
   result = train(config, batch_size=config.batch_size, workdir=config.workdir, extra=extra)
-  print(f"held-out accuracy {result.test['accuracy']:.4f}  loss {result.test['loss']:.4f}"
-        f"  ->  {config.workdir}")
+  if result.test is not None:
+    print(f"held-out accuracy {result.test['accuracy']:.4f}  loss {result.test['loss']:.4f}"
+          f"  ->  {config.workdir}")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import numpy as np
 
 from jaxtrain import data, parallel
 from jaxtrain.program import ProgramSpec, Programs, means
+from jaxtrain.checkpoint import state_arrays, with_arrays
 from jaxtrain.state import TrainState
 from jaxtrain.step import compute_gradients
 from jaxtrain.stopping import Best, EarlyStopping
@@ -91,7 +92,8 @@ class FitResult:
   test: dict[str, float] | None = None
 
 
-def _check(config: FitConfig, n_train: int) -> None:
+def validate(config: FitConfig, n_train: int, *, has_val: bool) -> None:
+  """Raises ValueError naming the first bad setting (before anything is written)."""
   def bad(name, value, why):
     raise ValueError(f"{name} {why}, got {value!r}")
 
@@ -112,6 +114,12 @@ def _check(config: FitConfig, n_train: int) -> None:
     bad("devices", config.devices, f"must be in 1..{jax.local_device_count()} (local devices)")
   if config.batch_size % config.devices:
     bad("batch_size", config.batch_size, f"must be divisible by the {config.devices} devices")
+  if config.drop_remainder and n_train < config.batch_size:
+    bad("batch_size", config.batch_size, "with drop_remainder leaves no batch")
+  rule = config.early_stopping
+  if rule is not None and rule.monitor.startswith("val_") and not has_val:
+    raise ValueError(
+        f"early stopping monitors {rule.monitor!r} but no validation data was given")
 
 
 def choose_execution(state: TrainState, config: FitConfig) -> str:
@@ -154,10 +162,41 @@ def _row(epoch, step, sums, step_metrics, seconds) -> dict[str, Any]:
   return row
 
 
+@dataclasses.dataclass
+class Position:
+  """Where a run stands; checkpointed with the state so a resume is exact.
+
+  Attributes:
+    epoch: epochs completed.
+    batch: batches done in the current (incomplete) epoch.
+    best: the early-stopping / best-epoch record.
+    rows: the epoch rows written so far (metrics.csv).
+    partial: the current epoch's per-step metrics so far.
+    step_records: per-step records logged so far (steps.jsonl lines).
+    stop_reason: why the run ended early, if it did.
+  """
+
+  epoch: int = 0
+  batch: int = 0
+  best: Best = dataclasses.field(default_factory=Best)
+  rows: list = dataclasses.field(default_factory=list)
+  partial: dict = dataclasses.field(default_factory=dict)
+  step_records: int = 0
+  stop_reason: str | None = None
+
+  def to_json(self) -> dict:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_json(cls, record: Mapping[str, Any]) -> Position:
+    return cls(**{**record, "best": Best(**record["best"])})
+
+
 def fit(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
         val: Mapping[str, Any] | None = None, test: Mapping[str, Any] | None = None,
         augment: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
-        monitor=None, log: Callable[[str], None] = print) -> FitResult:
+        monitor=None, log: Callable[[str], None] | None = None, checkpointer=None,
+        should_stop: Callable[[], str | None] | None = None) -> FitResult:
   """Trains ``state`` on ``train`` for ``config.epochs`` epochs.
 
   Args:
@@ -168,8 +207,15 @@ def fit(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
     test: test arrays, evaluated once at the end (only when given).
     augment: ``augment(key, one_example_inputs)``, applied to training inputs
       with a key per step and row.
-    monitor: a :class:`jaxtrain.monitor.RunMonitor` to write the run directory.
-    log: where one-line messages (early stop, non-finite loss) go.
+    monitor: a :class:`jaxtrain.monitor.RunMonitor`, or a function
+      ``(rows, step_records) -> RunMonitor`` called once the run's position is
+      known (after a resume: the epoch rows and step records to keep).
+    log: where one-line messages (early stop, non-finite loss) go (default: the
+      monitor's ``write``, else ``print``).
+    checkpointer: a :class:`jaxtrain.checkpoint.Checkpointer`; the run resumes
+      from its latest good checkpoint and saves on its cadence and at the end.
+    should_stop: polled at every call boundary; a returned reason (e.g. a
+      signal's name) saves a checkpoint and ends the run cleanly.
 
   Returns:
     A :class:`FitResult`.
@@ -187,12 +233,9 @@ def fit(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
   """
   train = _as_arrays(train, "train")
   val, test = _as_arrays(val, "val"), _as_arrays(test, "test")
-  n_train = len(train["targets"])
-  _check(config, n_train)
+  validate(config, len(train["targets"]), has_val=val is not None)
   rule = config.early_stopping
-  if rule is not None and rule.monitor.startswith("val_") and val is None:
-    raise ValueError(f"early stopping monitors {rule.monitor!r} but no validation data was given")
-
+  n_train = len(train["targets"])
   mesh = parallel.local_mesh(jax.local_devices()[: config.devices]) if config.devices > 1 else None
   execution = choose_execution(state, config)
   spec = ProgramSpec(
@@ -200,10 +243,8 @@ def fit(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
       eval_batch_size=_eval_batch_size(config, [n_train] + [len(s["targets"]) for s in (val, test) if s]),
       drop_remainder=config.drop_remainder, nonfinite=config.nonfinite,
       eval_every=config.eval_every_steps, unroll=config.unroll)
-  steps_per_epoch = spec.steps_per_epoch
-  if steps_per_epoch == 0:
-    raise ValueError(f"batch_size {config.batch_size} with drop_remainder leaves no batch")
-  per_call = 1 if execution == "step" else (config.steps_per_call or steps_per_epoch)
+  spe = spec.steps_per_epoch
+  per_call = 1 if execution == "step" else (config.steps_per_call or spe)
   programs = Programs(spec, augment=augment, mesh=mesh)
 
   train_dev = programs.place(train)
@@ -211,20 +252,57 @@ def fit(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
   if val is not None:
     epoch_evals["val"] = programs.place(val)
   step_evals = epoch_evals if config.eval_every_steps else {}
-  state = programs.place(state)
+  keep_best = rule is not None and rule.restore_best
+  tree = {"state": state_arrays(state)}
+  if keep_best:
+    tree["best"] = {"params": state.params, "batch_stats": state.batch_stats}
+  tree = programs.place(tree)
+  position = Position()
+  say = log or print
+  if checkpointer is not None:
+    restored = checkpointer.restore(tree)
+    if restored is not None:
+      step, tree, meta = restored
+      position = Position.from_json(meta["position"])
+      say(f"resuming from the checkpoint at step {step} (epoch {position.epoch + 1}, "
+          f"batch {position.batch}) in {checkpointer.directory}")
+  owns_monitor = monitor is not None and not hasattr(monitor, "log_steps")
+  if owns_monitor:
+    fresh = position.epoch == 0 and position.batch == 0
+    monitor = monitor(position.rows, None if fresh else position.step_records)
+  if log is None:
+    log = monitor.write if monitor is not None else print
+  state = with_arrays(state, tree["state"])
+  best_variables = tree.get("best")
   halted = programs.place(jnp.zeros((), bool))
   run_key = jax.random.key(config.seed)
   window = parallel.InFlight(parallel.default_max_in_flight(
       jax.local_devices()[: config.devices]))
 
+  def save(position: Position, *, metric=None):
+    if checkpointer is None:
+      return
+    saved = {"state": state_arrays(state)}
+    if keep_best:
+      saved["best"] = best_variables
+    meta = {"position": position.to_json(), "seed": config.seed,
+            "run_key": np.asarray(jax.random.key_data(run_key)).tolist()}
+    checkpointer.save(position.epoch * spe + position.batch, saved, meta, metric)
+
   history = {"epoch": {c: [] for c in COLUMNS}, "step": {}}
-  best, best_variables, stop_reason = Best(), None, None
-  compiled = False
-  for epoch in range(config.epochs):
+  for row in position.rows:
+    _extend(history["epoch"], row)
+  compiled, interrupted = False, None
+  stop_reason = position.stop_reason
+  epoch = position.epoch
+  while stop_reason is None and interrupted is None and epoch < config.epochs:
     started = time.perf_counter()
-    chunks, start = [], 0
-    while start < steps_per_epoch:
-      num = min(per_call, steps_per_epoch - start)
+    start = position.batch
+    pending = []
+    while start < spe:
+      step = epoch * spe + start
+      num = min(per_call, spe - start,
+                (checkpointer.steps_to_boundary(step) if checkpointer else None) or spe)
       state, halted, metrics = programs.train(
           state, halted, train_dev, step_evals, run_key, epoch, start, num)
       window(metrics)
@@ -233,56 +311,109 @@ def fit(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
         compiled = True
         if monitor is not None:
           monitor.mark_compiled()
-      chunks.append(metrics)
+      pending.append(metrics)
       start += num
-    sums = programs.evaluate(state, epoch_evals)
-    chunks, sums = jax.device_get((chunks, sums))  # the epoch's one host sync
-    step_metrics = {k: np.concatenate([np.atleast_1d(c[k]) for c in chunks]) for k in chunks[0]}
-    first_step = epoch * steps_per_epoch
-    steps = np.arange(first_step + 1, first_step + steps_per_epoch + 1)
-
-    bad = np.flatnonzero(~step_metrics["finite"])
-    if bad.size and config.nonfinite == "stop":
-      index = int(bad[0])
-      stop_reason = (
-          f"non-finite loss or gradient at step {steps[index]} (epoch {epoch + 1}, batch "
-          f"{index + 1}): stopped; the state is the one before that step")
-      steps, step_metrics = steps[:index + 1], {k: v[:index + 1] for k, v in step_metrics.items()}
-    _extend(history["step"], {"step": steps, **step_metrics})
-    if monitor is not None:
-      monitor.log_steps(steps, step_metrics)
-    if stop_reason:
-      log(stop_reason)
+      if start < spe and checkpointer is not None:
+        interrupted = should_stop() if should_stop else None
+        if interrupted or checkpointer.due(step=step + num, epoch_end=False, epoch=epoch):
+          position, stop_reason = _absorb(position, pending, epoch, start, spe, config,
+                                          monitor, history, log)
+          pending = []
+          if stop_reason:
+            break
+          save(position)
+          if interrupted:
+            break
+    if stop_reason or interrupted:
       break
-
-    row = _row(epoch + 1, int(steps[-1]), sums, step_metrics, time.perf_counter() - started)
+    sums = programs.evaluate(state, epoch_evals)
+    position, stop_reason = _absorb(position, pending, epoch, spe, spe, config, monitor,
+                                    history, log)
+    if stop_reason:
+      break
+    sums = jax.device_get(sums)
+    row = _row(epoch + 1, (epoch + 1) * spe, sums, position.partial,
+               time.perf_counter() - started)
     _extend(history["epoch"], row)
     if monitor is not None:
       monitor.log_epoch(row)
       if monitor.histograms_due(epoch + 1):
-        monitor.log_histograms(int(steps[-1]), state.params, _gradients(state, train, config, run_key))
-
+        monitor.log_histograms(row["step"], state.params,
+                               _gradients(state, train, config, run_key))
     monitored = row.get(rule.monitor if rule else "val_loss", math.nan)
-    best = best.update(monitored, epoch + 1, rule)
-    if rule is not None and rule.restore_best and best.epoch == epoch + 1:
-      best_variables = jax.tree.map(jnp.copy, (state.params, state.batch_stats))
+    best = position.best.update(monitored, epoch + 1, rule)
+    if keep_best and best.epoch == epoch + 1:
+      best_variables = jax.tree.map(jnp.copy, {"params": state.params,
+                                               "batch_stats": state.batch_stats})
+    epoch += 1
     if best.should_stop(rule):
-      stop_reason = (f"early stopping after epoch {epoch + 1}: {rule.monitor} has not improved "
+      stop_reason = (f"early stopping after epoch {epoch}: {rule.monitor} has not improved "
                      f"for {rule.patience} epochs; best epoch {best.epoch} "
                      f"({rule.monitor} {best.value:.6g})")
       log(stop_reason)
-      break
+    position = dataclasses.replace(position, epoch=epoch, batch=0, best=best,
+                                   rows=position.rows + [row], partial={},
+                                   stop_reason=stop_reason)
+    if checkpointer is not None:
+      interrupted = should_stop() if should_stop else None
+      if (interrupted or stop_reason or epoch == config.epochs
+          or checkpointer.due(step=epoch * spe, epoch_end=True, epoch=epoch)):
+        save(position, metric=row.get(checkpointer.config.monitor,
+                                      row.get("train_loss", math.nan)))
 
   window.drain()
-  if best_variables is not None:
-    state = state.replace(params=best_variables[0], batch_stats=best_variables[1])
-    log(f"restored the parameters of epoch {best.epoch} ({rule.monitor} {best.value:.6g})")
+  if stop_reason and not position.stop_reason and checkpointer is not None:
+    # A non-finite stop inside an epoch: record it so a rerun does not retrain.
+    save(dataclasses.replace(position, stop_reason=stop_reason))
+  if interrupted:
+    log(f"{interrupted}: saved a checkpoint at step {position.epoch * spe + position.batch} "
+        f"(epoch {position.epoch + 1}, batch {position.batch}) in "
+        f"{checkpointer.directory}; run the same command to resume")
+    stop_reason = f"interrupted by {interrupted}"
+  if checkpointer is not None:
+    checkpointer.wait()
+  if keep_best and best_variables is not None and position.best.epoch:
+    state = state.replace(**best_variables)
+    log(f"restored the parameters of epoch {position.best.epoch} "
+        f"({rule.monitor} {position.best.value:.6g})")
   test_metrics = None
-  if test is not None:
+  if test is not None and not interrupted:
     test_sums = jax.device_get(programs.evaluate(state, {"test": programs.place(test)}))
     test_metrics = {k: float(v) for k, v in means(test_sums["test"]).items()}
-  return FitResult(state=state, history=history, best=best, stop_reason=stop_reason,
-                   test=test_metrics)
+  if owns_monitor:
+    monitor.close()
+  return FitResult(state=state, history=history, best=position.best,
+                   stop_reason=stop_reason, test=test_metrics)
+
+
+def _absorb(position: Position, pending, epoch: int, batch: int, spe: int,
+            config: FitConfig, monitor, history, log):
+  """Fetches pending per-step metrics (one host sync), logs them, advances."""
+  if not pending:
+    return dataclasses.replace(position, batch=batch), None
+  chunks = jax.device_get(pending)
+  metrics = {k: np.concatenate([np.atleast_1d(c[k]) for c in chunks]) for k in chunks[0]}
+  first = epoch * spe + position.batch
+  steps = np.arange(first + 1, first + 1 + len(metrics["loss"]))
+  stop_reason = None
+  bad = np.flatnonzero(~metrics["finite"])
+  if bad.size and config.nonfinite == "stop":
+    index = int(bad[0])
+    stop_reason = (
+        f"non-finite loss or gradient at step {steps[index]} (epoch {epoch + 1}, batch "
+        f"{position.batch + index + 1}): stopped; the state is the one before that step")
+    steps, metrics = steps[: index + 1], {k: v[: index + 1] for k, v in metrics.items()}
+  _extend(history["step"], {"step": steps, **metrics})
+  if monitor is not None:
+    monitor.log_steps(steps, metrics)
+  partial = dict(position.partial)
+  for key, values in metrics.items():
+    partial[key] = list(partial.get(key, [])) + np.asarray(values, np.float64).tolist()
+  if stop_reason:
+    log(stop_reason)
+  return dataclasses.replace(position, batch=batch, partial=partial,
+                             step_records=position.step_records + len(steps),
+                             stop_reason=None), stop_reason
 
 
 def _extend(table: dict[str, list], values: Mapping[str, Any]) -> None:

@@ -1,20 +1,29 @@
-"""A run directory around :func:`jaxtrain.fit`: config, logs, curves, no clobbering.
+"""A run directory around :func:`jaxtrain.fit`: config, logs, checkpoints, resume.
 
-``run(...)`` is what experiments call: it refuses a directory that already holds
-another run (unless ``overwrite``), writes ``config.json``, streams metrics to
-``metrics.csv``, ``steps.jsonl`` and TensorBoard, and draws ``curves.png``.
+``run(...)`` is what experiments call. On a new directory it trains from
+scratch; on a directory holding the same run (same config but for the number of
+epochs) it resumes from the latest good checkpoint, so running a command again
+after a crash or preemption continues it, and a larger ``--epochs`` extends a
+finished run; a directory holding a different run is refused unless
+``overwrite``. SIGTERM and SIGINT finish the current compiled call, save and end
+the run cleanly. Nothing is written before all input has been checked.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import pathlib
 import shutil
+import signal
+import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from jaxtrain.loop import COLUMNS, FitConfig, FitResult, fit
-from jaxtrain.monitor import RunMonitor, write_config
+from jaxtrain.checkpoint import DIRECTORY, CheckpointConfig, Checkpointer
+from jaxtrain.loop import COLUMNS, FitConfig, FitResult, fit, validate
+from jaxtrain.monitor import RunMonitor, _jsonable, write_config
 from jaxtrain.plots import plot_curves, read_history
 from jaxtrain.state import TrainState
 
@@ -23,25 +32,64 @@ class RunDirError(ValueError):
   """The run directory cannot be used as asked (it holds another run)."""
 
 
-# What a run writes; --overwrite removes only these, never a user's other files.
+# What a run writes; overwrite removes only these, never a user's other files.
 RUN_FILES = ("config.json", "metrics.csv", "steps.jsonl", "curves.png", "tensorboard",
-             "checkpoints")
+             DIRECTORY)
+# Settings that may change between a run and its resumption.
+_NOT_IDENTITY = {"epochs", "overwrite", "workdir", "progress", "checkpoint", "versions",
+                 "backend", "devices_info", "every_epochs", "every_steps", "every_seconds"}
+_ENVIRONMENT = {"versions", "backend", "devices"}
 
 
-def check_workdir(workdir: str | os.PathLike, *, overwrite: bool = False) -> pathlib.Path:
-  """Refuses a directory that holds a run, unless ``overwrite``; changes nothing."""
+def _identity(record: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  flat = {}
+  for key, value in record.items():
+    if key in _NOT_IDENTITY or (not prefix and key in _ENVIRONMENT):
+      continue
+    if isinstance(value, Mapping):
+      flat.update(_identity(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = value
+  return flat
+
+
+def check_workdir(workdir: str | os.PathLike, record: Mapping[str, Any] | None = None, *,
+                  overwrite: bool = False) -> bool:
+  """Decides how to use ``workdir``; changes nothing.
+
+  Returns:
+    True to resume the run found there, False to start afresh.
+
+  Raises:
+    RunDirError: it holds a different run (or one of unknown config) and
+      ``overwrite`` is off, or it is not a directory.
+  """
   workdir = pathlib.Path(workdir)
   if workdir.exists() and not workdir.is_dir():
     raise RunDirError(f"workdir {str(workdir)!r} exists and is not a directory")
   existing = [name for name in RUN_FILES if (workdir / name).exists()]
-  if existing and not overwrite:
-    raise RunDirError(
-        f"workdir {str(workdir)!r} already holds a run ({', '.join(existing)}); "
-        "choose another --workdir or pass --overwrite to replace it")
-  return workdir
+  if not existing or overwrite:
+    return False
+  hint = "choose another --workdir or pass --overwrite to replace it"
+  config_path = workdir / "config.json"
+  if record is None or not config_path.exists():
+    raise RunDirError(f"workdir {str(workdir)!r} already holds a run "
+                      f"({', '.join(existing)}); {hint}")
+  try:
+    saved = _identity(json.loads(config_path.read_text()))
+  except (OSError, ValueError) as error:
+    raise RunDirError(f"{str(config_path)!r} cannot be read ({error}); {hint}") from error
+  wanted = _identity(json.loads(json.dumps(_jsonable(dict(record)))))
+  differences = [f"{key}: {saved.get(key)!r} there, {wanted.get(key)!r} now"
+                 for key in sorted(set(saved) | set(wanted)) if saved.get(key) != wanted.get(key)]
+  if differences:
+    shown = "; ".join(differences[:3]) + ("; ..." if len(differences) > 3 else "")
+    raise RunDirError(f"workdir {str(workdir)!r} holds a run with a different config "
+                      f"({shown}); {hint}")
+  return (workdir / DIRECTORY).is_dir()
 
 
-def clear_run(workdir: pathlib.Path) -> None:
+def _clear(workdir: pathlib.Path) -> None:
   for name in RUN_FILES:
     path = workdir / name
     if path.is_dir():
@@ -50,34 +98,75 @@ def clear_run(workdir: pathlib.Path) -> None:
       path.unlink()
 
 
+@contextlib.contextmanager
+def stop_on_signals():
+  """Turns SIGTERM/SIGINT into a polled stop request; a second SIGINT aborts."""
+  received: list[str] = []
+  if threading.current_thread() is not threading.main_thread():
+    yield lambda: None
+    return
+
+  def handler(signum, frame):
+    name = signal.Signals(signum).name
+    if received and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    received.append(name)
+
+  previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+  try:
+    yield lambda: received[0] if received else None
+  finally:
+    for s, h in previous.items():
+      signal.signal(s, h)
+
+
 def run(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
         workdir: str | os.PathLike, record: Mapping[str, Any],
         val: Mapping[str, Any] | None = None, test: Mapping[str, Any] | None = None,
         augment: Callable | None = None, overwrite: bool = False,
+        checkpoint: CheckpointConfig | None = CheckpointConfig(),
         extra_curves: Mapping[str, Any] | None = None) -> FitResult:
-  """Trains into a run directory.
+  """Trains into a run directory, resuming the run already there.
 
   Args:
     state, train, config, val, test, augment: as for :func:`jaxtrain.fit`.
-    workdir: the run directory (created).
-    record: the experiment's resolved config, written to ``config.json``.
-    overwrite: replace a run already in ``workdir``.
+    workdir: the run directory.
+    record: the experiment's resolved config, written to ``config.json``; it
+      identifies the run (all but epoch counts and checkpoint cadence).
+    overwrite: replace a different run already in ``workdir``.
+    checkpoint: when to checkpoint (``None``: never, and never resume).
     extra_curves: other runs' histories to overlay on ``curves.png``.
 
   Returns:
-    The :class:`~jaxtrain.FitResult`.
+    The :class:`~jaxtrain.FitResult`; its history covers the whole run, also
+    the part before a resume.
   """
-  workdir = check_workdir(workdir, overwrite=overwrite)
+  validate(config, len(train["targets"]), has_val=val is not None)
+  workdir = pathlib.Path(workdir)
+  record = {**record, "checkpoint": checkpoint}
+  resume = check_workdir(workdir, record, overwrite=overwrite) and checkpoint is not None
+  if not resume:
+    _clear(workdir) if workdir.exists() else None
   workdir.mkdir(parents=True, exist_ok=True)
-  clear_run(workdir)
-  write_config(workdir, dict(record))
-  n_train = len(train["targets"])
-  steps_per_epoch = (n_train // config.batch_size if config.drop_remainder
-                     else -(-n_train // config.batch_size))
-  with RunMonitor(workdir, columns=COLUMNS, total_steps=config.epochs * steps_per_epoch,
-                  steps_per_epoch=steps_per_epoch, histogram_every=config.histogram_every,
-                  progress=config.progress) as monitor:
-    result = fit(state, train, config=config, val=val, test=test, augment=augment,
-                 monitor=monitor, log=monitor.write)
-  plot_curves(read_history(workdir), workdir / "curves.png", extra=extra_curves)
+  checkpointer = Checkpointer(workdir, checkpoint) if checkpoint is not None else None
+  steps_per_epoch = (len(train["targets"]) // config.batch_size if config.drop_remainder
+                     else -(-len(train["targets"]) // config.batch_size))
+
+  def make_monitor(rows, step_records):
+    # Called by fit once the checkpoint (if any) is read and checked.
+    write_config(workdir, dict(record))
+    return RunMonitor(workdir, columns=COLUMNS, total_steps=config.epochs * steps_per_epoch,
+                      steps_per_epoch=steps_per_epoch, histogram_every=config.histogram_every,
+                      progress=config.progress, resume_rows=rows,
+                      resume_step_records=step_records)
+
+  try:
+    with stop_on_signals() as should_stop:
+      result = fit(state, train, config=config, val=val, test=test, augment=augment,
+                   monitor=make_monitor, checkpointer=checkpointer, should_stop=should_stop)
+  finally:
+    if checkpointer is not None:
+      checkpointer.close()
+  result.history = read_history(workdir)
+  plot_curves(result.history, workdir / "curves.png", extra=extra_curves)
   return result

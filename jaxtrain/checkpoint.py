@@ -1,0 +1,288 @@
+"""Orbax checkpoints of a whole run, for exact resume and for research code.
+
+A checkpoint holds the run record: the TrainState arrays (params, batch_stats,
+opt_state, step), the best epoch's parameters when early stopping restores them,
+and as JSON the position (epoch and batch inside it), the early-stopping record,
+the epoch rows written so far, the current epoch's per-step metrics and the run's
+seed and base key. Resuming from it continues the very same run: every key is
+derived from the seed and the step, and the data order from the seed and epoch.
+
+Orbax writes each checkpoint into a temporary directory and renames it when
+complete, so a run killed mid-save never resumes from a half-written one; a
+checkpoint that fails to restore (a truncated or deleted file) is skipped with a
+warning for the previous one. Arrays are stored with tensorstore; nothing is
+pickled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import pathlib
+import time
+import warnings
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as managers
+
+from jaxtrain.state import TrainState
+
+# Orbax logs every save at INFO through absl; keep the run's output readable.
+logging.getLogger("absl").setLevel(logging.WARNING)
+
+DIRECTORY = "checkpoints"
+
+
+class CheckpointError(ValueError):
+  """A checkpoint does not match what was asked for (shapes, structure, config)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+  """When to save and what to keep.
+
+  Saves happen at compiled-call boundaries: at epoch ends, and inside an epoch
+  every ``every_steps`` steps (the loop cuts its calls there). A save is always
+  made at the end of the run and on SIGTERM/SIGINT.
+
+  Attributes:
+    every_epochs: save every N epochs (0: not by epoch count).
+    every_steps: save every N steps, also mid-epoch (0: not by step count).
+    every_seconds: save at the first boundary after N seconds since the last
+      save (0: not by time). The default keeps saving well under 5% of a
+      run's time while a long run still saves every few minutes.
+    keep: how many of the latest checkpoints to keep.
+    keep_best: also keep the best checkpoint by the monitored metric.
+    monitor: metrics.csv column ranking checkpoints (``val_loss``; falls back to
+      ``train_loss`` when the run has no validation set).
+    mode: ``"min"`` or ``"max"``.
+    async_save: write in the background so training does not wait on the disk.
+  """
+
+  every_epochs: int = 0
+  every_steps: int = 0
+  every_seconds: float = 300.0
+  keep: int = 2
+  keep_best: bool = True
+  monitor: str = "val_loss"
+  mode: str = "min"
+  async_save: bool = True
+
+  def __post_init__(self):
+    for name in ("every_epochs", "every_steps", "every_seconds"):
+      if not getattr(self, name) >= 0:
+        raise ValueError(f"checkpoint {name} must be >= 0, got {getattr(self, name)}")
+    if self.keep < 1:
+      raise ValueError(f"checkpoint keep must be >= 1, got {self.keep}")
+    if self.mode not in ("min", "max"):
+      raise ValueError(f"checkpoint mode must be 'min' or 'max', got {self.mode!r}")
+
+
+def state_arrays(state: TrainState) -> dict[str, Any]:
+  """The array part of a TrainState as a plain dict (what is saved)."""
+  return {"step": state.step, "params": state.params, "batch_stats": state.batch_stats,
+          "opt_state": state.opt_state}
+
+
+def with_arrays(state: TrainState, arrays: dict[str, Any]) -> TrainState:
+  return state.replace(**arrays)
+
+
+def _name(key) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def _shapes(tree) -> dict[str, tuple]:
+  # Orbax's metadata stores NamedTuple nodes (optimizer states) as dicts, so
+  # paths are compared by their names, not their key types.
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+  return {"/".join(_name(k) for k in path): tuple(np.shape(leaf)) for path, leaf in flat}
+
+
+def check_compatible(saved, wanted, where: str) -> None:
+  """Raises CheckpointError naming the first structural or shape difference."""
+  saved_shapes, wanted_shapes = _shapes(saved), _shapes(wanted)
+  missing = sorted(set(wanted_shapes) - set(saved_shapes))
+  extra = sorted(set(saved_shapes) - set(wanted_shapes))
+  if missing or extra:
+    raise CheckpointError(
+        f"checkpoint {where} does not match the requested model: "
+        f"missing {missing[:3]}, unexpected {extra[:3]}")
+  for path, shape in wanted_shapes.items():
+    if saved_shapes[path] != shape:
+      raise CheckpointError(
+          f"checkpoint {where} does not match the requested model: {path} has shape "
+          f"{saved_shapes[path]} in the checkpoint but {shape} in the model")
+
+
+class Checkpointer:
+  """Saves and restores a run's checkpoints under ``<workdir>/checkpoints``."""
+
+  def __init__(self, workdir: str | os.PathLike, config: CheckpointConfig | None = None):
+    self.config = config or CheckpointConfig()
+    self.directory = pathlib.Path(workdir).absolute() / DIRECTORY
+    sign = -1.0 if self.config.mode == "min" else 1.0
+    policies = [managers.LatestN(n=self.config.keep)]
+    if self.config.keep_best:
+      # BestN keeps the highest values: negate a metric to minimise.
+      policies.append(managers.BestN(
+          get_metric_fn=lambda m: sign * m["value"], n=1,
+          keep_checkpoints_without_metrics=False))
+    self.manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(
+            enable_async_checkpointing=self.config.async_save,
+            preservation_policy=managers.AnyPreservationPolicy(policies),
+            cleanup_tmp_directories=True,
+        ),
+        item_handlers={"arrays": ocp.StandardCheckpointHandler(),
+                       "meta": ocp.JsonCheckpointHandler()},
+    )
+    self.last_save = time.monotonic()
+    self.save_seconds: list[float] = []
+
+  # -- cadence ---------------------------------------------------------------
+
+  def due(self, *, step: int, epoch_end: bool, epoch: int) -> bool:
+    """Whether a boundary at global ``step`` (and maybe epoch end) should save."""
+    c = self.config
+    if c.every_steps and step % c.every_steps == 0:
+      return True
+    if epoch_end and c.every_epochs and epoch % c.every_epochs == 0:
+      return True
+    return bool(c.every_seconds) and time.monotonic() - self.last_save >= c.every_seconds
+
+  def steps_to_boundary(self, step: int) -> int | None:
+    """Steps until the next step-count save, or None."""
+    if not self.config.every_steps:
+      return None
+    return self.config.every_steps - step % self.config.every_steps
+
+  # -- save / restore --------------------------------------------------------
+
+  def save(self, step: int, arrays: dict[str, Any], meta: dict[str, Any],
+           metric: float | None = None) -> None:
+    """Saves (asynchronously by default); returns once the arrays are copied."""
+    started = time.perf_counter()
+    metrics = None if metric is None or math.isnan(metric) else {"value": float(metric)}
+    self.manager.save(
+        step,
+        args=ocp.args.Composite(arrays=ocp.args.StandardSave(arrays),
+                                meta=ocp.args.JsonSave(meta)),
+        metrics=metrics, force=True)
+    self.save_seconds.append(time.perf_counter() - started)
+    self.last_save = time.monotonic()
+
+  def steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
+
+  def restore(self, like_arrays: dict[str, Any], step: int | None = None):
+    """Restores ``(step, arrays, meta)`` from ``step`` or the latest good one.
+
+    A checkpoint that fails to read is skipped with a warning (falling back to
+    the previous one); one that reads but does not fit ``like_arrays`` raises
+    :class:`CheckpointError`. Returns None when there is no checkpoint.
+    """
+    candidates = [step] if step is not None else self.steps()[::-1]
+    for candidate in candidates:
+      try:
+        saved = self.manager.item_metadata(candidate)["arrays"]
+        if saved is None:
+          raise OSError("no array metadata")
+        check_compatible(saved, like_arrays, f"{self.directory / str(candidate)}")
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like_arrays)
+        restored = self.manager.restore(candidate, args=ocp.args.Composite(
+            arrays=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        return candidate, restored["arrays"], restored["meta"]
+      except CheckpointError:
+        raise
+      except Exception as error:  # noqa: BLE001 - any read failure means damaged
+        if step is not None:
+          raise CheckpointError(
+              f"checkpoint {step} in {self.directory} cannot be read: {error}") from error
+        warnings.warn(
+            f"checkpoint {candidate} in {self.directory} is damaged "
+            f"({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
+            "falling back to the previous one", stacklevel=2)
+    return None
+
+  def best_step(self) -> int | None:
+    """The kept checkpoint with the best monitored value."""
+    sign = 1.0 if self.config.mode == "min" else -1.0
+    scored = []
+    for step in self.steps():
+      metrics = self.manager.metrics(step)
+      if metrics and "value" in metrics:
+        scored.append((sign * metrics["value"], step))
+    return min(scored)[1] if scored else None
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def load(run_dir: str | os.PathLike, step: int | str | None = None, *,
+         like: TrainState | None = None) -> TrainState:
+  """Loads a run's checkpoint as a TrainState ready for eval_step or training.
+
+  Args:
+    run_dir: a run directory written by an experiment (or :func:`jaxtrain.run.run`).
+    step: a checkpoint step, ``"best"`` for the best by the monitored metric, or
+      ``None`` for the latest.
+    like: a state of the same model and optimizer to restore into. Not needed
+      for runs of ``experiments.*``: their ``config.json`` says how to rebuild
+      the model and optimizer.
+
+  Returns:
+    The restored :class:`~jaxtrain.TrainState`.
+  """
+  run_dir = pathlib.Path(run_dir)
+  if not (run_dir / DIRECTORY).is_dir():
+    raise CheckpointError(f"run directory {str(run_dir)!r} holds no checkpoints")
+  if like is None:
+    like = _rebuild_state(run_dir)
+  checkpointer = Checkpointer(run_dir, _checkpoint_config(run_dir))
+  try:
+    if step == "best":
+      step = checkpointer.best_step()
+      if step is None:
+        raise CheckpointError(f"run directory {str(run_dir)!r} has no best checkpoint")
+    restored = checkpointer.restore(state_arrays(like), step=step)
+  finally:
+    checkpointer.close()
+  if restored is None:
+    raise CheckpointError(f"run directory {str(run_dir)!r} holds no readable checkpoint")
+  return with_arrays(like, restored[1])
+
+
+def _checkpoint_config(run_dir: pathlib.Path) -> CheckpointConfig:
+  record = json.loads((run_dir / "config.json").read_text())
+  saved = record.get("checkpoint") or {}
+  fields = {f.name for f in dataclasses.fields(CheckpointConfig)}
+  return CheckpointConfig(**{k: v for k, v in saved.items() if k in fields})
+
+
+def _rebuild_state(run_dir: pathlib.Path) -> TrainState:
+  import importlib
+
+  path = run_dir / "config.json"
+  if not path.exists():
+    raise CheckpointError(f"{str(path)!r} is missing: pass like= to load()")
+  record = json.loads(path.read_text())
+  name = record.get("experiment")
+  if not name:
+    raise CheckpointError(f"{str(path)!r} names no experiment: pass like= to load()")
+  module = importlib.import_module(f"experiments.{name}")
+  return module.create_state(module.config_from_record(record))
