@@ -47,6 +47,9 @@ def main(config_type: type[T], run: Callable[[T], object], args: list[str] | Non
   """Parses the flags and runs; a ``ValueError`` (bad input) exits 2 in one line."""
   config = parse(config_type, args)
   try:
+    from jaxtrain.cache import enable_compilation_cache
+
+    enable_compilation_cache()  # a second run starts compiled ($JAXTRAIN_CACHE_DIR)
     run(config)
   except (ValueError, FileNotFoundError, NotADirectoryError) as error:
     if os.environ.get("JAXTRAIN_DEBUG"):

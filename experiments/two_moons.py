@@ -16,6 +16,7 @@ import pathlib
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import jaxtrain
 from experiments import _cli
@@ -43,6 +44,7 @@ class Config:
   weight_decay: float = 0.0  # L2 (sgd, adam) or decoupled (adamw) weight decay.
   clip_norm: float | None = None  # Clip the global gradient norm to this.
   full_batch: bool = False  # Also train by full-batch gradient descent; plot both.
+  seeds: int = 1  # Train seeds seed..seed+N-1 in one vmapped program; report mean and spread.
   devices: int = 1  # Data-parallel devices.
   overwrite: bool = False  # Replace a different run already in --workdir.
   checkpoint: CheckpointConfig = CheckpointConfig()  # When to save; a rerun resumes.
@@ -60,14 +62,19 @@ def load_data(config: Config):
   return {**train, "inputs": train_x}, {**test, "inputs": test_x}
 
 
-def create_state(config: Config) -> jaxtrain.TrainState:
-  """The model and optimizer of a config, initialised from its seed."""
+def create_states(config: Config, seeds) -> list[jaxtrain.TrainState]:
+  """States of one model and optimizer (built once), initialised from each seed."""
   tx = jaxtrain.make_optimizer(config.optimizer, config.learning_rate,
                                momentum=config.momentum, weight_decay=config.weight_decay,
                                clip_norm=config.clip_norm)
   model = models.MLP(hidden_sizes=config.hidden, outputs=2, dropout_rate=config.dropout)
-  return jaxtrain.create_train_state(model, tx, jax.random.key(config.seed),
-                                     jnp.zeros((1, 2)), loss_fn=losses.cross_entropy)
+  return [jaxtrain.create_train_state(model, tx, jax.random.key(seed), jnp.zeros((1, 2)),
+                                      loss_fn=losses.cross_entropy) for seed in seeds]
+
+
+def create_state(config: Config) -> jaxtrain.TrainState:
+  """The model and optimizer of a config, initialised from its seed."""
+  return create_states(config, [config.seed])[0]
 
 
 def config_from_record(record: dict) -> Config:
@@ -86,7 +93,41 @@ def train(config: Config, *, batch_size: int, workdir: pathlib.Path, extra=None)
              checkpoint=config.checkpoint, extra_curves=extra)
 
 
+def train_seeds(config: Config) -> None:
+  """``--seeds N``: N runs in one compiled program, summarised in seeds.csv."""
+  from jaxtrain import many
+  from jaxtrain.run import check_workdir
+
+  if config.seeds < 1:
+    raise ValueError(f"seeds must be >= 1, got {config.seeds}")
+  if config.full_batch:
+    raise ValueError("--seeds and --full-batch cannot be combined")
+  seeds = list(range(config.seed, config.seed + config.seeds))
+  configs = [dataclasses.replace(config, seed=s) for s in seeds]
+  data = [load_data(c) for c in configs]
+  train_set = many.stack([d[0] for d in data])
+  test_set = many.stack([d[1] for d in data])
+  fit_config = jaxtrain.FitConfig(epochs=config.epochs, batch_size=config.batch_size)
+  jaxtrain.loop.validate(fit_config, len(data[0][0]["targets"]), has_val=True)
+  check_workdir(config.workdir, None,
+                overwrite=config.overwrite)
+  result = many.fit_many(many.stack(create_states(config, seeds)), train_set,
+                         val=test_set, test=test_set, seeds=seeds, member_data=True,
+                         config=fit_config)
+  accuracy = np.asarray([t["accuracy"] for t in result.test])
+  config.workdir.mkdir(parents=True, exist_ok=True)
+  with open(config.workdir / "seeds.csv", "w") as f:
+    f.write("seed,test_loss,test_accuracy\n")
+    for seed, t in zip(seeds, result.test):
+      f.write(f"{seed},{t['loss']!r},{t['accuracy']!r}\n")
+  print(f"{config.seeds} seeds: held-out accuracy mean {accuracy.mean():.4f}  std "
+        f"{accuracy.std(ddof=1) if len(accuracy) > 1 else 0.0:.4f}  min {accuracy.min():.4f}"
+        f"  max {accuracy.max():.4f}  ->  {config.workdir / 'seeds.csv'}")
+
+
 def main(config: Config) -> None:
+  if config.seeds != 1:
+    return train_seeds(config)
   extra = None
   if config.full_batch:
     n_train = round(config.samples * (1 - config.test_fraction))

@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxtrain import data, parallel
-from jaxtrain.program import ProgramSpec, Programs, means
+from jaxtrain.feed import DeviceFeed, HostFeed, fits_on_device
+from jaxtrain.program import ProgramSpec, means
 from jaxtrain.checkpoint import state_arrays, with_arrays
 from jaxtrain.state import TrainState
 from jaxtrain.step import compute_gradients
@@ -48,6 +49,9 @@ class FitConfig:
       ``"skip"`` such updates.
     execution: ``"scan"`` (K steps per compiled call), ``"step"`` (one step per
       call) or ``"auto"`` (chosen per model and backend).
+    data: where the training data live: ``"device"`` (fast path), ``"host"``
+      (streamed batch by batch, prefetched; for data that do not fit) or
+      ``"auto"`` (the device when the arrays take under half its memory).
     steps_per_call: K for ``"scan"`` (0: a whole epoch per call).
     unroll: ``lax.scan`` unroll factor.
     devices: data-parallel devices (shard_map over the first N local devices).
@@ -65,6 +69,7 @@ class FitConfig:
   early_stopping: EarlyStopping | None = None
   nonfinite: str = "stop"
   execution: str = "auto"
+  data: str = "auto"
   steps_per_call: int = 0
   unroll: int = 1
   devices: int = 1
@@ -108,6 +113,8 @@ def validate(config: FitConfig, n_train: int, *, has_val: bool) -> None:
       bad(name, getattr(config, name), "must be >= 0")
   if config.nonfinite not in ("stop", "skip"):
     bad("nonfinite", config.nonfinite, "must be 'stop' or 'skip'")
+  if config.data not in ("auto", "device", "host"):
+    bad("data", config.data, "must be 'auto', 'device' or 'host'")
   if config.execution not in EXECUTIONS:
     bad("execution", config.execution, f"must be one of {EXECUTIONS}")
   if not 1 <= config.devices <= jax.local_device_count():
@@ -244,19 +251,20 @@ def fit(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
       drop_remainder=config.drop_remainder, nonfinite=config.nonfinite,
       eval_every=config.eval_every_steps, unroll=config.unroll)
   spe = spec.steps_per_epoch
-  per_call = 1 if execution == "step" else (config.steps_per_call or spe)
-  programs = Programs(spec, augment=augment, mesh=mesh)
-
-  train_dev = programs.place(train)
-  epoch_evals = {"train": train_dev} if config.evaluate_train else {}
+  on_device = config.data == "device" or (
+      config.data == "auto" and fits_on_device(train, val))
+  per_call = 1 if execution == "step" or not on_device else (config.steps_per_call or spe)
+  epoch_evals = {"train": train} if config.evaluate_train else {}
   if val is not None:
-    epoch_evals["val"] = programs.place(val)
-  step_evals = epoch_evals if config.eval_every_steps else {}
+    epoch_evals["val"] = val
+  feed = (DeviceFeed if on_device else HostFeed)(
+      spec, train, epoch_evals, augment=augment, mesh=mesh,
+      step_evals=bool(config.eval_every_steps))
   keep_best = rule is not None and rule.restore_best
   tree = {"state": state_arrays(state)}
   if keep_best:
     tree["best"] = {"params": state.params, "batch_stats": state.batch_stats}
-  tree = programs.place(tree)
+  tree = feed.place(tree)
   position = Position()
   say = log or print
   if checkpointer is not None:
@@ -274,7 +282,7 @@ def fit(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
     log = monitor.write if monitor is not None else print
   state = with_arrays(state, tree["state"])
   best_variables = tree.get("best")
-  halted = programs.place(jnp.zeros((), bool))
+  halted = feed.place(jnp.zeros((), bool))
   run_key = jax.random.key(config.seed)
   window = parallel.InFlight(parallel.default_max_in_flight(
       jax.local_devices()[: config.devices]))
@@ -303,8 +311,7 @@ def fit(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
       step = epoch * spe + start
       num = min(per_call, spe - start,
                 (checkpointer.steps_to_boundary(step) if checkpointer else None) or spe)
-      state, halted, metrics = programs.train(
-          state, halted, train_dev, step_evals, run_key, epoch, start, num)
+      state, halted, metrics = feed.train(state, halted, run_key, epoch, start, num)
       window(metrics)
       if not compiled:
         jax.block_until_ready(metrics)
@@ -326,7 +333,7 @@ def fit(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
             break
     if stop_reason or interrupted:
       break
-    sums = programs.evaluate(state, epoch_evals)
+    sums = feed.evaluate(state)
     position, stop_reason = _absorb(position, pending, epoch, spe, spe, config, monitor,
                                     history, log)
     if stop_reason:
@@ -378,7 +385,7 @@ def fit(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
         f"({rule.monitor} {position.best.value:.6g})")
   test_metrics = None
   if test is not None and not interrupted:
-    test_sums = jax.device_get(programs.evaluate(state, {"test": programs.place(test)}))
+    test_sums = jax.device_get(feed.evaluate(state, {"test": test}))
     test_metrics = {k: float(v) for k, v in means(test_sums["test"]).items()}
   if owns_monitor:
     monitor.close()

@@ -34,6 +34,27 @@ def _check_rate(rate: float) -> None:
     raise ValueError(f"dropout rate must be in [0, 1), got {rate}")
 
 
+#: Weight initialisations of :class:`MLP`'s dense layers (same parameter shapes).
+INITS = ("flax", "torch")
+
+
+def _torch_uniform(fan_in: int):
+  """U(-1/sqrt(fan_in), 1/sqrt(fan_in)): PyTorch ``nn.Linear``'s weight and bias init."""
+  bound = fan_in ** -0.5
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+def _dense(width: int, fan_in: int, *, init: str, use_bias: bool = True) -> nn.Dense:
+  if init == "torch":
+    return nn.Dense(width, use_bias=use_bias, kernel_init=_torch_uniform(fan_in),
+                    bias_init=_torch_uniform(fan_in))
+  return nn.Dense(width, use_bias=use_bias)
+
+
 def _batch_norm(module: nn.Module, x, *, train: bool, mask):
   # PyTorch's BatchNorm defaults: momentum 0.1 (flax: 0.9), eps 1e-5.
   if mask is not None:
@@ -54,6 +75,9 @@ class MLP(nn.Module):
     dropout_rate: dropout after each hidden activation, in [0, 1).
     batch_norm: batch norm before each hidden activation.
     axis_name: cross-replica batch norm axis under pmap/shard_map.
+    init_style: ``"flax"`` (lecun-normal kernels, zero biases) or ``"torch"``
+      (PyTorch ``nn.Linear``'s default: kernels and biases uniform in
+      ``+-1/sqrt(fan_in)``); the parameter shapes are the same.
 
   >>> import jax, jax.numpy as jnp
   >>> model = MLP(hidden_sizes=(16,), outputs=2)
@@ -68,9 +92,12 @@ class MLP(nn.Module):
   dropout_rate: float = 0.0
   batch_norm: bool = False
   axis_name: str | None = None
+  init_style: str = "flax"  # not ``init``: that would shadow Module.init
 
   def __post_init__(self):
     _check_rate(self.dropout_rate)
+    if self.init_style not in INITS:
+      raise ValueError(f"init_style must be one of {INITS}, got {self.init_style!r}")
     if self.activation not in ACTIVATIONS:
       raise ValueError(
           f"activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}"
@@ -86,22 +113,25 @@ class MLP(nn.Module):
   def __call__(self, inputs, *, train: bool, mask=None):
     x = inputs.reshape(inputs.shape[0], -1).astype(jnp.float32)
     for width in self.hidden_sizes:
-      x = nn.Dense(width, use_bias=not self.batch_norm)(x)
+      x = _dense(width, x.shape[-1], init=self.init_style, use_bias=not self.batch_norm)(x)
       if self.batch_norm:
         x = _batch_norm(self, x, train=train, mask=mask)
       x = ACTIVATIONS[self.activation](x)
       if self.dropout_rate:
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-    return nn.Dense(self.outputs)(x)
+    return _dense(self.outputs, x.shape[-1], init=self.init_style)(x)
 
 
-def Pigeon(hidden: int = 30, *, dropout_rate: float = 0.0) -> MLP:
+def Pigeon(hidden: int = 30, *, dropout_rate: float = 0.0, init_style: str = "flax") -> MLP:
   """The lessons' "pigeon": 784 inputs, one ReLU hidden layer, one logit.
+
+  ``init_style="torch"`` initialises as the lessons' PyTorch ``nn.Linear`` layers did.
 
   >>> Pigeon().hidden_sizes
   (30,)
   """
-  return MLP(hidden_sizes=(hidden,), outputs=1, dropout_rate=dropout_rate)
+  return MLP(hidden_sizes=(hidden,), outputs=1, dropout_rate=dropout_rate,
+             init_style=init_style)
 
 
 class CNN(nn.Module):
@@ -119,6 +149,8 @@ class CNN(nn.Module):
     axis_name: cross-replica batch norm axis under pmap/shard_map.
     conv_impl: ``"auto"`` (shifted-slice matmuls on CPU, ``lax.conv`` elsewhere),
       ``"xla"`` or ``"matmul"``; see :mod:`jaxtrain.conv`.
+    pool: ``"each"`` (2x2 max-pool after every conv block) or ``"last"`` (one
+      pool after the last block, e.g. conv32-conv64-pool-dense128).
 
   >>> import jax, jax.numpy as jnp
   >>> model = CNN(features=(8,), dense=16, outputs=10)
@@ -134,10 +166,13 @@ class CNN(nn.Module):
   batch_norm: bool = True
   axis_name: str | None = None
   conv_impl: str = "auto"
+  pool: str = "each"
 
   def __post_init__(self):
     _check_rate(self.dropout_rate)
     _conv.check_impl(self.conv_impl)
+    if self.pool not in ("each", "last"):
+      raise ValueError(f"pool must be 'each' or 'last', got {self.pool!r}")
     super().__post_init__()
 
   @nn.compact
@@ -149,12 +184,13 @@ class CNN(nn.Module):
     x = inputs.astype(jnp.float32)
     if inputs.dtype == jnp.uint8:
       x = x / 255.0
-    for width in self.features:
+    for i, width in enumerate(self.features):
       x = _conv.Conv3x3(width, use_bias=not self.batch_norm, impl=self.conv_impl)(x)
       if self.batch_norm:
         x = _batch_norm(self, x, train=train, mask=mask)
       x = nn.relu(x)
-      x = _conv.max_pool_2x2(x, impl=self.conv_impl)
+      if self.pool == "each" or i == len(self.features) - 1:
+        x = _conv.max_pool_2x2(x, impl=self.conv_impl)
     x = x.reshape(x.shape[0], -1)
     if self.dropout_rate:
       x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)

@@ -49,6 +49,8 @@ class ProgramSpec:
       gradient) or ``"skip"`` (skip that update and go on).
     eval_every: evaluate every N steps inside the epoch (0: only at its end).
     unroll: ``lax.scan`` unroll factor (``True``: fully unrolled).
+    shuffle: draw each epoch's order from the epoch key; ``False`` keeps the
+      rows' order (the host feed passes batches already in epoch order).
   """
 
   num_train: int
@@ -58,6 +60,7 @@ class ProgramSpec:
   nonfinite: str = "stop"
   eval_every: int = 0
   unroll: int | bool = 1
+  shuffle: bool = True
 
   @property
   def steps_per_epoch(self) -> int:
@@ -113,7 +116,8 @@ def _train_chunk(spec: ProgramSpec, augment: Augment | None, axis_name, num_step
                  run_key, epoch, start):
   """Runs steps ``start .. start + num_steps`` of ``epoch``."""
   indices, masks = data.epoch_indices(
-      key_for(run_key, "shuffle", epoch), spec.num_train, spec.batch_size,
+      key_for(run_key, "shuffle", epoch) if spec.shuffle else None, spec.num_train,
+      spec.batch_size,
       spec.drop_remainder)
   indices = jax.lax.dynamic_slice_in_dim(indices, start, num_steps)
   masks = jax.lax.dynamic_slice_in_dim(masks, start, num_steps)
@@ -176,11 +180,17 @@ class Programs:
   ``evaluate(state, eval_arrays)`` returns ``{name: sums}``.
   With a ``mesh`` both run as ``shard_map`` over its single axis: the state and
   data are replicated, each device takes its slice of every batch.
+
+  With ``members=True`` the programs are vmapped over a leading axis of the
+  state, the halted flag and the run key (many models, e.g. seeds, in one
+  program); the data are shared, or per member with ``member_data=True``.
   """
 
   def __init__(self, spec: ProgramSpec, *, augment: Augment | None = None,
-               mesh: Mesh | None = None, donate: bool = True):
+               mesh: Mesh | None = None, donate: bool = True, members: bool = False,
+               member_data: bool = False):
     self.spec, self.mesh = spec, mesh
+    self.members, self.member_data = members, member_data
     axis_name = mesh.axis_names[0] if mesh is not None else None
     if mesh is not None:
       shards = mesh.devices.size
@@ -189,13 +199,16 @@ class Programs:
         if size % shards:
           raise ValueError(f"{name} {size} is not divisible by the {shards} devices")
     self._train = {}
+    data = 0 if member_data else None
     self._make_train = lambda num_steps: self._wrap(
         functools.partial(_train_chunk, spec, augment, axis_name, num_steps),
-        n_in=7, donate=donate)
+        n_in=7, donate=donate, in_axes=(0, 0, data, data, 0, None, None))
     self.evaluate = self._wrap(functools.partial(_evaluate_all, spec, axis_name),
-                               n_in=2, donate=False)
+                               n_in=2, donate=False, in_axes=(0, data))
 
-  def _wrap(self, fn, *, n_in: int, donate: bool):
+  def _wrap(self, fn, *, n_in: int, donate: bool, in_axes):
+    if self.members:
+      fn = jax.vmap(fn, in_axes=in_axes)
     if self.mesh is not None:
       fn = jax.shard_map(fn, mesh=self.mesh, in_specs=(P(),) * n_in, out_specs=P())
     return jax.jit(fn, donate_argnums=(0,) if donate else ())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -58,6 +59,13 @@ class TrainState(struct.PyTreeNode):
     )
 
 
+@functools.lru_cache(maxsize=64)
+def _init_fn(model: nn.Module):
+  # One compiled init per model (modules hash by their fields), so states for
+  # many seeds do not recompile. train=False: no dropout key, batch norm idle.
+  return jax.jit(lambda key, x: model.init({"params": key}, x, train=False))
+
+
 def create_train_state(
     model: nn.Module,
     tx: optax.GradientTransformation,
@@ -98,9 +106,7 @@ def create_train_state(
         f"shape {example_inputs.shape}"
     )
   key = as_key(key)
-  # train=False: initialisation needs no dropout key and leaves batch norm alone.
-  init = jax.jit(lambda k, x: model.init({"params": k}, x, train=False))
-  variables = init(key_for(key, "init"), example_inputs)
+  variables = _init_fn(model)(key_for(key, "init"), example_inputs)
   params = variables["params"]
   return TrainState(
       step=jnp.zeros((), jnp.int32),

@@ -1,0 +1,148 @@
+"""Many models in one compiled program: seeds (and learning rates) under ``vmap``.
+
+Small models leave a CPU or GPU mostly idle; training 16 seeds as one vmapped
+program runs them in the time of a few. Each member is exactly the run
+:func:`jaxtrain.fit` would do with its seed (same keys, same data order), up to
+float rounding of the batched matmuls.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxtrain.loop import FitConfig, _as_arrays, _eval_batch_size, validate
+from jaxtrain.program import ProgramSpec, Programs, means
+from jaxtrain.state import TrainState
+
+
+def stack(trees: Sequence[Any]) -> Any:
+  """Stacks pytrees (e.g. TrainStates of one model and optimizer) on a new axis."""
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def unstack(tree: Any, index: int) -> Any:
+  """Member ``index`` of a stacked pytree."""
+  return jax.tree.map(lambda x: x[index], tree)
+
+
+def with_learning_rate(state: TrainState, learning_rate) -> TrainState:
+  """Sets the injected constant learning rate of a :func:`make_optimizer` state.
+
+  Use it on members of a stack to search learning rates in one program (a
+  schedule recomputes the rate each step and would overwrite it).
+  """
+  def replace(node):
+    if isinstance(getattr(node, "hyperparams", None), dict) and "learning_rate" in node.hyperparams:
+      hyper = dict(node.hyperparams)
+      hyper["learning_rate"] = jnp.asarray(learning_rate, hyper["learning_rate"].dtype)
+      return node._replace(hyperparams=hyper)
+    return node
+
+  def is_node(x):
+    return isinstance(getattr(x, "hyperparams", None), dict)
+
+  return state.replace(opt_state=jax.tree.map(replace, state.opt_state, is_leaf=is_node))
+
+
+@dataclasses.dataclass
+class ManyResult:
+  """Results of :func:`fit_many`, one entry per member.
+
+  Attributes:
+    state: the stacked final states (member axis first).
+    epochs: per-member epoch rows, ``[{column: value}, ...]`` per epoch.
+    steps: per-step metrics, arrays of shape ``[members, steps]``.
+    test: per-member test metrics when a test set was given.
+  """
+
+  state: TrainState
+  epochs: list[list[dict[str, float]]]
+  steps: dict[str, np.ndarray]
+  test: list[dict[str, float]] | None = None
+
+  def final(self, column: str) -> np.ndarray:
+    """The last epoch's ``column`` of every member."""
+    return np.asarray([rows[-1][column] for rows in self.epochs])
+
+
+def fit_many(states: TrainState, train: Mapping[str, Any], *, config: FitConfig,
+             seeds: Sequence[int], val: Mapping[str, Any] | None = None,
+             test: Mapping[str, Any] | None = None, member_data: bool = False,
+             augment=None) -> ManyResult:
+  """Trains a stack of states, one per seed, in one compiled program.
+
+  Args:
+    states: stacked states (:func:`stack`), member axis first.
+    train, val, test: arrays shared by all members, or with a leading member
+      axis when ``member_data`` (e.g. data drawn from each seed).
+    config: as for :func:`jaxtrain.fit`; ``seed`` is ignored (``seeds`` rule),
+      early stopping and multi-device are not supported here.
+    seeds: each member's seed (its shuffle, dropout and augmentation keys).
+
+  Returns:
+    A :class:`ManyResult`.
+
+  >>> import jax, jax.numpy as jnp, numpy as np, jaxtrain
+  >>> from jaxtrain import many
+  >>> x = np.random.default_rng(0).normal(size=(64, 2)).astype(np.float32)
+  >>> arrays = {"inputs": x, "targets": (x[:, 0] > 0).astype(np.int32)}
+  >>> model, tx = jaxtrain.models.MLP(hidden_sizes=(8,), outputs=2), jaxtrain.make_optimizer("sgd", 0.5)
+  >>> states = many.stack([jaxtrain.create_train_state(model, tx, jax.random.key(s), x[:1],
+  ...     loss_fn=jaxtrain.losses.cross_entropy) for s in range(4)])
+  >>> result = many.fit_many(states, arrays, val=arrays, seeds=range(4),
+  ...                        config=jaxtrain.FitConfig(epochs=10, batch_size=16))
+  >>> result.final("val_accuracy").shape
+  (4,)
+  """
+  seeds = list(seeds)
+  squeeze = (lambda a: {k: v[0] for k, v in a.items()}) if member_data else (lambda a: a)
+  train_, val_, test_ = (_as_arrays(s, n) if s is not None else None
+                         for s, n in ((train, "train"), (val, "val"), (test, "test")))
+  n_train = len(squeeze(train_)["targets"])
+  validate(config, n_train, has_val=val_ is not None)
+  if config.early_stopping is not None or config.devices != 1:
+    raise ValueError("fit_many supports neither early_stopping nor devices > 1")
+  members = len(jax.tree.leaves(states)[0])
+  if len(seeds) != members:
+    raise ValueError(f"seeds has {len(seeds)} entries for {members} stacked states")
+  sizes = [n_train] + [len(squeeze(s)["targets"]) for s in (val_, test_) if s is not None]
+  spec = ProgramSpec(num_train=n_train, batch_size=config.batch_size,
+                     eval_batch_size=_eval_batch_size(config, sizes),
+                     drop_remainder=config.drop_remainder, nonfinite=config.nonfinite,
+                     eval_every=config.eval_every_steps, unroll=config.unroll)
+  programs = Programs(spec, augment=augment, members=True, member_data=member_data)
+  spe = spec.steps_per_epoch
+  per_call = config.steps_per_call or spe
+  train_dev = programs.place(train_)
+  evals = {"train": train_dev} if config.evaluate_train else {}
+  if val_ is not None:
+    evals["val"] = programs.place(val_)
+  step_evals = evals if config.eval_every_steps else {}
+  run_keys = jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
+  halted = jnp.zeros((members,), bool)
+  state = programs.place(states)
+  chunks, sums = [], []
+  for epoch in range(config.epochs):
+    for start in range(0, spe, per_call):
+      state, halted, metrics = programs.train(state, halted, train_dev, step_evals,
+                                              run_keys, epoch, start, min(per_call, spe - start))
+      chunks.append(metrics)
+    sums.append(programs.evaluate(state, evals))
+  chunks, sums = jax.device_get((chunks, sums))
+  steps = {k: np.concatenate([c[k] for c in chunks], axis=1) for k in chunks[0]}
+  epochs = [[{"epoch": e + 1, "step": (e + 1) * spe,
+              **{f"{split}_{name}": float(value[m])
+                 for split, totals in epoch_sums.items()
+                 for name, value in means(totals).items()}}
+             for e, epoch_sums in enumerate(sums)] for m in range(members)]
+  test_metrics = None
+  if test_ is not None:
+    totals = jax.device_get(programs.evaluate(state, {"test": programs.place(test_)}))["test"]
+    test_metrics = [{k: float(v[m]) for k, v in means(totals).items()} for m in range(members)]
+  return ManyResult(state=state, epochs=epochs, steps=steps, test=test_metrics)
