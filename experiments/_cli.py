@@ -19,16 +19,20 @@ T = TypeVar("T")
 
 
 def _one_line(tyro_output: str) -> str:
-  # tyro draws a box: a title line, then the message, then help text.
-  lines = [line.strip(" │╭╮╰╯─\t") for line in tyro_output.splitlines()]
+  # tyro draws a box: a title, the (possibly wrapped) message, a rule, help.
+  lines = [line.strip(" │╭╮╰╯\t") for line in tyro_output.splitlines()]
   lines = [line for line in lines if line]
-  return lines[1] if len(lines) > 1 else (lines[0] if lines else "invalid arguments")
+  message = []
+  for line in lines[1:]:
+    if set(line) <= set("─"):
+      break
+    message.append(line)
+  return " ".join(message) or (lines[0] if lines else "invalid arguments")
 
 
 def parse(config_type: type[T], args: list[str] | None = None) -> T:
   """Parses flags into ``config_type``; on error prints one line, exits 2."""
   captured = io.StringIO()
-  os.environ.setdefault("COLUMNS", "500")  # keep tyro's message on one line
   try:
     with contextlib.redirect_stderr(captured):
       return tyro.cli(config_type, args=args)

@@ -59,9 +59,9 @@ class CheckpointConfig:
       run's time while a long run still saves every few minutes.
     keep: how many of the latest checkpoints to keep.
     keep_best: also keep the best checkpoint by the monitored metric.
-    monitor: metrics.csv column ranking checkpoints (``val_loss``; falls back to
-      ``train_loss`` when the run has no validation set).
-    mode: ``"min"`` or ``"max"``.
+    monitor: metrics.csv column ranking checkpoints (val_loss; the run's
+      train_loss when it has no validation set).
+    mode: min or max.
     async_save: write in the background so training does not wait on the disk.
   """
 

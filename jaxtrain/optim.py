@@ -280,7 +280,7 @@ def make_optimizer(
     0.001
   """
   if not isinstance(name, str) or name.lower() not in OPTIMIZERS:
-    raise ValueError(f"name must be one of {list(OPTIMIZERS)}, got {name!r}")
+    raise ValueError(f"optimizer name must be one of {list(OPTIMIZERS)}, got {name!r}")
   name = name.lower()
   if not callable(learning_rate):
     learning_rate = _check_number(

@@ -492,9 +492,9 @@ def test_masked_decay_converges_to_ridge_with_free_bias():
 BAD_ARGS = [
     (
         dict(name="rmsprop"),
-        "name must be one of ['sgd', 'adam', 'adamw'], got 'rmsprop'",
+        "optimizer name must be one of ['sgd', 'adam', 'adamw'], got 'rmsprop'",
     ),
-    (dict(name=None), "name must be one of ['sgd', 'adam', 'adamw'], got None"),
+    (dict(name=None), "optimizer name must be one of ['sgd', 'adam', 'adamw'], got None"),
     (dict(learning_rate=0.0), "learning_rate must be > 0, got 0.0"),
     (dict(learning_rate=-0.1), "learning_rate must be > 0, got -0.1"),
     (dict(learning_rate=float("nan")), "learning_rate must be finite, got nan"),
