@@ -19,15 +19,23 @@ T = TypeVar("T")
 
 
 def _one_line(tyro_output: str) -> str:
-  # tyro draws a box: a title, the (possibly wrapped) message, a rule, help.
-  lines = [line.strip(" │╭╮╰╯\t") for line in tyro_output.splitlines()]
-  lines = [line for line in lines if line]
-  message = []
-  for line in lines[1:]:
-    if set(line) <= set("─"):
-      break
-    message.append(line)
-  return " ".join(message) or (lines[0] if lines else "invalid arguments")
+  """tyro's error box as one line: the message between the title and a rule."""
+  # Box characters are Unicode, or ASCII when stdout cannot encode them.
+  blocks, block = [], []
+  for line in tyro_output.splitlines():
+    line = line.strip(" │╭╮╰╯|+\t")
+    if line and set(line) <= set("─-"):
+      blocks.append(block)
+      block = []
+    elif line:
+      block.append(line)
+  blocks = [b for b in blocks + [block] if b]
+  if not blocks:
+    return "invalid arguments"
+  title, *message = blocks[0]
+  if not message and len(blocks) > 1:
+    message = blocks[1]
+  return " ".join(message) or title.strip("─- ")
 
 
 def parse(config_type: type[T], args: list[str] | None = None) -> T:

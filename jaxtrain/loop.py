@@ -102,9 +102,12 @@ def validate(config: FitConfig, n_train: int, *, has_val: bool) -> None:
   def bad(name, value, why):
     raise ValueError(f"{name} {why}, got {value!r}")
 
-  if not isinstance(config.epochs, int) or config.epochs < 1:
+  def integer(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+  if not integer(config.epochs) or config.epochs < 1:
     bad("epochs", config.epochs, "must be an integer >= 1")
-  if not isinstance(config.batch_size, int) or config.batch_size < 1:
+  if not integer(config.batch_size) or config.batch_size < 1:
     bad("batch_size", config.batch_size, "must be an integer >= 1")
   if config.batch_size > n_train:
     bad("batch_size", config.batch_size, f"must not exceed the {n_train} training examples")
@@ -124,9 +127,16 @@ def validate(config: FitConfig, n_train: int, *, has_val: bool) -> None:
   if config.drop_remainder and n_train < config.batch_size:
     bad("batch_size", config.batch_size, "with drop_remainder leaves no batch")
   rule = config.early_stopping
-  if rule is not None and rule.monitor.startswith("val_") and not has_val:
-    raise ValueError(
-        f"early stopping monitors {rule.monitor!r} but no validation data was given")
+  if rule is not None:
+    logged = {"train_loss_running", "learning_rate"}
+    if config.evaluate_train:
+      logged |= {"train_loss", "train_accuracy"}
+    if has_val:
+      logged |= {"val_loss", "val_accuracy"}
+    if rule.monitor not in logged:
+      why = ("needs validation data" if rule.monitor in COLUMNS and rule.monitor.startswith("val_")
+             else f"is not a metric this run logs ({', '.join(sorted(logged))})")
+      raise ValueError(f"early stopping monitor {rule.monitor!r} {why}")
 
 
 def choose_execution(state: TrainState, config: FitConfig) -> str:
@@ -264,7 +274,7 @@ def fit(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
   tree = {"state": state_arrays(state)}
   if keep_best:
     tree["best"] = {"params": state.params, "batch_stats": state.batch_stats}
-  tree = feed.place(tree)
+  tree = feed.place(tree, copy=True)  # donated below; the caller's state survives
   position = Position()
   say = log or print
   if checkpointer is not None:

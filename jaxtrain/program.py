@@ -220,8 +220,11 @@ class Programs:
     return self._train[num_steps](state, halted, train_arrays, eval_arrays, run_key,
                                   epoch, start)
 
-  def place(self, tree):
-    """Puts a tree on the device(s) the programs run on (replicated on a mesh)."""
-    if self.mesh is None:
-      return jax.device_put(tree)
-    return jax.device_put(tree, NamedSharding(self.mesh, P()))
+  def place(self, tree, *, copy: bool = False):
+    """Puts a tree on the device(s) the programs run on (replicated on a mesh).
+
+    ``copy=True`` gives fresh buffers even for arrays already there: the train
+    program donates the state, and the caller's arrays must survive it.
+    """
+    target = None if self.mesh is None else NamedSharding(self.mesh, P())
+    return jax.device_put(tree, target, may_alias=False if copy else None)

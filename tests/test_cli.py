@@ -1,0 +1,312 @@
+"""experiments.two_moons from the command line: files, --help, bad input, accuracy.
+
+The experiment runs in-process through ``experiments._cli.main`` (what
+``python -m experiments.two_moons`` calls), which is much faster than a new
+interpreter per case; one test runs the real module in a subprocess to see
+exactly what a user's terminal gets on stderr.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import io
+import json
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from experiments import _cli, two_moons
+from jaxtrain.loop import COLUMNS
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TINY = ["--epochs", "2", "--samples", "200"]  # 160 training rows: 5 batches of 32
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _compilation_cache(tmp_path_factory):
+  """_cli.main turns on the persistent compilation cache ($JAXTRAIN_CACHE_DIR, else
+  ~/.cache): point it at a directory of this module's, and restore JAX's
+  settings afterwards, so that the tests neither write to the home directory
+  nor leave the cache on for other modules."""
+  from jax.experimental.compilation_cache import compilation_cache
+
+  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+           "jax_persistent_cache_min_entry_size_bytes")
+  saved = {name: getattr(jax.config, name) for name in names}
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setenv("JAXTRAIN_CACHE_DIR", str(tmp_path_factory.mktemp("jax_cache")))
+    patch.delenv("JAXTRAIN_DEBUG", raising=False)
+    compilation_cache.reset_cache()
+    yield
+  for name, value in saved.items():
+    jax.config.update(name, value)
+  compilation_cache.reset_cache()
+
+
+class _Stream(io.StringIO):
+  """A captured stream that reports an encoding, as a terminal's stdout does
+  (tyro draws its boxes with UTF-8 characters only when stdout is UTF-8)."""
+
+  def __init__(self, encoding: str):
+    super().__init__()
+    self._encoding = encoding
+
+  @property
+  def encoding(self):
+    return self._encoding
+
+
+def cli(*args, encoding: str = "utf-8") -> tuple[int, str, str]:
+  """Runs the experiment in-process; returns (exit status, stdout, stderr)."""
+  out, err = _Stream(encoding), _Stream(encoding)
+  code = 0
+  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    try:
+      _cli.main(two_moons.Config, two_moons.main, args=[str(a) for a in args])
+    except SystemExit as exit_:
+      code = 0 if exit_.code is None else exit_.code
+  return code, out.getvalue(), err.getvalue()
+
+
+def snapshot(directory: pathlib.Path) -> dict[str, bytes]:
+  return {str(p.relative_to(directory)): p.read_bytes()
+          for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def read_csv(path: pathlib.Path) -> list[dict[str, str]]:
+  with open(path, newline="") as f:
+    return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+  """A finished 2-epoch run directory (shared; tests copy it before touching it)."""
+  workdir = tmp_path_factory.mktemp("tiny") / "run"
+  code, out, err = cli(*TINY, "--workdir", workdir)
+  assert code == 0, err
+  return workdir, out
+
+
+def copy_of(tiny_run, tmp_path) -> pathlib.Path:
+  workdir = tmp_path / "run"
+  shutil.copytree(tiny_run[0], workdir)
+  return workdir
+
+
+# ------------------------------------------------------------------ normal runs
+
+
+def test_tiny_run_writes_the_run_directory(tiny_run):
+  workdir, out = tiny_run
+  config = json.loads((workdir / "config.json").read_text())
+  assert config["config"]["epochs"] == 2 and config["config"]["samples"] == 200
+  assert config["fit"]["batch_size"] == 32
+
+  with open(workdir / "metrics.csv", newline="") as f:
+    header = next(csv.reader(f))
+  assert header == ["epoch", "step", "train_loss", "train_accuracy", "val_loss",
+                    "val_accuracy", "train_loss_running", "learning_rate", "seconds"]
+  assert header == list(COLUMNS)
+  rows = read_csv(workdir / "metrics.csv")
+  assert [r["epoch"] for r in rows] == ["1", "2"]
+  assert [r["step"] for r in rows] == ["5", "10"]
+  for row in rows:
+    for name in ("train_loss", "val_loss", "train_loss_running", "seconds"):
+      assert float(row[name]) >= 0
+    for name in ("train_accuracy", "val_accuracy"):
+      assert 0 <= float(row[name]) <= 1
+
+  records = [json.loads(line) for line in (workdir / "steps.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in records] == list(range(1, 11))
+  assert all(isinstance(r["loss"], float) for r in records)
+
+  assert (workdir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  events = list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+  assert len(events) == 1 and events[0].stat().st_size > 0
+  assert re.search(r"held-out accuracy 0\.\d{4}", out)
+  assert "epoch 2/2" in out
+
+
+def test_full_batch_writes_the_extra_run_and_overlays_it(tmp_path, monkeypatch):
+  from jaxtrain import run as run_module
+
+  plotted = []
+  original = run_module.plot_curves
+
+  def recording_plot(history, path, *, extra=None, **kwargs):
+    plotted.append((pathlib.Path(path), extra))
+    return original(history, path, extra=extra, **kwargs)
+
+  monkeypatch.setattr(run_module, "plot_curves", recording_plot)
+  workdir = tmp_path / "fb"
+  code, out, err = cli(*TINY, "--full-batch", "--workdir", workdir)
+  assert code == 0, err
+  gd = workdir / "full_batch"
+  for directory in (workdir, gd):
+    for name in ("config.json", "metrics.csv", "steps.jsonl", "curves.png"):
+      assert (directory / name).is_file(), directory / name
+    assert any((directory / "tensorboard").iterdir())
+  # Full batch: one step per epoch over all 160 training rows.
+  assert [r["step"] for r in read_csv(gd / "metrics.csv")] == ["1", "2"]
+  assert json.loads((gd / "config.json").read_text())["fit"]["batch_size"] == 160
+  assert [r["step"] for r in read_csv(workdir / "metrics.csv")] == ["5", "10"]
+  # The main run's curves.png overlays the full-batch run.
+  main_plot = [extra for path, extra in plotted if path == workdir / "curves.png"]
+  assert len(main_plot) == 1 and set(main_plot[0]) == {"full batch"}
+  assert main_plot[0]["full batch"]["epoch"]["epoch"] == [1, 2]
+  assert "full-batch GD: held-out accuracy" in out
+
+
+def test_default_config_reaches_95_percent_held_out_accuracy(tmp_path):
+  workdir = tmp_path / "default"
+  code, out, err = cli("--workdir", workdir)
+  assert code == 0, err
+  accuracy = float(re.search(r"held-out accuracy (\d\.\d+)", out).group(1))
+  assert accuracy >= 0.95, out[-500:]
+  rows = read_csv(workdir / "metrics.csv")
+  assert len(rows) == 100
+  assert float(rows[-1]["val_accuracy"]) >= 0.95
+
+
+# ------------------------------------------------------------------------ --help
+
+
+def _options(config_type, prefix=""):
+  """(flag, default as tyro prints it) for every field, nested configs included."""
+  for field in dataclasses.fields(config_type):
+    default = field.default if field.default is not dataclasses.MISSING else (
+        field.default_factory())
+    name = prefix + field.name.replace("_", "-")
+    if dataclasses.is_dataclass(default):
+      yield from _options(type(default), prefix=f"{name}.")
+    elif isinstance(default, tuple):
+      yield f"--{name}", " ".join(map(str, default))
+    else:
+      yield f"--{name}", str(default)
+
+
+def test_help_lists_every_option_with_its_default():
+  code, out, err = cli("--help")
+  assert code == 0 and err == ""
+  text = " ".join(re.sub(r"[│╭╮╰╯─]", " ", out).split())
+  options = list(_options(two_moons.Config))
+  assert len(options) >= 17
+  starts = {}
+  for flag, _ in options:
+    match = re.search(rf"(?<![\w.-]){re.escape(flag)}(?![\w.-])", text)
+    assert match, f"{flag} missing from --help"
+    starts[flag] = match.start()
+  ends = sorted(starts.values()) + [len(text)]
+  for flag, default in options:
+    start = starts[flag]
+    section = text[start:ends[ends.index(start) + 1]]
+    assert f"(default: {default})" in section, (flag, section)
+
+
+# -------------------------------------------------------------------- bad input
+
+BAD_INPUT = [
+    (["--epochs", "0"], r"epochs", r"0"),
+    (["--epochs", "-3"], r"epochs", r"-3"),
+    (["--batch-size", "0"], r"batch[_-]size", r"0"),
+    (["--batch-size", "100000"], r"batch[_-]size", r"100000"),
+    (["--learning-rate", "abc"], r"learning[_-]rate", r"'?abc'?"),
+    (["--learning-rate", "-1"], r"learning[_-]rate", r"-1(\.0)?"),
+    (["--optimizer", "rmsprop"], r"optimizer", r"'?rmsprop'?"),
+    (["--momentum", "1.5"], r"momentum", r"1\.5"),
+    (["--dropout", "1.0"], r"dropout", r"1(\.0)?"),
+    (["--clip-norm", "0"], r"clip[_-]norm", r"0(\.0)?"),
+]
+
+
+def assert_one_line_error(code, out, err, name=None, value=None):
+  assert code == 2, (code, out[-300:], err)
+  assert "Traceback" not in out + err
+  lines = err.strip().splitlines()
+  assert len(lines) == 1, err
+  # The message itself, not a help box flattened into one line.
+  assert not re.search(r"-{5,}|─|helptext", lines[0]), lines[0]
+  if name is not None:
+    assert re.search(name, lines[0]), lines[0]
+  if value is not None:
+    assert re.search(rf"(?<![\w.-]){value}(?![\w.])", lines[0]), lines[0]
+  assert "epoch 1/" not in out  # nothing trained
+  return lines[0]
+
+
+@pytest.mark.parametrize("args, name, value", BAD_INPUT,
+                         ids=[" ".join(case[0]) for case in BAD_INPUT])
+def test_bad_input_fails_in_one_line_and_changes_nothing(tiny_run, tmp_path, args, name,
+                                                          value):
+  # Into an existing run with --overwrite: the bad input must be refused before
+  # the old run is cleared.
+  workdir = copy_of(tiny_run, tmp_path)
+  before = snapshot(workdir)
+  code, out, err = cli(*TINY, "--workdir", workdir, "--overwrite", *args)
+  assert_one_line_error(code, out, err, name, value)
+  assert snapshot(workdir) == before
+
+
+def test_parse_error_on_a_narrow_terminal_is_still_one_whole_line(monkeypatch):
+  monkeypatch.setenv("COLUMNS", "40")  # tyro wraps the message inside its box
+  code, out, err = cli("--learning-rate", "abc")
+  line = assert_one_line_error(code, out, err, r"learning[_-]rate", r"'?abc'?")
+  assert "could not convert string to float: 'abc'" in line
+
+
+def test_parse_error_line_does_not_depend_on_the_stdout_encoding():
+  # e.g. PYTHONIOENCODING=latin-1 python -m experiments.two_moons --learning-rate abc
+  code, out, err = cli("--learning-rate", "abc", encoding="ascii")
+  assert_one_line_error(code, out, err, r"learning[_-]rate", r"'?abc'?")
+
+
+def test_bad_input_leaves_no_new_run_directory(tmp_path):
+  workdir = tmp_path / "new"
+  code, out, err = cli(*TINY, "--workdir", workdir, "--epochs", "0")
+  assert_one_line_error(code, out, err, r"epochs", r"0")
+  assert not workdir.exists() or not any(workdir.iterdir())
+
+
+def test_rerun_with_a_different_config_is_refused(tiny_run, tmp_path):
+  workdir = copy_of(tiny_run, tmp_path)
+  before = snapshot(workdir)
+  code, out, err = cli(*TINY, "--workdir", workdir, "--learning-rate", "0.05")
+  line = assert_one_line_error(code, out, err)
+  assert "--overwrite" in line and str(workdir) in line
+  assert snapshot(workdir) == before
+
+
+def test_overwrite_replaces_the_run(tiny_run, tmp_path):
+  workdir = copy_of(tiny_run, tmp_path)
+  old_rows = read_csv(workdir / "metrics.csv")
+  (workdir / "notes.txt").write_text("mine")  # not a run file: must survive
+  code, out, err = cli(*TINY, "--workdir", workdir, "--seed", "1", "--overwrite")
+  assert code == 0, err
+  assert json.loads((workdir / "config.json").read_text())["config"]["seed"] == 1
+  rows = read_csv(workdir / "metrics.csv")
+  assert [r["epoch"] for r in rows] == ["1", "2"]
+  assert [r["train_loss"] for r in rows] != [r["train_loss"] for r in old_rows]
+  assert len((workdir / "steps.jsonl").read_text().splitlines()) == 10
+  assert len(list((workdir / "tensorboard").glob("events.out.tfevents.*"))) == 1
+  assert (workdir / "notes.txt").read_text() == "mine"
+
+
+def test_bad_input_from_a_real_command_line(tiny_run, tmp_path):
+  """What a terminal sees: one line on stderr, status 2 (no JAX/absl noise)."""
+  workdir = copy_of(tiny_run, tmp_path)
+  before = snapshot(workdir)
+  env = {k: v for k, v in os.environ.items() if k != "JAXTRAIN_DEBUG"}
+  proc = subprocess.run(
+      [sys.executable, "-m", "experiments.two_moons", *TINY, "--workdir", str(workdir),
+       "--overwrite", "--batch-size", "100000"],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+  assert_one_line_error(proc.returncode, proc.stdout, proc.stderr, r"batch[_-]size", r"100000")
+  assert snapshot(workdir) == before
