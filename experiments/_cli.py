@@ -82,7 +82,7 @@ def from_record(config_type: type[T], values: dict) -> T:
     value, default = values[field.name], getattr(defaults, field.name)
     if dataclasses.is_dataclass(default) and isinstance(value, dict):
       value = from_record(type(default), value)
-    elif isinstance(default, pathlib.Path):
+    elif isinstance(value, str) and "Path" in str(field.type):
       value = pathlib.Path(value)
     elif isinstance(default, tuple) and isinstance(value, list):
       value = tuple(value)

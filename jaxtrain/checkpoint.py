@@ -142,6 +142,9 @@ class Checkpointer:
         options=ocp.CheckpointManagerOptions(
             enable_async_checkpointing=self.config.async_save,
             preservation_policy=managers.AnyPreservationPolicy(policies),
+            # Orbax writes a checkpoint's metrics to disk only with a best_fn;
+            # BestN needs them again after a restart.
+            best_fn=lambda m: m["value"], best_mode=self.config.mode,
             cleanup_tmp_directories=True,
         ),
         item_handlers={"arrays": ocp.StandardCheckpointHandler(),
@@ -259,12 +262,17 @@ def load(run_dir: str | os.PathLike, step: int | str | None = None, *,
       step = checkpointer.best_step()
       if step is None:
         raise CheckpointError(f"run directory {str(run_dir)!r} has no best checkpoint")
-    restored = checkpointer.restore(state_arrays(like), step=step)
+    step = step if step is not None else (checkpointer.steps() or [None])[-1]
+    if step is None:
+      raise CheckpointError(f"run directory {str(run_dir)!r} holds no checkpoint")
+    saved = checkpointer.manager.item_metadata(step)["arrays"] or {}
+    # The run's checkpoints also hold the best epoch's params; take the state.
+    tree = {name: state_arrays(like) if name == "state" else
+            {"params": like.params, "batch_stats": like.batch_stats} for name in saved}
+    restored = checkpointer.restore(tree, step=step)
   finally:
     checkpointer.close()
-  if restored is None:
-    raise CheckpointError(f"run directory {str(run_dir)!r} holds no readable checkpoint")
-  return with_arrays(like, restored[1])
+  return with_arrays(like, restored[1]["state"])
 
 
 def _checkpoint_config(run_dir: pathlib.Path) -> CheckpointConfig:

@@ -55,14 +55,58 @@ def _dense(width: int, fan_in: int, *, init: str, use_bias: bool = True) -> nn.D
   return nn.Dense(width, use_bias=use_bias)
 
 
+class BatchNorm(nn.Module):
+  """Batch norm with PyTorch's semantics, exact over masks and devices.
+
+  Statistics come from masked sums and counts added over ``axis_name`` (so a
+  device holding only padding rows, or fewer real rows than the others, is
+  weighted correctly, where averaging per-device means is not); the running
+  variance is updated with the unbiased batch variance, as
+  ``torch.nn.BatchNorm*d`` does. Parameter and statistic names follow
+  ``flax.linen.BatchNorm`` (scale, bias; mean, var).
+
+  Attributes:
+    momentum: weight of the old running statistics (PyTorch's 1 - momentum).
+    epsilon: added to the variance.
+    axis_name: the mapped axis to aggregate statistics over, or None.
+  """
+
+  momentum: float = 0.9
+  epsilon: float = 1e-5
+  axis_name: str | None = None
+
+  @nn.compact
+  def __call__(self, x, *, train: bool, mask=None):
+    features = x.shape[-1]
+    mean_stat = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
+    var_stat = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
+    scale = self.param("scale", nn.initializers.ones_init(), (features,))
+    bias = self.param("bias", nn.initializers.zeros_init(), (features,))
+    if not train:
+      mean, var = mean_stat.value, var_stat.value
+    else:
+      xf = x.astype(jnp.float32)
+      weights = jnp.ones(x.shape[:-1] + (1,), jnp.float32)
+      if mask is not None:
+        weights = weights * mask.reshape(mask.shape + (1,) * (x.ndim - 1))
+      axes = tuple(range(x.ndim - 1))
+      sums = (jnp.sum(weights), jnp.sum(xf * weights, axes), jnp.sum(xf * xf * weights, axes))
+      if self.axis_name is not None:
+        sums = jax.lax.psum(sums, self.axis_name)
+      count, total, squares = sums
+      mean = total / jnp.maximum(count, 1.0)
+      var = jnp.maximum(squares / jnp.maximum(count, 1.0) - mean * mean, 0.0)
+      if not self.is_initializing():
+        unbiased = var * count / jnp.maximum(count - 1.0, 1.0)
+        mean_stat.value = self.momentum * mean_stat.value + (1 - self.momentum) * mean
+        var_stat.value = self.momentum * var_stat.value + (1 - self.momentum) * unbiased
+    y = (x.astype(jnp.float32) - mean) * jax.lax.rsqrt(var + self.epsilon)
+    return (y * scale + bias).astype(x.dtype)
+
+
 def _batch_norm(module: nn.Module, x, *, train: bool, mask):
-  # PyTorch's BatchNorm defaults: momentum 0.1 (flax: 0.9), eps 1e-5.
-  if mask is not None:
-    mask = mask.reshape(mask.shape + (1,) * (x.ndim - 1))
-  return nn.BatchNorm(
-      use_running_average=not train, momentum=0.9, epsilon=1e-5,
-      axis_name=module.axis_name,
-  )(x, mask=mask if train else None)
+  # PyTorch's BatchNorm defaults: momentum 0.1 (ours: 0.9), eps 1e-5.
+  return BatchNorm(axis_name=module.axis_name)(x, train=train, mask=mask if train else None)
 
 
 class MLP(nn.Module):

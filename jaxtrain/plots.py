@@ -80,7 +80,11 @@ def plot_curves(history: Mapping[str, Any], path: str | os.PathLike, *,
   has_acc = any(_points(ep, "epoch", f"{split}_accuracy")[1]
                 for _, ep, _ in runs for split in ("train", "val"))
   has_steps = any(_points(st, "step", "loss")[1] for _, _, st in runs)
-  n = 1 + has_acc + has_steps
+  # Evaluations every N steps (eval_every_steps): the lessons' per-iteration
+  # train and validation accuracy curves.
+  has_step_acc = any(_points(st, "step", f"{split}_accuracy")[1]
+                     for _, _, st in runs for split in ("train", "val"))
+  n = 1 + has_acc + has_steps + has_step_acc
   fig = Figure(figsize=(5.5 * n, 4.2), layout="constrained")
   axes = list(fig.subplots(1, n, squeeze=False)[0])
 
@@ -113,6 +117,16 @@ def plot_curves(history: Mapping[str, Any], path: str | os.PathLike, *,
                 label="train" + (f" ({name})" if name else ""))
         seen += y
     finish(ax, "Training loss per iteration", "step", "loss", seen)
+  if has_step_acc:
+    ax, seen = axes.pop(0), []
+    for i, (name, _, st) in enumerate(runs):
+      for split, color, what in (("train", _TRAIN, "train"), ("val", _VAL, "validation")):
+        x, y = _points(st, "step", f"{split}_accuracy")
+        if y:
+          ax.plot(x, y, _STYLES[i % len(_STYLES)], color=color, linewidth=0.8,
+                  label=what + (f" ({name})" if name else ""))
+          seen += y
+    finish(ax, "Accuracy per iteration", "step", "accuracy", seen)
 
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   fig.savefig(path, dpi=110)

@@ -60,3 +60,28 @@ def test_bad_model_arguments():
     models.CNN(conv_impl="cudnn")
   with pytest.raises(ValueError, match="hidden_sizes=\\(0,\\)"):
     models.MLP(hidden_sizes=(0,), outputs=1)
+
+
+def test_batch_norm_matches_torch():
+  # Reference: torch 2.13.0, torch.nn.BatchNorm1d(4) in train mode on this x.
+  x = (np.random.default_rng(0).normal(size=(6, 4)) * 3 + 1).astype(np.float32)
+  bn = models.BatchNorm()
+  variables = bn.init(jax.random.key(0), x, train=False)
+  y, updates = bn.apply(variables, x, train=True, mutable=["batch_stats"])
+  np.testing.assert_allclose(y[0], [1.0328506, -0.12384936, 0.76058203, -0.31392786], rtol=1e-5)
+  np.testing.assert_allclose(updates["batch_stats"]["mean"],
+                             [-0.10557494, 0.08977201, 0.09108366, 0.18775314], rtol=1e-5)
+  np.testing.assert_allclose(updates["batch_stats"]["var"],  # unbiased, as torch
+                             [1.5658374, 1.5763785, 1.7384303, 1.2857236], rtol=1e-5)
+
+
+def test_batch_norm_mask_drops_rows_from_statistics():
+  x = np.random.default_rng(1).normal(size=(5, 3)).astype(np.float32)
+  bn = models.BatchNorm()
+  variables = bn.init(jax.random.key(0), x, train=False)
+  padded = np.concatenate([x, 1e6 * np.ones((2, 3), np.float32)])
+  mask = np.array([1, 1, 1, 1, 1, 0, 0], np.float32)
+  y, upd = bn.apply(variables, padded, train=True, mask=mask, mutable=["batch_stats"])
+  y_ref, upd_ref = bn.apply(variables, x, train=True, mutable=["batch_stats"])
+  np.testing.assert_allclose(y[:5], y_ref, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(upd["batch_stats"]["var"], upd_ref["batch_stats"]["var"], rtol=1e-6)

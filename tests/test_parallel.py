@@ -47,9 +47,9 @@ def test_pmap_equals_shard_map_equals_jit(batch_norm):
   jit_model = models.MLP(hidden_sizes=(16, 16), outputs=3, batch_norm=batch_norm)
   par_model = jit_model.clone(axis_name=parallel.AXIS if batch_norm else None)
   batch = classification_batch(n=16)
-  if not batch_norm:
-    # A ragged global batch: the last device holds two padding rows.
-    batch["mask"] = np.array([1.0] * 14 + [0.0] * 2, np.float32)
+  # A ragged global batch: the third device holds one padding row and the
+  # last holds nothing but padding (batch norm must weight devices by count).
+  batch["mask"] = np.array([1.0] * 11 + [0.0] + [0.0] * 4, np.float32)
   results = run_three_ways(jit_model, par_model, batch)
   (ref_state, ref_metrics, ref_eval) = results[0]
   for state, metrics, evaluation in results[1:]:
