@@ -312,10 +312,46 @@ def fit(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
     _extend(history["epoch"], row)
   compiled, interrupted = False, None
   stop_reason = position.stop_reason
-  epoch = position.epoch
+  epoch, start = position.epoch, position.batch
+  lagged = None  # an epoch dispatched but not yet fetched: (epoch, pending, sums, t0)
+
+  def finish(ep, pending, sums, started):
+    """Fetches epoch ``ep``'s results, logs them, updates the best record."""
+    nonlocal position, best_variables
+    position, reason = _absorb(position, pending, ep, spe, spe, config, monitor, history, log)
+    if reason:
+      return reason, None
+    row = _row(ep + 1, (ep + 1) * spe, jax.device_get(sums), position.partial,
+               time.perf_counter() - started)
+    _extend(history["epoch"], row)
+    if monitor is not None:
+      monitor.log_epoch(row)
+      if monitor.histograms_due(ep + 1):
+        monitor.log_histograms(row["step"], state.params,
+                               _gradients(state, train, config, run_key))
+    best = position.best.update(row.get(rule.monitor if rule else "val_loss", math.nan),
+                                ep + 1, rule)
+    if keep_best and best.epoch == ep + 1:
+      best_variables = jax.tree.map(jnp.copy, {"params": state.params,
+                                               "batch_stats": state.batch_stats})
+    if best.should_stop(rule):
+      reason = (f"early stopping after epoch {ep + 1}: {rule.monitor} has not improved "
+                f"for {rule.patience} epochs; best epoch {best.epoch} "
+                f"({rule.monitor} {best.value:.6g})")
+      log(reason)
+    position = dataclasses.replace(position, epoch=ep + 1, batch=0, best=best,
+                                   rows=position.rows + [row], partial={},
+                                   stop_reason=reason)
+    return reason, row
+
+  def flush():
+    nonlocal lagged
+    reason = finish(*lagged)[0] if lagged else None
+    lagged = None
+    return reason
+
   while stop_reason is None and interrupted is None and epoch < config.epochs:
     started = time.perf_counter()
-    start = position.batch
     pending = []
     while start < spe:
       step = epoch * spe + start
@@ -333,6 +369,9 @@ def fit(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
       if start < spe and checkpointer is not None:
         interrupted = should_stop() if should_stop else None
         if interrupted or checkpointer.due(step=step + num, epoch_end=False, epoch=epoch):
+          stop_reason = flush()
+          if stop_reason:
+            break
           position, stop_reason = _absorb(position, pending, epoch, start, spe, config,
                                           monitor, history, log)
           pending = []
@@ -344,39 +383,30 @@ def fit(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
     if stop_reason or interrupted:
       break
     sums = feed.evaluate(state)
-    position, stop_reason = _absorb(position, pending, epoch, spe, spe, config, monitor,
-                                    history, log)
+    # The previous epoch's results are fetched only now, after this epoch is
+    # queued, so the device never waits for the host between epochs.
+    stop_reason = flush()
     if stop_reason:
       break
-    sums = jax.device_get(sums)
-    row = _row(epoch + 1, (epoch + 1) * spe, sums, position.partial,
-               time.perf_counter() - started)
-    _extend(history["epoch"], row)
-    if monitor is not None:
-      monitor.log_epoch(row)
-      if monitor.histograms_due(epoch + 1):
-        monitor.log_histograms(row["step"], state.params,
-                               _gradients(state, train, config, run_key))
-    monitored = row.get(rule.monitor if rule else "val_loss", math.nan)
-    best = position.best.update(monitored, epoch + 1, rule)
-    if keep_best and best.epoch == epoch + 1:
-      best_variables = jax.tree.map(jnp.copy, {"params": state.params,
-                                               "batch_stats": state.batch_stats})
-    epoch += 1
-    if best.should_stop(rule):
-      stop_reason = (f"early stopping after epoch {epoch}: {rule.monitor} has not improved "
-                     f"for {rule.patience} epochs; best epoch {best.epoch} "
-                     f"({rule.monitor} {best.value:.6g})")
-      log(stop_reason)
-    position = dataclasses.replace(position, epoch=epoch, batch=0, best=best,
-                                   rows=position.rows + [row], partial={},
-                                   stop_reason=stop_reason)
+    epoch, start = epoch + 1, 0
     if checkpointer is not None:
       interrupted = should_stop() if should_stop else None
-      if (interrupted or stop_reason or epoch == config.epochs
-          or checkpointer.due(step=epoch * spe, epoch_end=True, epoch=epoch)):
-        save(position, metric=row.get(checkpointer.config.monitor,
-                                      row.get("train_loss", math.nan)))
+    saving = checkpointer is not None and (
+        interrupted or epoch == config.epochs
+        or checkpointer.due(step=epoch * spe, epoch_end=True, epoch=epoch))
+    # Early stopping, a save or histograms need this epoch's results (and its
+    # state) before the next epoch runs; otherwise they can wait.
+    if (rule is None and not saving and epoch < config.epochs
+        and not (monitor is not None and monitor.histograms_due(epoch))):
+      lagged = (epoch - 1, pending, sums, started)
+      continue
+    stop_reason, row = finish(epoch - 1, pending, sums, started)
+    if checkpointer is not None and (saving or stop_reason) and row is not None:
+      save(position, metric=row.get(checkpointer.config.monitor,
+                                    row.get("train_loss", math.nan)))
+  if stop_reason is None:
+    stop_reason = flush()
+  lagged = None
 
   window.drain()
   if stop_reason and not position.stop_reason and checkpointer is not None:

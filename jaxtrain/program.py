@@ -29,7 +29,7 @@ from jaxtrain import data
 from jaxtrain.keys import key_for
 from jaxtrain.optim import current_learning_rate
 from jaxtrain.state import TrainState
-from jaxtrain.step import eval_step, train_step
+from jaxtrain.step import compute_gradients, eval_step
 
 Arrays = Mapping[str, jax.Array]
 # augment(key, one_example_inputs) -> augmented inputs of the same shape.
@@ -85,21 +85,37 @@ def _gather(arrays: Arrays, idx: jax.Array, mask: jax.Array, axis_name) -> dict:
 
 
 def evaluate(state: TrainState, arrays: Arrays, batch_size: int, axis_name=None):
-  """Exact sums (loss_sum, count[, correct]) of ``eval_step`` over a whole set."""
-  n = jax.tree.leaves(arrays)[0].shape[0]
-  indices, masks = data.epoch_indices(None, n, batch_size)
+  """Exact sums (loss_sum, count[, correct]) of ``eval_step`` over a whole set.
 
-  def batch_sums(xs):
-    sums = eval_step(state, _gather(arrays, *xs, axis_name), axis_name=axis_name)
+  The set is cut in order into full batches (a reshape, no gather) and one
+  smaller last batch, padded only as far as the devices need.
+  """
+  n = jax.tree.leaves(arrays)[0].shape[0]
+  shards = 1 if axis_name is None else jax.lax.axis_size(axis_name)
+  full, rest = divmod(n, batch_size)
+
+  def sums_of(batch):
+    batch = jax.tree.map(lambda v: _local(v, axis_name), batch)
+    sums = eval_step(state, batch, axis_name=axis_name)
     return {k: sums[k] for k in ("loss_sum", "count", "correct") if k in sums}
 
-  def body(totals, xs):
-    return jax.tree.map(jnp.add, totals, batch_sums(xs)), None
-
-  shapes = jax.eval_shape(batch_sums, (indices[0], masks[0]))
-  init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-  return jax.lax.scan(body, init, (indices, masks))[0]
-
+  with_mask = {**arrays, "mask": arrays.get("mask", jnp.ones((n,), jnp.float32))}
+  totals = None
+  if full:
+    batches = jax.tree.map(
+        lambda v: v[: full * batch_size].reshape((full, batch_size) + v.shape[1:]), with_mask)
+    shapes = jax.eval_shape(sums_of, jax.tree.map(lambda v: v[0], batches))
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    totals = jax.lax.scan(lambda t, b: (jax.tree.map(jnp.add, t, sums_of(b)), None),
+                          zeros, batches)[0]
+  if rest:
+    pad = -rest % shards
+    last = jax.tree.map(
+        lambda v: jnp.pad(v[full * batch_size:], [(0, pad)] + [(0, 0)] * (v.ndim - 1)),
+        with_mask)
+    sums = sums_of(last)
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  return totals
 
 
 def means(totals: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
@@ -130,16 +146,18 @@ def _train_chunk(spec: ProgramSpec, augment: Augment | None, axis_name, num_step
       # depend on how the batch is split across devices.
       keys = jax.random.split(key_for(run_key, "augment", state.step), spec.batch_size)
       batch["inputs"] = jax.vmap(augment)(_local(keys, axis_name), batch["inputs"])
-    new_state, metrics = train_step(
+    grads, batch_stats, metrics = compute_gradients(
         state, batch, key_for(run_key, "dropout", state.step), axis_name=axis_name)
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
-    apply = finite & ~halted
-    # A non-finite update is never applied; with "stop" nothing after it is either.
-    state = jax.tree.map(lambda new, old: jnp.where(apply, new, old), new_state, state)
+    # A non-finite update is never applied; with "stop" nothing after it is
+    # either. cond, not a select over the state: the skipped branch costs nothing.
+    state = jax.lax.cond(
+        finite & ~halted,
+        lambda s: s.apply_gradients(grads, batch_stats=batch_stats), lambda s: s, state)
     if spec.nonfinite == "stop":
       halted = halted | ~finite
     metrics = {**metrics, "finite": finite,
-               "learning_rate": current_learning_rate(new_state.opt_state)}
+               "learning_rate": current_learning_rate(state.opt_state)}
     if spec.eval_every:
       metrics.update(_maybe_evaluate(spec, state, evals, axis_name))
     return (state, halted), metrics
@@ -172,6 +190,29 @@ def _evaluate_all(spec: ProgramSpec, axis_name, state, evals: Mapping[str, Array
           for name, arrays in evals.items()}
 
 
+@functools.lru_cache(maxsize=128)
+def _compiled(kind, spec, augment, mesh, donate, members, member_data, num_steps):
+  """One jitted program per configuration, shared by every run that needs it.
+
+  jit caches compiled code per function object; building the functions here
+  once means a second ``fit`` with the same setup (and the same model and
+  optimizer objects) starts compiled.
+  """
+  axis_name = mesh.axis_names[0] if mesh is not None else None
+  data_axis = 0 if member_data else None
+  if kind == "train":
+    fn = functools.partial(_train_chunk, spec, augment, axis_name, num_steps)
+    n_in, in_axes, donated = 7, (0, 0, data_axis, data_axis, 0, None, None), donate
+  else:
+    fn = functools.partial(_evaluate_all, spec, axis_name)
+    n_in, in_axes, donated = 2, (0, data_axis), False
+  if members:
+    fn = jax.vmap(fn, in_axes=in_axes)
+  if mesh is not None:
+    fn = jax.shard_map(fn, mesh=mesh, in_specs=(P(),) * n_in, out_specs=P())
+  return jax.jit(fn, donate_argnums=(0,) if donated else ())
+
+
 class Programs:
   """The jitted programs of one run; built once, so nothing recompiles.
 
@@ -198,27 +239,13 @@ class Programs:
                          ("eval_batch_size", spec.eval_batch_size)):
         if size % shards:
           raise ValueError(f"{name} {size} is not divisible by the {shards} devices")
-    self._train = {}
-    data = 0 if member_data else None
-    self._make_train = lambda num_steps: self._wrap(
-        functools.partial(_train_chunk, spec, augment, axis_name, num_steps),
-        n_in=7, donate=donate, in_axes=(0, 0, data, data, 0, None, None))
-    self.evaluate = self._wrap(functools.partial(_evaluate_all, spec, axis_name),
-                               n_in=2, donate=False, in_axes=(0, data))
-
-  def _wrap(self, fn, *, n_in: int, donate: bool, in_axes):
-    if self.members:
-      fn = jax.vmap(fn, in_axes=in_axes)
-    if self.mesh is not None:
-      fn = jax.shard_map(fn, mesh=self.mesh, in_specs=(P(),) * n_in, out_specs=P())
-    return jax.jit(fn, donate_argnums=(0,) if donate else ())
+    self._key = (spec, augment, mesh, donate, members, member_data)
+    self.evaluate = _compiled("evaluate", *self._key, 0)
 
   def train(self, state, halted, train_arrays, eval_arrays, run_key, epoch, start,
             num_steps: int):
-    if num_steps not in self._train:
-      self._train[num_steps] = self._make_train(num_steps)
-    return self._train[num_steps](state, halted, train_arrays, eval_arrays, run_key,
-                                  epoch, start)
+    return _compiled("train", *self._key, num_steps)(
+        state, halted, train_arrays, eval_arrays, run_key, epoch, start)
 
   def place(self, tree, *, copy: bool = False):
     """Puts a tree on the device(s) the programs run on (replicated on a mesh).

@@ -508,6 +508,10 @@ def chunked_run(tmp_path_factory):
   batch ragged; the compilations counted, and noted at each epoch's row."""
   def go():
     workdir = tmp_path_factory.mktemp("chunked")
+    # Compiled programs are shared across fit calls: start from none, so the
+    # counter sees this run's compilations.
+    jaxtrain.program._compiled.cache_clear()
+    jax.clear_caches()
     with _Compiles() as compiles, _EpochMarks(workdir, compiles, 3) as monitor:
       result, _ = train(epochs=3, batch_size=8, eval_batch_size=16, steps_per_call=3,
                         monitor=monitor)
