@@ -36,3 +36,24 @@ def mnist_path():
 @pytest.fixture(autouse=True, scope="session")
 def _four_devices():
   assert jax.device_count() == 4, "tests expect 4 fake CPU devices"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _compilation_cache(tmp_path_factory):
+  """Experiments' CLI turns on JAX's persistent compilation cache
+  ($JAXTRAIN_CACHE_DIR, else ~/.cache): keep it in a directory of this session's
+  and restore JAX's settings afterwards, so tests never write to the home
+  directory."""
+  from jax.experimental.compilation_cache import compilation_cache
+
+  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+           "jax_persistent_cache_min_entry_size_bytes")
+  saved = {name: getattr(jax.config, name) for name in names}
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setenv("JAXTRAIN_CACHE_DIR", str(tmp_path_factory.mktemp("jax_cache")))
+    patch.delenv("JAXTRAIN_DEBUG", raising=False)
+    compilation_cache.reset_cache()
+    yield
+  for name, value in saved.items():
+    jax.config.update(name, value)
+  compilation_cache.reset_cache()

@@ -32,23 +32,6 @@ TINY = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _compilation_cache(tmp_path_factory):
-  """_cli.main turns on JAX's persistent compilation cache: keep it in a directory
-  of this module's and restore JAX's settings afterwards (as test_cli does)."""
-  from jax.experimental.compilation_cache import compilation_cache
-
-  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-           "jax_persistent_cache_min_entry_size_bytes")
-  saved = {name: getattr(jax.config, name) for name in names}
-  with pytest.MonkeyPatch.context() as patch:
-    patch.setenv("JAXTRAIN_CACHE_DIR", str(tmp_path_factory.mktemp("jax_cache")))
-    patch.delenv("JAXTRAIN_DEBUG", raising=False)
-    compilation_cache.reset_cache()
-    yield
-  for name, value in saved.items():
-    jax.config.update(name, value)
-  compilation_cache.reset_cache()
 
 
 def _metrics(workdir):
