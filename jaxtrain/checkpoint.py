@@ -36,6 +36,16 @@ from jaxtrain.state import TrainState
 # Orbax logs every save at INFO through absl; keep the run's output readable.
 logging.getLogger("absl").setLevel(logging.WARNING)
 
+
+class _NoUntrackedMetricWarning(logging.Filter):
+  # Mid-epoch saves carry no validation metric on purpose (only epoch ends are
+  # ranked for "best"); orbax warns about each of them.
+  def filter(self, record: logging.LogRecord) -> bool:
+    return "tracked_metric" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_NoUntrackedMetricWarning())
+
 DIRECTORY = "checkpoints"
 
 
@@ -127,8 +137,10 @@ def check_compatible(saved, wanted, where: str) -> None:
 class Checkpointer:
   """Saves and restores a run's checkpoints under ``<workdir>/checkpoints``."""
 
-  def __init__(self, workdir: str | os.PathLike, config: CheckpointConfig | None = None):
+  def __init__(self, workdir: str | os.PathLike, config: CheckpointConfig | None = None,
+               *, read_only: bool = False):
     self.config = config or CheckpointConfig()
+    self.read_only = read_only
     self.directory = pathlib.Path(workdir).absolute() / DIRECTORY
     sign = -1.0 if self.config.mode == "min" else 1.0
     policies = [managers.LatestN(n=self.config.keep)]
@@ -145,7 +157,8 @@ class Checkpointer:
             # Orbax writes a checkpoint's metrics to disk only with a best_fn;
             # BestN needs them again after a restart.
             best_fn=lambda m: m["value"], best_mode=self.config.mode,
-            cleanup_tmp_directories=True,
+            # A reader must not touch a save in progress by the training run.
+            cleanup_tmp_directories=not read_only, read_only=read_only,
         ),
         item_handlers={"arrays": ocp.StandardCheckpointHandler(),
                        "meta": ocp.JsonCheckpointHandler()},
@@ -188,23 +201,29 @@ class Checkpointer:
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
 
-  def restore(self, like_arrays: dict[str, Any], step: int | None = None):
+  def restore(self, like_arrays, step: int | None = None):
     """Restores ``(step, arrays, meta)`` from ``step`` or the latest good one.
 
-    A checkpoint that fails to read is skipped with a warning (falling back to
-    the previous one); one that reads but does not fit ``like_arrays`` raises
+    ``like_arrays`` is the tree to restore into, or a function from a
+    checkpoint's saved tree (metadata) to it. A checkpoint that fails to read is
+    skipped with a warning (falling back to the previous one) and moved to
+    ``checkpoints_damaged/``; one that reads but does not fit raises
     :class:`CheckpointError`. Returns None when there is no checkpoint.
     """
     candidates = [step] if step is not None else self.steps()[::-1]
+    damaged = []
     for candidate in candidates:
       try:
         saved = self.manager.item_metadata(candidate)["arrays"]
         if saved is None:
           raise OSError("no array metadata")
-        check_compatible(saved, like_arrays, f"{self.directory / str(candidate)}")
+        like = like_arrays(saved) if callable(like_arrays) else like_arrays
+        check_compatible(saved, like, f"{self.directory / str(candidate)}")
+        like_arrays = like
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like_arrays)
         restored = self.manager.restore(candidate, args=ocp.args.Composite(
             arrays=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        self._set_aside(damaged)
         return candidate, restored["arrays"], restored["meta"]
       except CheckpointError:
         raise
@@ -216,7 +235,23 @@ class Checkpointer:
             f"checkpoint {candidate} in {self.directory} is damaged "
             f"({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
             "falling back to the previous one", stacklevel=2)
+        damaged.append(candidate)
+    self._set_aside(damaged)
     return None
+
+  def _set_aside(self, steps) -> None:
+    """Moves damaged checkpoints out of the way (kept for inspection), so the
+    resumed run can save those steps again."""
+    if self.read_only or not steps:
+      return
+    aside = self.directory.parent / f"{DIRECTORY}_damaged"
+    aside.mkdir(exist_ok=True)
+    for step in steps:
+      source = self.directory / str(step)
+      if source.exists():
+        target = aside / f"{step}-{time.time_ns()}"
+        source.rename(target)
+    self.manager.reload()
 
   def best_step(self) -> int | None:
     """The kept checkpoint with the best monitored value."""
@@ -240,10 +275,13 @@ def load(run_dir: str | os.PathLike, step: int | str | None = None, *,
          like: TrainState | None = None) -> TrainState:
   """Loads a run's checkpoint as a TrainState ready for eval_step or training.
 
+  Reading changes nothing in the run directory (also while the run trains).
+
   Args:
     run_dir: a run directory written by an experiment (or :func:`jaxtrain.run.run`).
-    step: a checkpoint step, ``"best"`` for the best by the monitored metric, or
-      ``None`` for the latest.
+    step: a checkpoint step; ``"best"`` for the run's best epoch (the parameters
+      early stopping restores, else the kept checkpoint with the best monitored
+      value); ``None`` for the latest good one.
     like: a state of the same model and optimizer to restore into. Not needed
       for runs of ``experiments.*``: their ``config.json`` says how to rebuild
       the model and optimizer.
@@ -256,22 +294,27 @@ def load(run_dir: str | os.PathLike, step: int | str | None = None, *,
     raise CheckpointError(f"run directory {str(run_dir)!r} holds no checkpoints")
   if like is None:
     like = _rebuild_state(run_dir)
-  checkpointer = Checkpointer(run_dir, _checkpoint_config(run_dir))
+  variables = {"params": like.params, "batch_stats": like.batch_stats}
+
+  def tree_like(saved):
+    # The run's checkpoints may also hold the best epoch's variables.
+    return {name: state_arrays(like) if name == "state" else variables for name in saved}
+
+  checkpointer = Checkpointer(run_dir, _checkpoint_config(run_dir), read_only=True)
   try:
     if step == "best":
+      restored = checkpointer.restore(tree_like)
+      if restored is not None and "best" in restored[1]:
+        # Early stopping kept the best epoch's variables in every checkpoint.
+        return with_arrays(like, {**restored[1]["state"], **restored[1]["best"]})
       step = checkpointer.best_step()
       if step is None:
         raise CheckpointError(f"run directory {str(run_dir)!r} has no best checkpoint")
-    step = step if step is not None else (checkpointer.steps() or [None])[-1]
-    if step is None:
-      raise CheckpointError(f"run directory {str(run_dir)!r} holds no checkpoint")
-    saved = checkpointer.manager.item_metadata(step)["arrays"] or {}
-    # The run's checkpoints also hold the best epoch's params; take the state.
-    tree = {name: state_arrays(like) if name == "state" else
-            {"params": like.params, "batch_stats": like.batch_stats} for name in saved}
-    restored = checkpointer.restore(tree, step=step)
+    restored = checkpointer.restore(tree_like, step=step)
   finally:
     checkpointer.close()
+  if restored is None:
+    raise CheckpointError(f"run directory {str(run_dir)!r} holds no readable checkpoint")
   return with_arrays(like, restored[1]["state"])
 
 

@@ -26,7 +26,8 @@ class DeviceFeed:
   """Training and evaluation arrays placed once on the device(s)."""
 
   def __init__(self, spec: ProgramSpec, train, evals: Mapping[str, Mapping], *,
-               augment=None, mesh=None, step_evals: bool = False):
+               augment=None, mesh=None, step_evals: bool = False, straight: bool = False):
+    self.straight = straight  # one straight-line step per call (execution="step")
     self.programs = Programs(spec, augment=augment, mesh=mesh)
     self.place = self.programs.place
     self.train_arrays = self.place(train)
@@ -35,8 +36,9 @@ class DeviceFeed:
     self.step_evals = self.evals if step_evals else {}
 
   def train(self, state, halted, run_key, epoch: int, start: int, num_steps: int):
+    """Returns ``(state, halted, metrics, offset)`` (see ``Programs.train``)."""
     return self.programs.train(state, halted, self.train_arrays, self.step_evals,
-                               run_key, epoch, start, num_steps)
+                               run_key, epoch, start, num_steps, straight=self.straight)
 
   def evaluate(self, state, sets: Mapping[str, Mapping] | None = None):
     """Sums of every epoch evaluation set, or of ``sets`` (host arrays)."""
@@ -48,7 +50,8 @@ class HostFeed:
   """Batches gathered on the host and prefetched; one step per call."""
 
   def __init__(self, spec: ProgramSpec, train, evals: Mapping[str, Mapping], *,
-               augment=None, mesh=None, step_evals: bool = False):
+               augment=None, mesh=None, step_evals: bool = False, straight: bool = False):
+    del straight  # every call is one step on one batch
     if step_evals:
       raise ValueError("eval_every_steps needs the data on the device (data='device')")
     self.spec, self.train_arrays, self.evals = spec, train, dict(evals)
@@ -79,15 +82,15 @@ class HostFeed:
     batch = self._batch(epoch, run_key, start)
     for index in range(start, start + num_steps):
       current = batch
-      state, halted, metrics = self.programs.train(state, halted, current, {}, run_key,
-                                                   epoch, 0, 1)
+      state, halted, metrics, _ = self.programs.train(state, halted, current, {},
+                                                      run_key, epoch, 0, 1)
       if index + 1 < start + num_steps:
         # Prepared while the step above runs (dispatch is asynchronous).
         batch = self._batch(epoch, run_key, index + 1)
       outputs.append(metrics)
     if len(outputs) == 1:
-      return state, halted, outputs[0]
-    return state, halted, jax.tree.map(lambda *xs: jnp.concatenate(xs), *outputs)
+      return state, halted, outputs[0], 0
+    return state, halted, jax.tree.map(lambda *xs: jnp.concatenate(xs), *outputs), 0
 
   def evaluate(self, state, sets: Mapping[str, Mapping] | None = None):
     totals = {}

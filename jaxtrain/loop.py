@@ -22,6 +22,7 @@ from jaxtrain import data, parallel
 from jaxtrain.feed import DeviceFeed, HostFeed, fits_on_device
 from jaxtrain.program import ProgramSpec, means
 from jaxtrain.checkpoint import state_arrays, with_arrays
+from jaxtrain.conv import resolve_impl
 from jaxtrain.state import TrainState
 from jaxtrain.step import compute_gradients
 from jaxtrain.stopping import Best, EarlyStopping
@@ -53,7 +54,6 @@ class FitConfig:
       (streamed batch by batch, prefetched; for data that do not fit) or
       ``"auto"`` (the device when the arrays take under half its memory).
     steps_per_call: K for ``"scan"`` (0: a whole epoch per call).
-    unroll: ``lax.scan`` unroll factor.
     devices: data-parallel devices (shard_map over the first N local devices).
     histogram_every: epochs between weight/gradient histograms (0: never).
     progress: progress bar (``None``: when on a terminal).
@@ -71,7 +71,6 @@ class FitConfig:
   execution: str = "auto"
   data: str = "auto"
   steps_per_call: int = 0
-  unroll: int = 1
   devices: int = 1
   histogram_every: int = 5
   progress: bool | None = None
@@ -140,16 +139,23 @@ def validate(config: FitConfig, n_train: int, *, has_val: bool) -> None:
 
 
 def choose_execution(state: TrainState, config: FitConfig) -> str:
-  """``"scan"`` unless measurements say per-step dispatch is faster.
+  """``"scan"`` unless measurements say one straight-line step per call is faster.
 
-  On CPU, XLA runs convolutions inside a ``while`` loop (``lax.scan``) far slower
-  than in a straight-line program (jax#12868), so models with 4-D kernels step
-  one call at a time there; everything else scans (see BENCHMARKS.md).
+  XLA:CPU runs ``lax.conv`` inside a loop several times slower than in a
+  straight-line program (jax#12868; 1.03 s against 0.17 s a step in
+  BENCHMARKS.md), so on CPU a model with 4-D kernels steps one call at a time,
+  unless it is one of ours computing its convolutions as matmuls (the CPU
+  default), which loops fast.
   """
   if config.execution != "auto":
     return config.execution
-  has_conv = any(np.ndim(p) == 4 for p in jax.tree.leaves(state.params))
-  return "step" if has_conv and jax.default_backend() == "cpu" else "scan"
+  if jax.default_backend() != "cpu":
+    return "scan"
+  if not any(np.ndim(p) == 4 for p in jax.tree.leaves(state.params)):
+    return "scan"
+  module = getattr(state.apply_fn, "__self__", None)
+  impl = getattr(module, "conv_impl", None)
+  return "scan" if impl is not None and resolve_impl(impl) == "matmul" else "step"
 
 
 def _as_arrays(split: Mapping[str, Any] | None, name: str):
@@ -259,7 +265,7 @@ def fit(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
       num_train=n_train, batch_size=config.batch_size,
       eval_batch_size=_eval_batch_size(config, [n_train] + [len(s["targets"]) for s in (val, test) if s]),
       drop_remainder=config.drop_remainder, nonfinite=config.nonfinite,
-      eval_every=config.eval_every_steps, unroll=config.unroll)
+      eval_every=config.eval_every_steps)
   spe = spec.steps_per_epoch
   on_device = config.data == "device" or (
       config.data == "auto" and fits_on_device(train, val))
@@ -269,7 +275,7 @@ def fit(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
     epoch_evals["val"] = val
   feed = (DeviceFeed if on_device else HostFeed)(
       spec, train, epoch_evals, augment=augment, mesh=mesh,
-      step_evals=bool(config.eval_every_steps))
+      step_evals=bool(config.eval_every_steps), straight=execution == "step")
   keep_best = rule is not None and rule.restore_best
   tree = {"state": state_arrays(state)}
   if keep_best:
@@ -300,6 +306,8 @@ def fit(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
   def save(position: Position, *, metric=None):
     if checkpointer is None:
       return
+    if monitor is not None:
+      monitor.flush()  # the checkpoint counts these lines as written
     saved = {"state": state_arrays(state)}
     if keep_best:
       saved["best"] = best_variables
@@ -357,18 +365,19 @@ def fit(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
       step = epoch * spe + start
       num = min(per_call, spe - start,
                 (checkpointer.steps_to_boundary(step) if checkpointer else None) or spe)
-      state, halted, metrics = feed.train(state, halted, run_key, epoch, start, num)
+      state, halted, metrics, offset = feed.train(state, halted, run_key, epoch, start, num)
       window(metrics)
       if not compiled:
         jax.block_until_ready(metrics)
         compiled = True
         if monitor is not None:
           monitor.mark_compiled()
-      pending.append(metrics)
+      pending.append((metrics, offset, num))
       start += num
-      if start < spe and checkpointer is not None:
+      if start < spe and (checkpointer is not None or should_stop is not None):
         interrupted = should_stop() if should_stop else None
-        if interrupted or checkpointer.due(step=step + num, epoch_end=False, epoch=epoch):
+        if interrupted or (checkpointer is not None and checkpointer.due(
+            step=step + num, epoch_end=False, epoch=epoch)):
           stop_reason = flush()
           if stop_reason:
             break
@@ -389,8 +398,7 @@ def fit(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
     if stop_reason:
       break
     epoch, start = epoch + 1, 0
-    if checkpointer is not None:
-      interrupted = should_stop() if should_stop else None
+    interrupted = should_stop() if should_stop else None
     saving = checkpointer is not None and (
         interrupted or epoch == config.epochs
         or checkpointer.due(step=epoch * spe, epoch_end=True, epoch=epoch))
@@ -413,9 +421,13 @@ def fit(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
     # A non-finite stop inside an epoch: record it so a rerun does not retrain.
     save(dataclasses.replace(position, stop_reason=stop_reason))
   if interrupted:
-    log(f"{interrupted}: saved a checkpoint at step {position.epoch * spe + position.batch} "
-        f"(epoch {position.epoch + 1}, batch {position.batch}) in "
-        f"{checkpointer.directory}; run the same command to resume")
+    where = (f"step {position.epoch * spe + position.batch} (epoch {position.epoch + 1}, "
+             f"batch {position.batch})")
+    if checkpointer is not None:
+      log(f"{interrupted}: saved a checkpoint at {where} in {checkpointer.directory}; "
+          "run the same command to resume")
+    else:
+      log(f"{interrupted}: stopped at {where}; checkpointing is off, nothing was saved")
     stop_reason = f"interrupted by {interrupted}"
   if checkpointer is not None:
     checkpointer.wait()
@@ -438,8 +450,10 @@ def _absorb(position: Position, pending, epoch: int, batch: int, spe: int,
   """Fetches pending per-step metrics (one host sync), logs them, advances."""
   if not pending:
     return dataclasses.replace(position, batch=batch), None
-  chunks = jax.device_get(pending)
-  metrics = {k: np.concatenate([np.atleast_1d(c[k]) for c in chunks]) for k in chunks[0]}
+  fetched = jax.device_get([chunk for chunk, _, _ in pending])
+  metrics = {k: np.concatenate([c[k][offset:offset + num]
+                                for c, (_, offset, num) in zip(fetched, pending)])
+             for k in fetched[0]}
   first = epoch * spe + position.batch
   steps = np.arange(first + 1, first + 1 + len(metrics["loss"]))
   stop_reason = None

@@ -115,7 +115,7 @@ def fit_many(states: TrainState, train: Mapping[str, Any], *, config: FitConfig,
   spec = ProgramSpec(num_train=n_train, batch_size=config.batch_size,
                      eval_batch_size=_eval_batch_size(config, sizes),
                      drop_remainder=config.drop_remainder, nonfinite=config.nonfinite,
-                     eval_every=config.eval_every_steps, unroll=config.unroll)
+                     eval_every=config.eval_every_steps)
   programs = Programs(spec, augment=augment, members=True, member_data=member_data)
   spe = spec.steps_per_epoch
   per_call = config.steps_per_call or spe
@@ -130,12 +130,14 @@ def fit_many(states: TrainState, train: Mapping[str, Any], *, config: FitConfig,
   chunks, sums = [], []
   for epoch in range(config.epochs):
     for start in range(0, spe, per_call):
-      state, halted, metrics = programs.train(state, halted, train_dev, step_evals,
-                                              run_keys, epoch, start, min(per_call, spe - start))
-      chunks.append(metrics)
+      num = min(per_call, spe - start)
+      state, halted, metrics, offset = programs.train(state, halted, train_dev, step_evals,
+                                                      run_keys, epoch, start, num)
+      chunks.append((metrics, offset, num))
     sums.append(programs.evaluate(state, evals))
-  chunks, sums = jax.device_get((chunks, sums))
-  steps = {k: np.concatenate([c[k] for c in chunks], axis=1) for k in chunks[0]}
+  fetched, sums = jax.device_get(([c for c, _, _ in chunks], sums))
+  steps = {k: np.concatenate([c[k][:, o:o + n] for c, (_, o, n) in zip(fetched, chunks)], axis=1)
+           for k in fetched[0]}
   epochs = [[{"epoch": e + 1, "step": (e + 1) * spe,
               **{f"{split}_{name}": float(value[m])
                  for split, totals in epoch_sums.items()

@@ -203,6 +203,13 @@ class RunMonitor:
     self._tb.flush()
     self.write(self._epoch_line(row))
 
+  def flush(self) -> None:
+    """Writes everything logged so far to disk (before a checkpoint counts it)."""
+    self._check_open()
+    self._csv_file.flush()
+    self._steps_file.flush()
+    self._tb.flush()
+
   def histograms_due(self, epoch: int) -> bool:
     """Whether epoch ``epoch`` (1-based) should call :meth:`log_histograms`."""
     return self.histogram_every > 0 and epoch % self.histogram_every == 0

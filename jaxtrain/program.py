@@ -48,7 +48,6 @@ class ProgramSpec:
     nonfinite: ``"stop"`` (freeze the state at the first non-finite loss or
       gradient) or ``"skip"`` (skip that update and go on).
     eval_every: evaluate every N steps inside the epoch (0: only at its end).
-    unroll: ``lax.scan`` unroll factor (``True``: fully unrolled).
     shuffle: draw each epoch's order from the epoch key; ``False`` keeps the
       rows' order (the host feed passes batches already in epoch order).
   """
@@ -59,7 +58,6 @@ class ProgramSpec:
   drop_remainder: bool = False
   nonfinite: str = "stop"
   eval_every: int = 0
-  unroll: int | bool = 1
   shuffle: bool = True
 
   @property
@@ -127,44 +125,73 @@ def means(totals: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
   return out
 
 
-def _train_chunk(spec: ProgramSpec, augment: Augment | None, axis_name, num_steps: int,
-                 state: TrainState, halted, train: Arrays, evals: Mapping[str, Arrays],
-                 run_key, epoch, start):
-  """Runs steps ``start .. start + num_steps`` of ``epoch``."""
-  indices, masks = data.epoch_indices(
-      key_for(run_key, "shuffle", epoch) if spec.shuffle else None, spec.num_train,
-      spec.batch_size,
-      spec.drop_remainder)
-  indices = jax.lax.dynamic_slice_in_dim(indices, start, num_steps)
-  masks = jax.lax.dynamic_slice_in_dim(masks, start, num_steps)
-
-  def body(carry, xs):
-    state, halted = carry
-    batch = _gather(train, *xs, axis_name)
-    if augment is not None:
-      # One key per global row position, so the augmentation of a row does not
-      # depend on how the batch is split across devices.
-      keys = jax.random.split(key_for(run_key, "augment", state.step), spec.batch_size)
-      batch["inputs"] = jax.vmap(augment)(_local(keys, axis_name), batch["inputs"])
-    grads, batch_stats, metrics = compute_gradients(
-        state, batch, key_for(run_key, "dropout", state.step), axis_name=axis_name)
-    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
-    # A non-finite update is never applied; with "stop" nothing after it is
-    # either. cond, not a select over the state: the skipped branch costs nothing.
-    state = jax.lax.cond(
-        finite & ~halted,
-        lambda s: s.apply_gradients(grads, batch_stats=batch_stats), lambda s: s, state)
-    if spec.nonfinite == "stop":
-      halted = halted | ~finite
-    metrics = {**metrics, "finite": finite,
-               "learning_rate": current_learning_rate(state.opt_state)}
-    if spec.eval_every:
-      metrics.update(_maybe_evaluate(spec, state, evals, axis_name))
-    return (state, halted), metrics
-
-  (state, halted), metrics = jax.lax.scan(
-      body, (state, halted), (indices, masks), unroll=spec.unroll)
+def _train_step(spec: ProgramSpec, augment, axis_name, state: TrainState, halted,
+                train: Arrays, evals, run_key, indices, masks, i):
+  """Step ``i`` of the epoch whose batches are ``indices``/``masks``."""
+  batch = _gather(train, indices[i], masks[i], axis_name)
+  if augment is not None:
+    # One key per global row position, so the augmentation of a row does not
+    # depend on how the batch is split across devices.
+    keys = jax.random.split(key_for(run_key, "augment", state.step), spec.batch_size)
+    batch["inputs"] = jax.vmap(augment)(_local(keys, axis_name), batch["inputs"])
+  grads, batch_stats, metrics = compute_gradients(
+      state, batch, key_for(run_key, "dropout", state.step), axis_name=axis_name)
+  finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+  # A non-finite update is never applied; with "stop" nothing after it is
+  # either. cond, not a select over the state: the skipped branch costs nothing.
+  state = jax.lax.cond(
+      finite & ~halted,
+      lambda s: s.apply_gradients(grads, batch_stats=batch_stats), lambda s: s, state)
+  if spec.nonfinite == "stop":
+    halted = halted | ~finite
+  metrics = {**metrics, "finite": finite,
+             "learning_rate": current_learning_rate(state.opt_state)}
+  if spec.eval_every:
+    metrics.update(_maybe_evaluate(spec, state, evals, axis_name))
   return state, halted, metrics
+
+
+def _epoch_batches(spec: ProgramSpec, run_key, epoch):
+  return data.epoch_indices(
+      key_for(run_key, "shuffle", epoch) if spec.shuffle else None, spec.num_train,
+      spec.batch_size, spec.drop_remainder)
+
+
+def _train_chunk(spec: ProgramSpec, augment: Augment | None, axis_name,
+                 state: TrainState, halted, train: Arrays, evals: Mapping[str, Arrays],
+                 run_key, epoch, start, num_steps):
+  """Runs steps ``start .. start + num_steps`` of ``epoch`` (both traced).
+
+  One executable serves every chunk length, so where an epoch is cut into calls
+  (a mid-epoch save, a resume) cannot change the numbers: XLA compiles scans of
+  different lengths differently. Per-step metrics land in epoch-long buffers;
+  the caller reads entries ``start .. start + num_steps``.
+  """
+  indices, masks = _epoch_batches(spec, run_key, epoch)
+  step = functools.partial(_train_step, spec, augment, axis_name)
+  shapes = jax.eval_shape(
+      lambda s, h: step(s, h, train, evals, run_key, indices, masks, 0)[2], state, halted)
+  buffers = {k: jnp.zeros((spec.steps_per_epoch,) + v.shape, v.dtype)
+             for k, v in shapes.items()}
+
+  def body(i, carry):
+    state, halted, buffers = carry
+    state, halted, metrics = step(state, halted, train, evals, run_key, indices, masks, i)
+    return state, halted, {k: buffers[k].at[i].set(metrics[k]) for k in buffers}
+
+  return jax.lax.fori_loop(start, start + num_steps, body, (state, halted, buffers))
+
+
+def _train_one(spec: ProgramSpec, augment: Augment | None, axis_name,
+               state: TrainState, halted, train: Arrays, evals: Mapping[str, Arrays],
+               run_key, epoch, start, num_steps):
+  """One step, straight-line (no loop): XLA:CPU runs convolutions inside loops
+  far slower (jax#12868). Metrics come back with a leading axis of length 1."""
+  del num_steps  # always 1
+  indices, masks = _epoch_batches(spec, run_key, epoch)
+  state, halted, metrics = _train_step(spec, augment, axis_name, state, halted, train,
+                                       evals, run_key, indices, masks, start)
+  return state, halted, jax.tree.map(lambda m: m[None], metrics)
 
 
 def _maybe_evaluate(spec, state, evals, axis_name):
@@ -191,7 +218,7 @@ def _evaluate_all(spec: ProgramSpec, axis_name, state, evals: Mapping[str, Array
 
 
 @functools.lru_cache(maxsize=128)
-def _compiled(kind, spec, augment, mesh, donate, members, member_data, num_steps):
+def _compiled(kind, spec, augment, mesh, donate, members, member_data):
   """One jitted program per configuration, shared by every run that needs it.
 
   jit caches compiled code per function object; building the functions here
@@ -200,9 +227,10 @@ def _compiled(kind, spec, augment, mesh, donate, members, member_data, num_steps
   """
   axis_name = mesh.axis_names[0] if mesh is not None else None
   data_axis = 0 if member_data else None
-  if kind == "train":
-    fn = functools.partial(_train_chunk, spec, augment, axis_name, num_steps)
-    n_in, in_axes, donated = 7, (0, 0, data_axis, data_axis, 0, None, None), donate
+  if kind in ("train", "step"):
+    fn = functools.partial(_train_chunk if kind == "train" else _train_one, spec, augment,
+                           axis_name)
+    n_in, in_axes, donated = 8, (0, 0, data_axis, data_axis, 0, None, None, None), donate
   else:
     fn = functools.partial(_evaluate_all, spec, axis_name)
     n_in, in_axes, donated = 2, (0, data_axis), False
@@ -240,12 +268,25 @@ class Programs:
         if size % shards:
           raise ValueError(f"{name} {size} is not divisible by the {shards} devices")
     self._key = (spec, augment, mesh, donate, members, member_data)
-    self.evaluate = _compiled("evaluate", *self._key, 0)
+    self.evaluate = _compiled("evaluate", *self._key)
 
   def train(self, state, halted, train_arrays, eval_arrays, run_key, epoch, start,
-            num_steps: int):
-    return _compiled("train", *self._key, num_steps)(
-        state, halted, train_arrays, eval_arrays, run_key, epoch, start)
+            num_steps: int, *, straight: bool = False):
+    """Steps ``start .. start + num_steps`` of ``epoch``.
+
+    Returns ``(state, halted, metrics, offset)``: per-step metrics are entries
+    ``offset .. offset + num_steps`` of the returned arrays. ``straight`` runs a
+    single step without a loop (``num_steps`` must be 1).
+    """
+    if straight:
+      if num_steps != 1:
+        raise ValueError(f"a straight-line call runs 1 step, got num_steps={num_steps}")
+      fn, offset = _compiled("step", *self._key), 0
+    else:
+      fn, offset = _compiled("train", *self._key), start
+    state, halted, metrics = fn(state, halted, train_arrays, eval_arrays, run_key,
+                                epoch, start, num_steps)
+    return state, halted, metrics, offset
 
   def place(self, tree, *, copy: bool = False):
     """Puts a tree on the device(s) the programs run on (replicated on a mesh).
