@@ -127,7 +127,9 @@ def check_compatible(saved, wanted, where: str) -> None:
     raise CheckpointError(
         f"checkpoint {where} does not match the requested model: "
         f"missing {missing[:3]}, unexpected {extra[:3]}")
-  for path, shape in wanted_shapes.items():
+  # Parameters first: a mismatch there is the one a reader recognises.
+  for path in sorted(wanted_shapes, key=lambda p: ("params" not in p.split("/"), p)):
+    shape = wanted_shapes[path]
     if saved_shapes[path] != shape:
       raise CheckpointError(
           f"checkpoint {where} does not match the requested model: {path} has shape "

@@ -34,7 +34,7 @@ class RunDirError(ValueError):
 
 # What a run writes; overwrite removes only these, never a user's other files.
 RUN_FILES = ("config.json", "metrics.csv", "steps.jsonl", "curves.png", "tensorboard",
-             DIRECTORY)
+             DIRECTORY, f"{DIRECTORY}_damaged")
 # Settings that may change between a run and its resumption.
 _NOT_IDENTITY = {"epochs", "overwrite", "workdir", "progress", "checkpoint", "versions",
                  "backend", "devices_info", "every_epochs", "every_steps", "every_seconds"}
