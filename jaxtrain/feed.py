@@ -81,8 +81,7 @@ class HostFeed:
     outputs = []
     batch = self._batch(epoch, run_key, start)
     for index in range(start, start + num_steps):
-      current = batch
-      state, halted, metrics, _ = self.programs.train(state, halted, current, {},
+      state, halted, metrics, _ = self.programs.train(state, halted, batch, {},
                                                       run_key, epoch, 0, 1)
       if index + 1 < start + num_steps:
         # Prepared while the step above runs (dispatch is asynchronous).

@@ -260,7 +260,6 @@ class Programs:
                member_data: bool = False):
     self.spec, self.mesh = spec, mesh
     self.members, self.member_data = members, member_data
-    axis_name = mesh.axis_names[0] if mesh is not None else None
     if mesh is not None:
       shards = mesh.devices.size
       for name, size in (("batch_size", spec.batch_size),

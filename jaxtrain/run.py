@@ -146,7 +146,8 @@ def run(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
   record = {**record, "checkpoint": checkpoint}
   resume = check_workdir(workdir, record, overwrite=overwrite) and checkpoint is not None
   if not resume:
-    _clear(workdir) if workdir.exists() else None
+    if workdir.exists():
+      _clear(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   checkpointer = Checkpointer(workdir, checkpoint) if checkpoint is not None else None
   steps_per_epoch = (len(train["targets"]) // config.batch_size if config.drop_remainder

@@ -20,7 +20,6 @@ import shutil
 import subprocess
 import sys
 
-import jax
 import pytest
 
 from experiments import _cli, two_moons

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import jaxtrain
-from jaxtrain import losses, models, parallel
+from jaxtrain import models, parallel
 from tests.helpers import classification_batch, make_state, tree_allclose
 
 KEY = jax.random.key(42)
@@ -91,6 +91,15 @@ def test_dropout_masks_differ_between_devices():
   assert not tree_allclose(parallel.unreplicate(pstate).params, device0.params, atol=1e-6)
   device1, _ = jax.jit(jaxtrain.train_step)(state, shard, jax.random.fold_in(KEY, 1))
   assert not tree_allclose(device0.params, device1.params, atol=1e-6)
+
+
+def test_shard_batch_and_unshard_round_trip():
+  batch = classification_batch(n=8)
+  sharded = parallel.shard_batch(batch)
+  assert sharded["inputs"].shape == (4, 2, 6)
+  assert len(sharded["inputs"].sharding.device_set) == 4
+  for key, value in parallel.unshard(sharded).items():
+    np.testing.assert_array_equal(value, batch[key])
 
 
 def test_shard_batch_rejects_indivisible_batch():
