@@ -179,6 +179,10 @@ class Checkpointer:
       return True
     return bool(c.every_seconds) and time.monotonic() - self.last_save >= c.every_seconds
 
+  def due_at_epoch(self, epoch: int) -> bool:
+    """Whether the end of epoch ``epoch`` (1-based) is an epoch-cadence save."""
+    return bool(self.config.every_epochs) and epoch % self.config.every_epochs == 0
+
   def steps_to_boundary(self, step: int) -> int | None:
     """Steps until the next step-count save, or None."""
     if not self.config.every_steps:

@@ -1,8 +1,8 @@
 """How training data reach the compiled programs: resident on the device, or
 streamed from the host.
 
-:class:`DeviceFeed` keeps the arrays on the device and runs K steps per call
-(the fast path). :class:`HostFeed` is for data that do not fit: each batch is
+:class:`DeviceFeed` keeps the arrays on the device and runs many steps, across
+epochs and with their evaluations, per call (the fast path). :class:`HostFeed` is for data that do not fit: each batch is
 gathered on the host in the same epoch order (:func:`jaxtrain.data.epoch_indices`
 from the same key) and sent to the device while the previous step runs, and the
 same compiled step body trains on it, so both feeds give the same run.
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -22,11 +23,31 @@ from jaxtrain.keys import key_for
 from jaxtrain.program import ProgramSpec, Programs
 
 
+class Chunk(NamedTuple):
+  """What one call trained: global steps ``first .. first + num``.
+
+  ``steps`` holds per-step metrics (entry ``j`` is step ``first + j``; longer
+  arrays are padded); ``epochs`` holds ``{name: sums}`` with a leading slot axis,
+  slot ``k`` being epoch ``first // steps_per_epoch + k`` where that epoch ended
+  in the chunk, or None when no epoch ended or nothing is evaluated.
+  """
+
+  first: int
+  num: int
+  steps: dict
+  epochs: dict | None
+
+
+def _stack_sums(sums):
+  return None if not sums else jax.tree.map(lambda v: v[None], sums)
+
+
 class DeviceFeed:
   """Training and evaluation arrays placed once on the device(s)."""
 
   def __init__(self, spec: ProgramSpec, train, evals: Mapping[str, Mapping], *,
                augment=None, mesh=None, step_evals: bool = False, straight: bool = False):
+    self.spec = spec
     self.straight = straight  # one straight-line step per call (execution="step")
     self.programs = Programs(spec, augment=augment, mesh=mesh)
     self.place = self.programs.place
@@ -35,10 +56,27 @@ class DeviceFeed:
                   for name, arrays in evals.items()}
     self.step_evals = self.evals if step_evals else {}
 
-  def train(self, state, halted, run_key, epoch: int, start: int, num_steps: int):
-    """Returns ``(state, halted, metrics, offset)`` (see ``Programs.train``)."""
-    return self.programs.train(state, halted, self.train_arrays, self.step_evals,
-                               run_key, epoch, start, num_steps, straight=self.straight)
+  @property
+  def max_steps(self) -> int:
+    """The most steps one :meth:`train` call takes."""
+    return self.spec.span
+
+  def train(self, state, halted, run_key, first: int, num_steps: int):
+    """Trains global steps ``first .. first + num_steps``, evaluating the epoch
+    sets at every epoch end; returns ``(state, halted, [Chunk, ...])``."""
+    if not self.straight:
+      state, halted, steps, sums = self.programs.train(
+          state, halted, self.train_arrays, self.step_evals, self.evals, run_key, first,
+          num_steps)
+      return state, halted, [Chunk(first, num_steps, steps, sums if self.evals else None)]
+    chunks = []
+    for step in range(first, first + num_steps):
+      state, halted, steps, _ = self.programs.train(
+          state, halted, self.train_arrays, self.step_evals, {}, run_key, step, 1,
+          straight=True)
+      ends = (step + 1) % self.spec.steps_per_epoch == 0
+      chunks.append(Chunk(step, 1, steps, _stack_sums(self.evaluate(state)) if ends else None))
+    return state, halted, chunks
 
   def evaluate(self, state, sets: Mapping[str, Mapping] | None = None):
     """Sums of every epoch evaluation set, or of ``sets`` (host arrays)."""
@@ -56,7 +94,7 @@ class HostFeed:
       raise ValueError("eval_every_steps needs the data on the device (data='device')")
     self.spec, self.train_arrays, self.evals = spec, train, dict(evals)
     step_spec = dataclasses.replace(spec, num_train=spec.batch_size, shuffle=False,
-                                    drop_remainder=False, eval_every=0)
+                                    drop_remainder=False, eval_every=0, max_steps=0)
     eval_spec = dataclasses.replace(step_spec, batch_size=spec.eval_batch_size,
                                     num_train=spec.eval_batch_size)
     self.programs = Programs(step_spec, augment=augment, mesh=mesh)
@@ -64,7 +102,10 @@ class HostFeed:
     self.place = self.programs.place
     self._epoch, self._order = None, None
 
-  def _batch(self, epoch: int, run_key, index: int):
+  max_steps = DeviceFeed.max_steps
+
+  def _batch(self, run_key, step: int):
+    epoch, index = divmod(step, self.spec.steps_per_epoch)
     if self._epoch != epoch:
       n = len(self.train_arrays["targets"])
       self._order = jax.device_get(data.epoch_indices(
@@ -77,19 +118,20 @@ class HostFeed:
       mask = mask * np.asarray(self.train_arrays["mask"], np.float32)[idx]
     return self.place({**batch, "mask": mask})
 
-  def train(self, state, halted, run_key, epoch: int, start: int, num_steps: int):
-    outputs = []
-    batch = self._batch(epoch, run_key, start)
-    for index in range(start, start + num_steps):
-      state, halted, metrics, _ = self.programs.train(state, halted, batch, {},
-                                                      run_key, epoch, 0, 1)
-      if index + 1 < start + num_steps:
+  def train(self, state, halted, run_key, first: int, num_steps: int):
+    chunks = []
+    batch = self._batch(run_key, first)
+    for step in range(first, first + num_steps):
+      # The one-step program sees a one-batch "epoch": step 0 of epoch 0 is this
+      # batch, while the state's own step keeps the dropout keys global.
+      state, halted, metrics, _ = self.programs.train(state, halted, batch, {}, {},
+                                                      run_key, 0, 1, straight=True)
+      if step + 1 < first + num_steps:
         # Prepared while the step above runs (dispatch is asynchronous).
-        batch = self._batch(epoch, run_key, index + 1)
-      outputs.append(metrics)
-    if len(outputs) == 1:
-      return state, halted, outputs[0], 0
-    return state, halted, jax.tree.map(lambda *xs: jnp.concatenate(xs), *outputs), 0
+        batch = self._batch(run_key, step + 1)
+      ends = (step + 1) % self.spec.steps_per_epoch == 0
+      chunks.append(Chunk(step, 1, metrics, _stack_sums(self.evaluate(state)) if ends else None))
+    return state, halted, chunks
 
   def evaluate(self, state, sets: Mapping[str, Mapping] | None = None):
     totals = {}

@@ -30,6 +30,8 @@ from jaxtrain.stopping import Best, EarlyStopping
 COLUMNS = ("epoch", "step", "train_loss", "train_accuracy", "val_loss", "val_accuracy",
            "train_loss_running", "learning_rate", "seconds")
 EXECUTIONS = ("auto", "scan", "step")
+CALL_SECONDS = 1.0  # the wall time one compiled call aims for
+MAX_SPAN_STEPS = 4096  # steps one call may run (whole epochs, at least one)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +55,9 @@ class FitConfig:
     data: where the training data live: ``"device"`` (fast path), ``"host"``
       (streamed batch by batch, prefetched; for data that do not fit) or
       ``"auto"`` (the device when the arrays take under half its memory).
-    steps_per_call: K for ``"scan"`` (0: a whole epoch per call).
+    steps_per_call: the most steps one compiled call runs (0: whole epochs,
+      as many as take about a second, up to 4096 steps). Calls also end where
+      the host must act: early stopping, histograms, checkpoints.
     devices: data-parallel devices (shard_map over the first N local devices).
     histogram_every: epochs between weight/gradient histograms (0: never).
     progress: progress bar (``None``: when on a terminal).
@@ -156,6 +160,17 @@ def choose_execution(state: TrainState, config: FitConfig) -> str:
   module = getattr(state.apply_fn, "__self__", None)
   impl = getattr(module, "conv_impl", None)
   return "scan" if impl is not None and resolve_impl(impl) == "matmul" else "step"
+
+
+def program_spec(config: FitConfig, n_train: int, eval_sizes=()) -> ProgramSpec:
+  """The compiled programs' static description for a run of ``config``."""
+  spe = data.num_batches(n_train, config.batch_size, config.drop_remainder)
+  return ProgramSpec(
+      num_train=n_train, batch_size=config.batch_size,
+      eval_batch_size=_eval_batch_size(config, [n_train, *eval_sizes]),
+      drop_remainder=config.drop_remainder, nonfinite=config.nonfinite,
+      eval_every=config.eval_every_steps,
+      max_steps=config.steps_per_call or spe * max(1, MAX_SPAN_STEPS // spe))
 
 
 def _as_arrays(split: Mapping[str, Any] | None, name: str):
@@ -261,15 +276,10 @@ def fit(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
   n_train = len(train["targets"])
   mesh = parallel.local_mesh(jax.local_devices()[: config.devices]) if config.devices > 1 else None
   execution = choose_execution(state, config)
-  spec = ProgramSpec(
-      num_train=n_train, batch_size=config.batch_size,
-      eval_batch_size=_eval_batch_size(config, [n_train] + [len(s["targets"]) for s in (val, test) if s]),
-      drop_remainder=config.drop_remainder, nonfinite=config.nonfinite,
-      eval_every=config.eval_every_steps)
+  spec = program_spec(config, n_train, [len(s["targets"]) for s in (val, test) if s])
   spe = spec.steps_per_epoch
   on_device = config.data == "device" or (
       config.data == "auto" and fits_on_device(train, val))
-  per_call = 1 if execution == "step" or not on_device else (config.steps_per_call or spe)
   epoch_evals = {"train": train} if config.evaluate_train else {}
   if val is not None:
     epoch_evals["val"] = val
@@ -318,102 +328,126 @@ def fit(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
   history = {"epoch": {c: [] for c in COLUMNS}, "step": {}}
   for row in position.rows:
     _extend(history["epoch"], row)
-  compiled, interrupted = False, None
-  stop_reason = position.stop_reason
-  epoch, start = position.epoch, position.batch
-  lagged = None  # an epoch dispatched but not yet fetched: (epoch, pending, sums, t0)
+  stop_reason, interrupted = position.stop_reason, None
+  total = config.epochs * spe
+  max_steps = feed.max_steps
+  compiled = False
+  epoch_seconds = 0.0  # wall time spent so far on the current epoch
+  # Calls grow to about CALL_SECONDS of work once a call has been timed, so
+  # signals and time-based saves are seen about that often (the numbers do not
+  # depend on where calls end).
+  call_epochs, timed = 1, 0
 
-  def finish(ep, pending, sums, started):
-    """Fetches epoch ``ep``'s results, logs them, updates the best record."""
-    nonlocal position, best_variables
-    position, reason = _absorb(position, pending, ep, spe, spe, config, monitor, history, log)
-    if reason:
-      return reason, None
-    row = _row(ep + 1, (ep + 1) * spe, jax.device_get(sums), position.partial,
-               time.perf_counter() - started)
-    _extend(history["epoch"], row)
-    if monitor is not None:
-      monitor.log_epoch(row)
-      if monitor.histograms_due(ep + 1):
-        monitor.log_histograms(row["step"], state.params,
-                               _gradients(state, train, config, run_key))
-    best = position.best.update(row.get(rule.monitor if rule else "val_loss", math.nan),
-                                ep + 1, rule)
-    if keep_best and best.epoch == ep + 1:
-      best_variables = jax.tree.map(jnp.copy, {"params": state.params,
-                                               "batch_stats": state.batch_stats})
-    if best.should_stop(rule):
-      reason = (f"early stopping after epoch {ep + 1}: {rule.monitor} has not improved "
-                f"for {rule.patience} epochs; best epoch {best.epoch} "
-                f"({rule.monitor} {best.value:.6g})")
-      log(reason)
-    position = dataclasses.replace(position, epoch=ep + 1, batch=0, best=best,
-                                   rows=position.rows + [row], partial={},
-                                   stop_reason=reason)
-    return reason, row
+  def host_needs_epoch(epoch: int) -> bool:
+    """Whether the host must act right after epoch ``epoch`` (1-based) ends,
+    with that epoch's state: early stopping, histograms, an epoch-cadence save."""
+    return (rule is not None
+            or (monitor is not None and monitor.histograms_due(epoch))
+            or (checkpointer is not None and checkpointer.due_at_epoch(epoch)))
 
-  def flush():
-    nonlocal lagged
-    reason = finish(*lagged)[0] if lagged else None
-    lagged = None
-    return reason
+  def plan(first: int) -> int:
+    """Where the call starting at global step ``first`` ends."""
+    end = min(total, first + max_steps, first + call_epochs * spe)
+    if config.steps_per_call:
+      end = min(end, first + config.steps_per_call)
+    if checkpointer is not None:
+      end = min(end, first + (checkpointer.steps_to_boundary(first) or total))
+    boundary = (first // spe + 1) * spe
+    while boundary < end and not host_needs_epoch(boundary // spe):
+      boundary += spe
+    return min(end, boundary)
 
-  while stop_reason is None and interrupted is None and epoch < config.epochs:
-    started = time.perf_counter()
-    pending = []
-    while start < spe:
-      step = epoch * spe + start
-      num = min(per_call, spe - start,
-                (checkpointer.steps_to_boundary(step) if checkpointer else None) or spe)
-      state, halted, metrics, offset = feed.train(state, halted, run_key, epoch, start, num)
-      window(metrics)
-      if not compiled:
-        jax.block_until_ready(metrics)
-        compiled = True
-        if monitor is not None:
-          monitor.mark_compiled()
-      pending.append((metrics, offset, num))
-      start += num
-      if start < spe and (checkpointer is not None or should_stop is not None):
-        interrupted = should_stop() if should_stop else None
-        if interrupted or (checkpointer is not None and checkpointer.due(
-            step=step + num, epoch_end=False, epoch=epoch)):
-          stop_reason = flush()
-          if stop_reason:
-            break
-          position, stop_reason = _absorb(position, pending, epoch, start, spe, config,
-                                          monitor, history, log)
-          pending = []
-          if stop_reason:
-            break
-          save(position)
-          if interrupted:
-            break
-    if stop_reason or interrupted:
-      break
-    sums = feed.evaluate(state)
-    # The previous epoch's results are fetched only now, after this epoch is
-    # queued, so the device never waits for the host between epochs.
-    stop_reason = flush()
-    if stop_reason:
-      break
-    epoch, start = epoch + 1, 0
+  def absorb(call) -> str | None:
+    """Fetches a call's results (one host sync) and logs them: per-step records,
+    then a row for every epoch that ended in it. Returns a stop reason."""
+    nonlocal position, best_variables, epoch_seconds, call_epochs, timed
+    first, end, chunks, started = call
+    fetched = jax.device_get([(c.steps, c.epochs) for c in chunks])
+    per_step = (time.perf_counter() - started) / (end - first)
+    timed += 1
+    if timed > 1:  # the first call's time is mostly compiling
+      call_epochs = max(1, int(CALL_SECONDS / (per_step * spe)))
+    steps = {k: np.concatenate([f[0][k][: c.num] for f, c in zip(fetched, chunks)])
+             for k in fetched[0][0]}
+    epoch_sums = {c.first // spe + slot: jax.tree.map(lambda v: v[slot], f[1])
+                  for f, c in zip(fetched, chunks) if f[1] is not None
+                  for slot in range(jax.tree.leaves(f[1])[0].shape[0])}
+    at = first
+    while at < end:
+      epoch = at // spe
+      stop = min(end, (epoch + 1) * spe)
+      segment = {k: v[at - first: stop - first] for k, v in steps.items()}
+      position, reason = _absorb(position, segment, epoch, at - epoch * spe,
+                                 stop - epoch * spe, spe, config, monitor, history, log)
+      epoch_seconds += per_step * (stop - at)
+      at = stop
+      if reason:
+        return reason
+      if stop < (epoch + 1) * spe:
+        break
+      row = _row(epoch + 1, stop, epoch_sums.get(epoch, {}), position.partial, epoch_seconds)
+      epoch_seconds = 0.0
+      _extend(history["epoch"], row)
+      if monitor is not None:
+        monitor.log_epoch(row)
+        if monitor.histograms_due(epoch + 1):  # planned as a call end: state is current
+          monitor.log_histograms(row["step"], state.params,
+                                 _gradients(state, train, config, run_key))
+      best = position.best.update(row.get(rule.monitor if rule else "val_loss", math.nan),
+                                  epoch + 1, rule)
+      if keep_best and best.epoch == epoch + 1:
+        best_variables = jax.tree.map(jnp.copy, {"params": state.params,
+                                                 "batch_stats": state.batch_stats})
+      if best.should_stop(rule):
+        reason = (f"early stopping after epoch {epoch + 1}: {rule.monitor} has not improved "
+                  f"for {rule.patience} epochs; best epoch {best.epoch} "
+                  f"({rule.monitor} {best.value:.6g})")
+        log(reason)
+      position = dataclasses.replace(position, epoch=epoch + 1, batch=0, best=best,
+                                     rows=position.rows + [row], partial={},
+                                     stop_reason=reason)
+      if reason:
+        return reason
+    return None
+
+  first = position.epoch * spe + position.batch
+  lagged = None  # a call dispatched but not yet fetched (nothing needed its results)
+  while stop_reason is None and interrupted is None and first < total:
+    end = plan(first)
+    call_started = time.perf_counter()
+    state, halted, chunks = feed.train(state, halted, run_key, first, end - first)
+    for chunk in chunks:
+      window(chunk.steps)
+    if not compiled:
+      jax.block_until_ready(chunks[-1].steps)
+      compiled = True
+      if monitor is not None:
+        monitor.mark_compiled()
+    call = (first, end, chunks, call_started)
+    if lagged is not None:
+      # The previous call's results are fetched only now, after this call is
+      # queued, so the device never waits for the host between calls.
+      stop_reason, lagged = absorb(lagged), None
+      if stop_reason:
+        break
+    first = end
     interrupted = should_stop() if should_stop else None
+    epoch_end = end % spe == 0
     saving = checkpointer is not None and (
-        interrupted or epoch == config.epochs
-        or checkpointer.due(step=epoch * spe, epoch_end=True, epoch=epoch))
-    # Early stopping, a save or histograms need this epoch's results (and its
-    # state) before the next epoch runs; otherwise they can wait.
-    if (rule is None and not saving and epoch < config.epochs
-        and not (monitor is not None and monitor.histograms_due(epoch))):
-      lagged = (epoch - 1, pending, sums, started)
+        interrupted or end == total
+        or checkpointer.due(step=end, epoch_end=epoch_end, epoch=end // spe))
+    if not (saving or interrupted or end == total
+            or (epoch_end and host_needs_epoch(end // spe))):
+      lagged = call
       continue
-    stop_reason, row = finish(epoch - 1, pending, sums, started)
-    if checkpointer is not None and (saving or stop_reason) and row is not None:
+    stop_reason = absorb(call)
+    if checkpointer is not None and (saving or stop_reason) and (
+        not stop_reason or position.stop_reason):
+      row = position.rows[-1] if epoch_end and position.rows else {}
       save(position, metric=row.get(checkpointer.config.monitor,
-                                    row.get("train_loss", math.nan)))
-  if stop_reason is None:
-    stop_reason = flush()
+                                    row.get("train_loss", math.nan)) if row else None)
+  if lagged is not None and stop_reason is None:
+    stop_reason = absorb(lagged)
   lagged = None
 
   window.drain()
@@ -445,16 +479,12 @@ def fit(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
                    stop_reason=stop_reason, test=test_metrics)
 
 
-def _absorb(position: Position, pending, epoch: int, batch: int, spe: int,
-            config: FitConfig, monitor, history, log):
-  """Fetches pending per-step metrics (one host sync), logs them, advances."""
-  if not pending:
-    return dataclasses.replace(position, batch=batch), None
-  fetched = jax.device_get([chunk for chunk, _, _ in pending])
-  metrics = {k: np.concatenate([c[k][offset:offset + num]
-                                for c, (_, offset, num) in zip(fetched, pending)])
-             for k in fetched[0]}
-  first = epoch * spe + position.batch
+def _absorb(position: Position, metrics: Mapping[str, np.ndarray], epoch: int,
+            start: int, batch: int, spe: int, config: FitConfig, monitor, history, log):
+  """Logs the fetched per-step metrics of batches ``start .. batch`` of ``epoch``
+  and advances the position to ``batch``. Returns ``(position, stop_reason)``; the
+  reason is a non-finite loss or gradient with ``nonfinite="stop"``."""
+  first = epoch * spe + start
   steps = np.arange(first + 1, first + 1 + len(metrics["loss"]))
   stop_reason = None
   bad = np.flatnonzero(~metrics["finite"])
@@ -462,7 +492,7 @@ def _absorb(position: Position, pending, epoch: int, batch: int, spe: int,
     index = int(bad[0])
     stop_reason = (
         f"non-finite loss or gradient at step {steps[index]} (epoch {epoch + 1}, batch "
-        f"{position.batch + index + 1}): stopped; the state is the one before that step")
+        f"{start + index + 1}): stopped; the state is the one before that step")
     steps, metrics = steps[: index + 1], {k: v[: index + 1] for k, v in metrics.items()}
   _extend(history["step"], {"step": steps, **metrics})
   if monitor is not None:

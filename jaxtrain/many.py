@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxtrain.loop import FitConfig, _as_arrays, _eval_batch_size, validate
-from jaxtrain.program import ProgramSpec, Programs, means
+from jaxtrain.loop import FitConfig, _as_arrays, program_spec, validate
+from jaxtrain.program import Programs, means
 from jaxtrain.state import TrainState
 
 
@@ -111,14 +111,10 @@ def fit_many(states: TrainState, train: Mapping[str, Any], *, config: FitConfig,
   members = len(jax.tree.leaves(states)[0])
   if len(seeds) != members:
     raise ValueError(f"seeds has {len(seeds)} entries for {members} stacked states")
-  sizes = [n_train] + [len(squeeze(s)["targets"]) for s in (val_, test_) if s is not None]
-  spec = ProgramSpec(num_train=n_train, batch_size=config.batch_size,
-                     eval_batch_size=_eval_batch_size(config, sizes),
-                     drop_remainder=config.drop_remainder, nonfinite=config.nonfinite,
-                     eval_every=config.eval_every_steps)
+  sizes = [len(squeeze(s)["targets"]) for s in (val_, test_) if s is not None]
+  spec = program_spec(config, n_train, sizes)
   programs = Programs(spec, augment=augment, members=True, member_data=member_data)
   spe = spec.steps_per_epoch
-  per_call = config.steps_per_call or spe
   train_dev = programs.place(train_)
   evals = {"train": train_dev} if config.evaluate_train else {}
   if val_ is not None:
@@ -127,17 +123,18 @@ def fit_many(states: TrainState, train: Mapping[str, Any], *, config: FitConfig,
   run_keys = jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
   halted = jnp.zeros((members,), bool)
   state = programs.place(states)
-  chunks, sums = [], []
-  for epoch in range(config.epochs):
-    for start in range(0, spe, per_call):
-      num = min(per_call, spe - start)
-      state, halted, metrics, offset = programs.train(state, halted, train_dev, step_evals,
-                                                      run_keys, epoch, start, num)
-      chunks.append((metrics, offset, num))
-    sums.append(programs.evaluate(state, evals))
-  fetched, sums = jax.device_get(([c for c, _, _ in chunks], sums))
-  steps = {k: np.concatenate([c[k][:, o:o + n] for c, (_, o, n) in zip(fetched, chunks)], axis=1)
-           for k in fetched[0]}
+  total, calls = config.epochs * spe, []
+  for first in range(0, total, spec.span):
+    num = min(spec.span, total - first)
+    state, halted, steps, sums = programs.train(state, halted, train_dev, step_evals, evals,
+                                                run_keys, first, num)
+    calls.append((first, num, steps, sums))
+  fetched = jax.device_get([(steps, sums) for _, _, steps, sums in calls])
+  steps = {k: np.concatenate([f[0][k][:, :num] for f, (_, num, _, _) in zip(fetched, calls)],
+                             axis=1) for k in fetched[0][0]}
+  sums = [jax.tree.map(lambda v: v[:, epoch - first // spe], f[1])  # noqa: B023
+          for f, (first, num, _, _) in zip(fetched, calls)
+          for epoch in range(first // spe, (first + num) // spe)]
   epochs = [[{"epoch": e + 1, "step": (e + 1) * spe,
               **{f"{split}_{name}": float(value[m])
                  for split, totals in epoch_sums.items()

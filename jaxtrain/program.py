@@ -1,13 +1,14 @@
-"""Compiled training programs: K steps of an epoch in one call, on device.
+"""Compiled training programs: many steps, across epochs, in one call on device.
 
-The training arrays live on the device. One call draws the epoch's permutation
-from the epoch key (:func:`jaxtrain.data.epoch_indices`), gathers each batch,
-runs :func:`jaxtrain.train_step` under ``lax.scan`` and returns the per-step
-metrics as stacked arrays; the end-of-epoch evaluation (and, when asked, an
-evaluation every N steps) is compiled into the same program. Every key is
-``key_for(run_key, use, position)``, so the numbers do not depend on how the
-epoch is cut into calls: K = 1 (one step per call) and K = a whole epoch give
-the same run, which is what makes a mid-epoch resume exact.
+The training arrays live on the device. One call runs a span of global steps:
+for each epoch it touches it draws the epoch's order from the epoch key
+(:func:`jaxtrain.data.epoch_indices`), runs :func:`jaxtrain.train_step` over the
+batches in a loop, and at every epoch end it reaches evaluates the whole
+evaluation sets; per-step metrics and per-epoch sums come back as arrays once per
+call. Every key is ``key_for(run_key, use, position)`` and the span's bounds are
+traced, so one executable serves every span: how a run is cut into calls (a
+whole run in one call, one epoch, or a mid-epoch checkpoint) cannot change a bit
+of it, which is what makes a resume exact.
 
 The program is written per device with an optional ``axis_name``: under
 ``shard_map`` every device draws the same permutation, takes its slice of each
@@ -23,6 +24,7 @@ from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxtrain import data
@@ -50,6 +52,8 @@ class ProgramSpec:
     eval_every: evaluate every N steps inside the epoch (0: only at its end).
     shuffle: draw each epoch's order from the epoch key; ``False`` keeps the
       rows' order (the host feed passes batches already in epoch order).
+    max_steps: the most steps one call runs (0: one epoch); sets the size of the
+      per-step metric buffers, so it is part of the compiled program.
   """
 
   num_train: int
@@ -59,10 +63,21 @@ class ProgramSpec:
   nonfinite: str = "stop"
   eval_every: int = 0
   shuffle: bool = True
+  max_steps: int = 0
 
   @property
   def steps_per_epoch(self) -> int:
     return data.num_batches(self.num_train, self.batch_size, self.drop_remainder)
+
+  @property
+  def span(self) -> int:
+    """Steps per call at most."""
+    return self.max_steps or self.steps_per_epoch
+
+  @property
+  def epoch_slots(self) -> int:
+    """Epoch ends a span of ``span`` steps can reach, wherever it starts."""
+    return -(-self.span // self.steps_per_epoch) + 1
 
 
 def _local(rows: jax.Array, axis_name: str | None) -> jax.Array:
@@ -157,41 +172,77 @@ def _epoch_batches(spec: ProgramSpec, run_key, epoch):
       spec.batch_size, spec.drop_remainder)
 
 
-def _train_chunk(spec: ProgramSpec, augment: Augment | None, axis_name,
-                 state: TrainState, halted, train: Arrays, evals: Mapping[str, Arrays],
-                 run_key, epoch, start, num_steps):
-  """Runs steps ``start .. start + num_steps`` of ``epoch`` (both traced).
+def _pack(metrics: Mapping[str, jax.Array], like: Mapping) -> jax.Array:
+  """Scalar metrics as one float32 vector (in ``like``'s order): one buffer
+  write per step, not one each."""
+  return jnp.stack([jnp.asarray(metrics[k], jnp.float32) for k in like])
 
-  One executable serves every chunk length, so where an epoch is cut into calls
-  (a mid-epoch save, a resume) cannot change the numbers: XLA compiles scans of
-  different lengths differently. Per-step metrics land in epoch-long buffers;
-  the caller reads entries ``start .. start + num_steps``.
+
+def _unpack(packed: jax.Array, like: Mapping[str, jax.ShapeDtypeStruct]) -> dict:
+  return {k: packed[..., j].astype(v.dtype) for j, (k, v) in enumerate(like.items())}
+
+
+def _train_span(spec: ProgramSpec, augment: Augment | None, axis_name,
+                state: TrainState, halted, train: Arrays, step_evals: Mapping[str, Arrays],
+                epoch_evals: Mapping[str, Arrays], run_key, first, num_steps):
+  """Runs global steps ``first .. first + num_steps`` (both traced), across epochs.
+
+  Returns ``(state, halted, step_metrics, epoch_sums)``: per-step metrics in
+  buffers of ``spec.span`` entries (entry ``j`` is step ``first + j``), and for
+  every epoch ending inside the span the evaluation sums of ``epoch_evals`` in
+  slot ``epoch - first // steps_per_epoch`` (other slots hold zeros).
   """
-  indices, masks = _epoch_batches(spec, run_key, epoch)
+  spe = spec.steps_per_epoch
+  last = first + num_steps
+  first_epoch = first // spe
   step = functools.partial(_train_step, spec, augment, axis_name)
+  zero = jnp.zeros((), jnp.int32)
   shapes = jax.eval_shape(
-      lambda s, h: step(s, h, train, evals, run_key, indices, masks, 0)[2], state, halted)
-  buffers = {k: jnp.zeros((spec.steps_per_epoch,) + v.shape, v.dtype)
-             for k, v in shapes.items()}
+      lambda s, h, k: step(s, h, train, step_evals, run_key, *_epoch_batches(spec, k, zero),
+                           zero)[2], state, halted, run_key)
+  steps = jnp.zeros((spec.span, len(shapes)), jnp.float32)
+  sums_shapes = jax.eval_shape(functools.partial(_evaluate_all, spec, axis_name), state,
+                               epoch_evals)
+  sums = jax.tree.map(lambda v: jnp.zeros((spec.epoch_slots,) + v.shape, v.dtype), sums_shapes)
 
-  def body(i, carry):
-    state, halted, buffers = carry
-    state, halted, metrics = step(state, halted, train, evals, run_key, indices, masks, i)
-    return state, halted, {k: buffers[k].at[i].set(metrics[k]) for k in buffers}
+  def epoch_body(epoch, carry):
+    indices, masks = _epoch_batches(spec, run_key, epoch)
+    base = epoch * spe - first  # buffer entry of the epoch's step 0
 
-  return jax.lax.fori_loop(start, start + num_steps, body, (state, halted, buffers))
+    def step_body(i, carry):
+      state, halted, steps = carry
+      state, halted, metrics = step(state, halted, train, step_evals, run_key, indices,
+                                    masks, i)
+      return state, halted, steps.at[base + i].set(_pack(metrics, shapes))
+
+    state, halted, steps, sums = carry
+    end = jnp.minimum(last - epoch * spe, spe)
+    state, halted, steps = jax.lax.fori_loop(
+        jnp.maximum(first - epoch * spe, 0), end, step_body, (state, halted, steps))
+    if epoch_evals:
+      epoch_sums = jax.lax.cond(
+          end == spe, lambda s: _evaluate_all(spec, axis_name, s, epoch_evals),
+          lambda s: jax.tree.map(lambda v: jnp.zeros(v.shape, v.dtype), sums_shapes), state)
+      sums = jax.tree.map(lambda b, v: b.at[epoch - first_epoch].set(v), sums, epoch_sums)
+    return state, halted, steps, sums
+
+  state, halted, steps, sums = jax.lax.fori_loop(
+      first_epoch, (last + spe - 1) // spe, epoch_body, (state, halted, steps, sums))
+  return state, halted, _unpack(steps, shapes), sums
 
 
 def _train_one(spec: ProgramSpec, augment: Augment | None, axis_name,
-               state: TrainState, halted, train: Arrays, evals: Mapping[str, Arrays],
-               run_key, epoch, start, num_steps):
+               state: TrainState, halted, train: Arrays, step_evals: Mapping[str, Arrays],
+               epoch_evals, run_key, first, num_steps):
   """One step, straight-line (no loop): XLA:CPU runs convolutions inside loops
-  far slower (jax#12868). Metrics come back with a leading axis of length 1."""
-  del num_steps  # always 1
+  far slower (jax#12868). Metrics come back with a leading axis of length 1; the
+  caller evaluates at epoch ends (``epoch_sums`` is None)."""
+  del num_steps, epoch_evals  # always 1 step; evaluated by the caller
+  epoch, index = jnp.divmod(first, spec.steps_per_epoch)
   indices, masks = _epoch_batches(spec, run_key, epoch)
   state, halted, metrics = _train_step(spec, augment, axis_name, state, halted, train,
-                                       evals, run_key, indices, masks, start)
-  return state, halted, jax.tree.map(lambda m: m[None], metrics)
+                                       step_evals, run_key, indices, masks, index)
+  return state, halted, jax.tree.map(lambda m: m[None], metrics), None
 
 
 def _maybe_evaluate(spec, state, evals, axis_name):
@@ -228,9 +279,10 @@ def _compiled(kind, spec, augment, mesh, donate, members, member_data):
   axis_name = mesh.axis_names[0] if mesh is not None else None
   data_axis = 0 if member_data else None
   if kind in ("train", "step"):
-    fn = functools.partial(_train_chunk if kind == "train" else _train_one, spec, augment,
+    fn = functools.partial(_train_span if kind == "train" else _train_one, spec, augment,
                            axis_name)
-    n_in, in_axes, donated = 8, (0, 0, data_axis, data_axis, 0, None, None, None), donate
+    n_in, donated = 8, donate
+    in_axes = (0, 0, data_axis, data_axis, data_axis, 0, None, None)
   else:
     fn = functools.partial(_evaluate_all, spec, axis_name)
     n_in, in_axes, donated = 2, (0, data_axis), False
@@ -244,9 +296,9 @@ def _compiled(kind, spec, augment, mesh, donate, members, member_data):
 class Programs:
   """The jitted programs of one run; built once, so nothing recompiles.
 
-  ``train(state, halted, train_arrays, eval_arrays, run_key, epoch, start,
-  num_steps)`` returns ``(state, halted, per_step_metrics)``;
-  ``evaluate(state, eval_arrays)`` returns ``{name: sums}``.
+  ``train(state, halted, train_arrays, step_evals, epoch_evals, run_key, first,
+  num_steps)`` returns ``(state, halted, step_metrics, epoch_sums)`` (see
+  :func:`_train_span`); ``evaluate(state, eval_arrays)`` returns ``{name: sums}``.
   With a ``mesh`` both run as ``shard_map`` over its single axis: the state and
   data are replicated, each device takes its slice of every batch.
 
@@ -269,23 +321,24 @@ class Programs:
     self._key = (spec, augment, mesh, donate, members, member_data)
     self.evaluate = _compiled("evaluate", *self._key)
 
-  def train(self, state, halted, train_arrays, eval_arrays, run_key, epoch, start,
-            num_steps: int, *, straight: bool = False):
-    """Steps ``start .. start + num_steps`` of ``epoch``.
+  def train(self, state, halted, train_arrays, step_evals, epoch_evals, run_key,
+            first: int, num_steps: int, *, straight: bool = False):
+    """Global steps ``first .. first + num_steps``, evaluating at epoch ends.
 
-    Returns ``(state, halted, metrics, offset)``: per-step metrics are entries
-    ``offset .. offset + num_steps`` of the returned arrays. ``straight`` runs a
-    single step without a loop (``num_steps`` must be 1).
+    Returns ``(state, halted, step_metrics, epoch_sums)``: entry ``j`` of the
+    metrics is step ``first + j``; ``epoch_sums`` (``{name: sums}`` with a
+    leading slot axis) holds epoch ``first // steps_per_epoch + slot`` where that
+    epoch ended in the span. ``straight`` runs a single step without a loop
+    (``num_steps`` must be 1) and leaves evaluation to the caller
+    (``epoch_sums`` is None).
     """
-    if straight:
-      if num_steps != 1:
-        raise ValueError(f"a straight-line call runs 1 step, got num_steps={num_steps}")
-      fn, offset = _compiled("step", *self._key), 0
-    else:
-      fn, offset = _compiled("train", *self._key), start
-    state, halted, metrics = fn(state, halted, train_arrays, eval_arrays, run_key,
-                                epoch, start, num_steps)
-    return state, halted, metrics, offset
+    if not 1 <= num_steps <= self.spec.span:
+      raise ValueError(f"num_steps must be in 1..{self.spec.span}, got {num_steps}")
+    if straight and num_steps != 1:
+      raise ValueError(f"a straight-line call runs 1 step, got num_steps={num_steps}")
+    fn = _compiled("step" if straight else "train", *self._key)
+    return fn(state, halted, train_arrays, step_evals, epoch_evals, run_key,
+              np.int32(first), np.int32(num_steps))
 
   def place(self, tree, *, copy: bool = False):
     """Puts a tree on the device(s) the programs run on (replicated on a mesh).

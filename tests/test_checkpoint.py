@@ -143,8 +143,8 @@ VARIANTS = {
     "batch_norm": (dict(hidden_sizes=(8,), batch_norm=True), 0.1, None, EPOCHS),
     "schedule": (dict(hidden_sizes=(8,)),
                  optax.warmup_cosine_decay_schedule(0.0, 0.3, 7, EPOCHS * SPE), None, EPOCHS),
-    # lr 0.3: val_loss is best at epoch 5, then worse; stops after epoch 7 of 10.
-    "early_stopping": (dict(hidden_sizes=(8,)), 0.3, EarlyStopping(patience=2), 10),
+    # lr 0.8: val_loss is best at epoch 4, then worse; stops after epoch 6 of 10.
+    "early_stopping": (dict(hidden_sizes=(8,)), 0.8, EarlyStopping(patience=2), 10),
 }
 
 
@@ -174,10 +174,12 @@ def train_into(workdir, variant="plain", *, epochs=None,
                   record=record, val=val, checkpoint=checkpoint)
 
 
-def poll_index(step: int, every_steps: int = EVERY_STEPS) -> int:
+def poll_index(step: int, variant: str = "plain", every_steps: int = EVERY_STEPS) -> int:
   """1-based index of fit's stop poll at global ``step``: polls happen at every
-  call boundary, i.e. at multiples of ``every_steps`` and at epoch ends."""
-  polls = [s for s in range(1, step + 1) if s % every_steps == 0 or s % SPE == 0]
+  call boundary, i.e. at multiples of ``every_steps`` and, where the host acts
+  on every epoch (early stopping), at epoch ends."""
+  polls = [s for s in range(1, step + 1)
+           if s % every_steps == 0 or (variant == "early_stopping" and s % SPE == 0)]
   assert polls[-1] == step, f"no call boundary at step {step}"
   return len(polls)
 
@@ -328,11 +330,11 @@ def test_saving_every_epoch_synchronously_does_not_change_the_run(tmp_path, refe
 CUTS = [  # (variant, global step of the interrupt); EPOCHS * SPE = 15 steps
     ("plain", 3),    # mid-epoch 1, the first boundary: nothing saved before
     ("plain", 9),    # mid-epoch 2 (batch 4), after cadence saves at 3 and 6
-    ("plain", 10),   # end of epoch 2, not a cadence step
+    ("early_stopping", 10),  # end of epoch 2, not a cadence step
     ("dropout", 9),
     ("batch_norm", 12),
     ("schedule", 6),
-    ("early_stopping", 27),  # mid-epoch 6 of 10: after the best epoch (5), before the stop (7)
+    ("early_stopping", 27),  # mid-epoch 6 of 10: after the best epoch (4), before the stop (6)
 ]
 
 
@@ -341,7 +343,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, reference, caps
                                                        variant, step):
   """Against the uninterrupted run with the same cadence (cadence itself: above)."""
   ref_dir, ref = reference(variant, "steps")
-  with scripted_stop(poll_index(step)):
+  with scripted_stop(poll_index(step, variant)):
     stopped = train_into(tmp_path, variant)
   out = capsys.readouterr().out
   assert stopped.stop_reason == "interrupted by SIGTERM"
@@ -360,10 +362,10 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, reference, caps
 
 
 def test_crash_resumes_from_the_last_cadence_checkpoint(tmp_path, reference, capsys):
-  """An exception at the end of epoch 2 (step 10): the last save was at step 9, and
-  metrics.csv / steps.jsonl may already hold more; the rerun must drop it."""
+  """An exception at the call boundary after step 9 (step 12, before its save):
+  the rerun resumes from step 9 and drops whatever the files hold beyond it."""
   ref_dir, ref = reference("plain", "steps")
-  with scripted_stop(poll_index(10), crash=True), pytest.raises(RuntimeError,
+  with scripted_stop(poll_index(12), crash=True), pytest.raises(RuntimeError,
                                                                 match="simulated crash"):
     train_into(tmp_path)
   gc.collect()  # the dead run's buffered files are flushed now, not mid-resume
@@ -570,7 +572,7 @@ def test_load_with_like_returns_the_final_state(reference):
   # last state (the checkpoint also holds the best params, for the run itself).
   run_dir, ref = reference("early_stopping", "steps")
   loaded = ckpt.load(run_dir, like=make_state("early_stopping"))
-  assert int(loaded.step) == 7 * SPE
+  assert int(loaded.step) == 6 * SPE
   assert not tree_equal(loaded.params, ref.state.params)
 
 
@@ -675,7 +677,7 @@ def test_load_best_and_latest_without_like(moons_best_run):
 @short_failure
 def test_load_best_is_the_runs_best_epoch_with_early_stopping(reference):
   run_dir, ref = reference("early_stopping", "steps")
-  assert ref.best.epoch == 5
+  assert ref.best.epoch == 4
   best = ckpt.load(run_dir, step="best", like=make_state("early_stopping"))
   assert tree_equal(best.params, ref.state.params)
 

@@ -153,7 +153,7 @@ def test_default_config_reaches_95_percent_held_out_accuracy(tmp_path):
   assert accuracy >= 0.95, out[-500:]
   rows = read_csv(workdir / "metrics.csv")
   assert len(rows) == 100
-  assert float(rows[-1]["val_accuracy"]) >= 0.95
+  assert float(rows[-1]["val_accuracy"]) >= 0.95 - 1e-6  # 190/200 in float32 is 0.9499999
 
 
 # ------------------------------------------------------------------------ --help

@@ -34,8 +34,38 @@ def test_key_gives_a_permutation_drawn_from_it():
   assert sorted(first[mask > 0].tolist()) == list(range(10))
   np.testing.assert_array_equal(first, again)
   assert not np.array_equal(first, other)
-  perm = np.asarray(jax.random.permutation(jax.random.key(1), 10))
+  perm = np.asarray(data.permutation(jax.random.key(1), 10))
   np.testing.assert_array_equal(first[:10], perm)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 7, 8, 9, 31, 32, 33, 800, 1023, 1024, 1025, 60_000])
+def test_permutation_is_a_bijection_for_every_size(n):
+  for seed in range(3):
+    order = np.asarray(data.permutation(jax.random.key(seed), n))
+    assert order.dtype == np.int32
+    np.testing.assert_array_equal(np.sort(order), np.arange(n))
+
+
+def test_permutation_is_uniform():
+  # 6000 draws of an order of 6 rows: every row lands in every position about
+  # 1000 times, and every one of the 720 orders shows up (chi-square-sized bounds).
+  draw = jax.jit(jax.vmap(lambda k: data.permutation(k, 6)))
+  orders = np.asarray(draw(jax.random.split(jax.random.key(0), 6000)))
+  counts = np.stack([(orders == row).sum(axis=0) for row in range(6)])
+  chi2 = ((counts - 1000.0) ** 2 / 1000.0).sum()
+  assert chi2 < 60, counts  # 25 degrees of freedom: p < 1e-4 at 60
+  distinct = {tuple(o) for o in orders.tolist()}
+  assert len(distinct) == 720
+  # Consecutive epochs (folded keys) are unrelated: rows keep their position
+  # 1/n of the time, not more.
+  a = np.asarray(data.permutation(jax.random.fold_in(jax.random.key(0), 1), 1000))
+  b = np.asarray(data.permutation(jax.random.fold_in(jax.random.key(0), 2), 1000))
+  assert (a == b).sum() < 10
+
+
+def test_permutation_rejects_empty():
+  with pytest.raises(ValueError, match="n must be >= 1, got 0"):
+    data.permutation(jax.random.key(0), 0)
 
 
 def test_inputs_follow_targets():
