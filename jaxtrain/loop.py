@@ -194,7 +194,7 @@ def _row(epoch, step, sums, step_metrics, seconds) -> dict[str, Any]:
     if split in sums:
       for name, value in means(sums[split]).items():
         row[f"{split}_{name}"] = float(value)
-  row["train_loss_running"] = float(np.mean(step_metrics["loss"]))
+  row["train_loss_running"] = float(np.mean(step_metrics["loss"], dtype=np.float64))
   row["learning_rate"] = float(step_metrics["learning_rate"][-1])
   row["seconds"] = seconds
   return row
@@ -366,26 +366,36 @@ def fit(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
     per_step = (time.perf_counter() - started) / (end - first)
     timed += 1
     if timed > 1:  # the first call's time is mostly compiling
-      call_epochs = max(1, int(CALL_SECONDS / (per_step * spe)))
+      # At most an eighth of the run per call, so the host logs one call while
+      # the device runs the next rather than all epochs after the last.
+      call_epochs = max(1, min(int(CALL_SECONDS / (per_step * spe)),
+                               -(-config.epochs // 8)))
     steps = {k: np.concatenate([f[0][k][: c.num] for f, c in zip(fetched, chunks)])
              for k in fetched[0][0]}
-    epoch_sums = {c.first // spe + slot: jax.tree.map(lambda v: v[slot], f[1])
-                  for f, c in zip(fetched, chunks) if f[1] is not None
-                  for slot in range(jax.tree.leaves(f[1])[0].shape[0])}
-    at = first
-    while at < end:
-      epoch = at // spe
-      stop = min(end, (epoch + 1) * spe)
-      segment = {k: v[at - first: stop - first] for k, v in steps.items()}
-      position, reason = _absorb(position, segment, epoch, at - epoch * spe,
-                                 stop - epoch * spe, spe, config, monitor, history, log)
-      epoch_seconds += per_step * (stop - at)
-      at = stop
-      if reason:
-        return reason
-      if stop < (epoch + 1) * spe:
+    epoch_sums = {}
+    for (_, sums), chunk in zip(fetched, chunks):
+      for epoch in range(chunk.first // spe, (chunk.first + chunk.num) // spe):
+        if sums is not None:
+          epoch_sums[epoch] = jax.tree.map(lambda v: v[epoch - chunk.first // spe], sums)  # noqa: B023
+    position, steps, reason = _log_steps(position, steps, first, spe, config, monitor,
+                                         history, log)
+    stop = first + len(steps["loss"])
+    while position.epoch * spe + position.batch < stop:
+      at = position.epoch * spe + position.batch
+      epoch = position.epoch
+      upto = min(stop, (epoch + 1) * spe)
+      epoch_seconds += per_step * (upto - at)
+      def so_far(key):  # this epoch's values of a per-step metric, in order
+        return np.concatenate([np.asarray(position.partial.get(key, []), np.float64),  # noqa: B023
+                               np.asarray(steps[key][at - first: upto - first], np.float64)])  # noqa: B023
+
+      if upto < (epoch + 1) * spe or (reason and upto == stop):
+        # The epoch goes on in the next call (or the run stopped inside it).
+        position = dataclasses.replace(position, batch=upto - epoch * spe,
+                                       partial={k: so_far(k).tolist() for k in steps})
         break
-      row = _row(epoch + 1, stop, epoch_sums.get(epoch, {}), position.partial, epoch_seconds)
+      row = _row(epoch + 1, upto, epoch_sums.get(epoch, {}),
+                 {k: so_far(k) for k in ("loss", "learning_rate")}, epoch_seconds)
       epoch_seconds = 0.0
       _extend(history["epoch"], row)
       if monitor is not None:
@@ -407,8 +417,8 @@ def fit(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
                                      rows=position.rows + [row], partial={},
                                      stop_reason=reason)
       if reason:
-        return reason
-    return None
+        break
+    return reason
 
   first = position.epoch * spe + position.batch
   lagged = None  # a call dispatched but not yet fetched (nothing needed its results)
@@ -479,37 +489,37 @@ def fit(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
                    stop_reason=stop_reason, test=test_metrics)
 
 
-def _absorb(position: Position, metrics: Mapping[str, np.ndarray], epoch: int,
-            start: int, batch: int, spe: int, config: FitConfig, monitor, history, log):
-  """Logs the fetched per-step metrics of batches ``start .. batch`` of ``epoch``
-  and advances the position to ``batch``. Returns ``(position, stop_reason)``; the
-  reason is a non-finite loss or gradient with ``nonfinite="stop"``."""
-  first = epoch * spe + start
+def _log_steps(position: Position, metrics: Mapping[str, np.ndarray], first: int, spe: int,
+               config: FitConfig, monitor, history, log):
+  """Logs the fetched per-step metrics of global steps ``first ..``. With
+  ``nonfinite="stop"`` they end at the first non-finite loss or gradient, and a
+  stop reason says so. Returns ``(position, metrics, stop_reason)``."""
   steps = np.arange(first + 1, first + 1 + len(metrics["loss"]))
   stop_reason = None
   bad = np.flatnonzero(~metrics["finite"])
   if bad.size and config.nonfinite == "stop":
     index = int(bad[0])
+    epoch, batch = divmod(int(steps[index]) - 1, spe)
     stop_reason = (
         f"non-finite loss or gradient at step {steps[index]} (epoch {epoch + 1}, batch "
-        f"{start + index + 1}): stopped; the state is the one before that step")
+        f"{batch + 1}): stopped; the state is the one before that step")
     steps, metrics = steps[: index + 1], {k: v[: index + 1] for k, v in metrics.items()}
   _extend(history["step"], {"step": steps, **metrics})
   if monitor is not None:
     monitor.log_steps(steps, metrics)
-  partial = dict(position.partial)
-  for key, values in metrics.items():
-    partial[key] = list(partial.get(key, [])) + np.asarray(values, np.float64).tolist()
   if stop_reason:
     log(stop_reason)
-  return dataclasses.replace(position, batch=batch, partial=partial,
-                             step_records=position.step_records + len(steps),
-                             stop_reason=None), stop_reason
+  position = dataclasses.replace(position, step_records=position.step_records + len(steps))
+  return position, metrics, stop_reason
 
 
 def _extend(table: dict[str, list], values: Mapping[str, Any]) -> None:
   for key, value in values.items():
-    table.setdefault(key, []).extend(np.atleast_1d(value).tolist())
+    column = table.setdefault(key, [])
+    if isinstance(value, np.ndarray):
+      column.extend(value.tolist())
+    else:
+      column.append(value)
 
 
 def _gradients(state: TrainState, train, config: FitConfig, run_key):

@@ -68,7 +68,12 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   # overflow at +-100, and no cancellation either (logsumexp(x) - x[y] would
   # lose ~1e-5 when both are near 100, as optax's integer-label loss does).
   log_probs = jax.nn.log_softmax(_as_float(logits), axis=-1)
-  losses = -jnp.take_along_axis(log_probs, labels[..., None], axis=-1)[..., 0]
+  # A one-hot select, not take_along_axis: elementwise forward and backward
+  # (a gather's gradient is a scatter), so it fuses with the softmax.
+  classes = log_probs.shape[-1]
+  picked = jnp.arange(classes) == labels[..., None]
+  losses = -jnp.sum(jnp.where(picked, log_probs, 0.0), axis=-1)
+  losses = jnp.where((labels >= 0) & (labels < classes), losses, jnp.nan)
   return _mean_over_trailing_axes(losses)
 
 
