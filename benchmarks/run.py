@@ -10,12 +10,9 @@ first run minus that median. Rates use the steady-state time of the whole
 workload (training and its evaluations): steps/s = training steps / time,
 examples/s = steps/s * batch size.
 
-Until commit 37ca69f ``jaxtrain.fit`` compiled its programs afresh on every
-call. So that "steady state" always means compiled, the fit rows run under a
-benchmark-side cache of ``jaxtrain.program.Programs`` (:class:`ProgramCache`, a
-no-op now that the library shares its programs), and the second call is made
-without it: "2nd run s" is what the library does on its own, with the number
-of compilations it needed when there were any.
+A second call of the same workload reuses the library's compiled programs
+(``jaxtrain.program`` shares them between runs of the same setup); "2nd run s"
+times it and notes the compilations it needed, if any.
 
 PyTorch rows run ``benchmarks/torch_baselines.py`` in-process in a worker of
 this interpreter when it can ``import torch``, else under
@@ -290,44 +287,6 @@ class CompileCounter:
       self.count += 1
 
 
-class ProgramCache:
-  """Reuses one ``jaxtrain.program.Programs`` per (spec, options) while active.
-
-  Before commit 37ca69f, ``fit`` and ``fit_many`` built ``Programs(spec, ...)``
-  on every call, whose ``jax.jit`` wrapped a fresh ``functools.partial``: jit's
-  caches missed and every call traced and compiled again. Swapping a memoizing
-  factory into every jaxtrain module that imported ``Programs`` keeps compiled
-  programs across calls whatever the library does (a no-op once it caches them).
-  """
-
-  def __init__(self):
-    import jaxtrain  # noqa: F401  (loads the modules that import Programs)
-    import jaxtrain.many  # noqa: F401
-    from jaxtrain import program
-    self._original = program.Programs
-    self._cache = {}
-    self._modules = [m for name, m in list(sys.modules.items())
-                     if name.startswith("jaxtrain") and name != "jaxtrain.program"
-                     and getattr(m, "Programs", None) is self._original]
-
-  def factory(self, spec, **options):
-    key = (spec, tuple(sorted(options.items(), key=lambda kv: kv[0])))
-    if key not in self._cache:
-      self._cache[key] = self._original(spec, **options)
-    return self._cache[key]
-
-  @contextlib.contextmanager
-  def __call__(self, active: bool = True):
-    chosen = self.factory if active else self._original
-    for module in self._modules:
-      module.Programs = chosen
-    try:
-      yield
-    finally:
-      for module in self._modules:
-        module.Programs = self._original
-
-
 def _timed(fn: Callable[[], Any]) -> float:
   import jax
   started = time.perf_counter()
@@ -378,7 +337,6 @@ def work_fit(workload: str, row: Row, repeats: int) -> dict:
   from jaxtrain import losses
 
   counter = CompileCounter()
-  cache = ProgramCache()
   train, val = _data(workload, row)
   model, tx = _jaxtrain_model(workload, row), _jaxtrain_tx(workload)
   loss_fn = losses.binary_cross_entropy_with_logits if SETTINGS[workload]["loss"] == "bce" \
@@ -394,21 +352,18 @@ def work_fit(workload: str, row: Row, repeats: int) -> dict:
     return out.state
 
   measure = _matmul_timer() if workload == "mlp" else None
-  with cache(True):
-    first = _timed(run)
-    compiles_first = counter.count
-  with cache(False):  # the library as it is: a second call with fresh programs
-    before = counter.count
-    second = _timed(run)
-    compiles_second = counter.count - before
-  with cache(True):
-    before = counter.count
-    times, peaks = [], []
-    for _ in range(repeats):
-      if measure is not None:
-        peaks.append(measure())
-      times.append(_timed(run))
-    compiles_steady = counter.count - before
+  first = _timed(run)
+  compiles_first = counter.count
+  before = counter.count
+  second = _timed(run)
+  compiles_second = counter.count - before
+  before = counter.count
+  times, peaks = [], []
+  for _ in range(repeats):
+    if measure is not None:
+      peaks.append(measure())
+    times.append(_timed(run))
+  compiles_steady = counter.count - before
   from jaxtrain.loop import choose_execution
   state = jaxtrain.create_train_state(model, tx, jax.random.key(0), example, loss_fn=loss_fn)
   last = {k: v[-1] for k, v in result["last"].items() if v and isinstance(v[-1], float)}
@@ -493,7 +448,6 @@ def work_many(workload: str, row: Row, repeats: int) -> dict:
   from jaxtrain import losses
 
   counter = CompileCounter()
-  cache = ProgramCache()
   configs, data, many = _seed_data()
   train = many.stack([d[0] for d in data])
   val = many.stack([d[1] for d in data])
@@ -511,14 +465,11 @@ def work_many(workload: str, row: Row, repeats: int) -> dict:
     result["acc"] = out.final("val_accuracy")
     return out.state
 
-  with cache(True):
-    first = _timed(run)
-  with cache(False):
-    before = counter.count
-    second = _timed(run)
-    compiles_second = counter.count - before
-  with cache(True):
-    times = [_timed(run) for _ in range(repeats)]
+  first = _timed(run)
+  before = counter.count
+  second = _timed(run)
+  compiles_second = counter.count - before
+  times = [_timed(run) for _ in range(repeats)]
   return {"first_s": first, "second_s": second, "times": times, "models": SEEDS,
           "compiles_second": compiles_second,
           "final": {"val_accuracy_mean": float(result["acc"].mean())}}
@@ -529,7 +480,6 @@ def work_fit_seq(workload: str, row: Row, repeats: int) -> dict:
   import jaxtrain
   from jaxtrain import losses
 
-  cache = ProgramCache()
   configs, data, many = _seed_data()
   model, tx = _jaxtrain_model("seeds", row), _jaxtrain_tx("seeds")
   accs = []
@@ -547,10 +497,7 @@ def work_fit_seq(workload: str, row: Row, repeats: int) -> dict:
       state = out.state
     return state
 
-  # Without the cache every fit call compiles again (see ProgramCache): a
-  # sequence would cost SEEDS compilations; the rows time the compiled fits.
-  with cache(True):
-    out = _repeat(run, repeats)
+  out = _repeat(run, repeats)
   out.pop("between")
   out["models"] = SEEDS
   out["final"] = {"val_accuracy_mean": sum(accs) / len(accs)}

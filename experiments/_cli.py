@@ -69,6 +69,23 @@ def main(config_type: type[T], run: Callable[[T], object], args: list[str] | Non
     fail(str(error).splitlines()[0] if str(error) else type(error).__name__)
 
 
+def command(config_type: type[T], run: Callable[[T], object]) -> None:
+  """``main`` for ``python -m experiments.NAME``: runs, then exits at once.
+
+  Every file the run writes is closed and every checkpoint committed before
+  ``run`` returns; what is left is the interpreter tearing down JAX, XLA and
+  Orbax objects, about 0.4 s for a two-second experiment. After the exit
+  handlers (logging, JAX, Orbax) the process ends without it.
+  """
+  import atexit
+
+  main(config_type, run)
+  sys.stdout.flush()
+  sys.stderr.flush()
+  atexit._run_exitfuncs()
+  os._exit(0)
+
+
 def from_record(config_type: type[T], values: dict) -> T:
   """Rebuilds a config dataclass from its JSON form in ``config.json``."""
   import dataclasses

@@ -141,4 +141,4 @@ def main(config: Config) -> None:
 
 
 if __name__ == "__main__":
-  _cli.main(Config, main)
+  _cli.command(Config, main)

@@ -53,6 +53,14 @@ def _identity(record: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
   return flat
 
 
+def _import_matplotlib() -> None:
+  try:
+    import matplotlib.figure  # noqa: F401
+    from matplotlib.backends import backend_agg  # noqa: F401
+  except ImportError:  # plot_curves says so itself
+    pass
+
+
 def check_workdir(workdir: str | os.PathLike, record: Mapping[str, Any] | None = None, *,
                   overwrite: bool = False) -> bool:
   """Decides how to use ``workdir``; changes nothing.
@@ -161,6 +169,8 @@ def run(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
                       progress=config.progress, resume_rows=rows,
                       resume_step_records=step_records)
 
+  # matplotlib takes ~0.3 s to import; do it while the run trains.
+  threading.Thread(target=_import_matplotlib, name="import-matplotlib", daemon=True).start()
   try:
     with stop_on_signals() as should_stop:
       result = fit(state, train, config=config, val=val, test=test, augment=augment,
