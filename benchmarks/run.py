@@ -22,7 +22,6 @@ this interpreter when it can ``import torch``, else under
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import datetime
 import importlib.metadata
