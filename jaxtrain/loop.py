@@ -347,9 +347,8 @@ def fit(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
 
   def plan(first: int) -> int:
     """Where the call starting at global step ``first`` ends."""
+    # max_steps is steps_per_call when that is set (see program_spec).
     end = min(total, first + max_steps, first + call_epochs * spe)
-    if config.steps_per_call:
-      end = min(end, first + config.steps_per_call)
     if checkpointer is not None:
       end = min(end, first + (checkpointer.steps_to_boundary(first) or total))
     boundary = (first // spe + 1) * spe
