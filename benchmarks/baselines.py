@@ -7,7 +7,10 @@ incomplete last batch dropped, as in the Flax MNIST example), per-step metrics
 kept on the device and fetched once per epoch, and evaluation by a jitted
 ``eval_step`` over batches. Evaluation sets are put on the device once and cut
 into batches once per run (what a careful Flax user does; it only helps the
-baseline). Nothing here imports jaxtrain: this is what a user writes by hand.
+baseline). This is what a user writes by hand: the baseline loop and its models
+use nothing from jaxtrain. (``IssueCNN(impl="matmul")``, the issue's net built
+the way :mod:`jaxtrain.conv` builds convolutions, is what the *jaxtrain* rows of
+that table train; it takes its product from :func:`jaxtrain.matmul.matmul`.)
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax.training import train_state
+
+from jaxtrain.matmul import matmul
 
 
 class TrainState(train_state.TrainState):
@@ -67,12 +72,13 @@ class CNN(nn.Module):
 
 
 def _conv3x3_valid_matmul(x, kernel):
-  """A 'VALID' 3x3 convolution as nine shifted slices and one matmul (im2col)."""
+  """A 'VALID' 3x3 convolution as nine shifted slices and one matmul (im2col),
+  the product through :func:`jaxtrain.matmul.matmul` as in :mod:`jaxtrain.conv`."""
   _, height, width, channels = x.shape
   patches = jnp.concatenate(
       [x[:, i : i + height - 2, j : j + width - 2, :] for i in range(3) for j in range(3)],
       axis=-1)
-  return patches @ kernel.reshape(9 * channels, kernel.shape[-1])
+  return matmul(patches, kernel.reshape(9 * channels, kernel.shape[-1]))
 
 
 class ValidConv3x3(nn.Module):

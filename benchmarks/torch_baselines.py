@@ -176,7 +176,8 @@ def _tensors(arrays, spec):
   return out
 
 
-def run_once(name: str, tensors, seed: int):
+def build(name: str, seed: int):
+  """The fresh model and optimizer a run trains (built outside the timer)."""
   spec = WORKLOADS[name]
   torch.manual_seed(seed)
   model = spec["model"]()
@@ -185,6 +186,11 @@ def run_once(name: str, tensors, seed: int):
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
   else:
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+  return model, optimizer
+
+
+def run_once(name: str, tensors, model, optimizer):
+  spec = WORKLOADS[name]
   loss_fn, correct_fn = ((_bce, _bce_correct) if spec["loss"] == "bce"
                          else (F.cross_entropy, _ce_correct))
   evals = tensors if spec["evaluate"] else {}
@@ -202,8 +208,9 @@ def run(name: str, arrays, repeats: int = 5, threads: int | None = None) -> dict
   timings = []
   history = None
   for rep in range(repeats + 2):
+    model, optimizer = build(name, rep)
     started = time.perf_counter()
-    history = run_once(name, tensors, rep)
+    history = run_once(name, tensors, model, optimizer)
     timings.append(time.perf_counter() - started)
   last = history[-1]
   return {

@@ -4,7 +4,8 @@ XLA's CPU convolutions are several times slower than its matmuls (and than
 PyTorch's oneDNN convolutions), so on CPU a 3x3 "SAME" convolution is computed as
 nine shifted slices concatenated on the channel axis and one matmul against the
 reshaped kernel; max-pooling becomes a reshape and a max. Their backward passes
-are slices, pads and matmuls too, all fast on CPU. On GPU/TPU ``lax.conv`` and
+are slices, pads and matmuls too (the kernel's gradient in the layout of
+:func:`jaxtrain.matmul.matmul`), all fast on CPU. On GPU/TPU ``lax.conv`` and
 ``reduce_window`` stay. Both implementations share the same parameters (a
 ``[3, 3, in, out]`` kernel, like ``nn.Conv``), so a checkpoint moves freely
 between backends, and agree within float tolerance.
@@ -15,6 +16,8 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from jaxtrain import matmul as _matmul
 
 IMPLS = ("auto", "xla", "matmul")
 
@@ -50,7 +53,7 @@ def conv3x3_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
       [padded[:, i : i + height, j : j + width, :] for i in range(3) for j in range(3)],
       axis=-1,
   )
-  return patches @ kernel.reshape(9 * channels, kernel.shape[-1])
+  return _matmul.matmul(patches, kernel.reshape(9 * channels, kernel.shape[-1]))
 
 
 def conv3x3_xla(x: jax.Array, kernel: jax.Array) -> jax.Array:
