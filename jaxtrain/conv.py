@@ -29,10 +29,7 @@ def check_impl(impl: str) -> None:
 
 def resolve_impl(impl: str) -> str:
   """``"auto"`` -> ``"matmul"`` on CPU, ``"xla"`` on other backends."""
-  check_impl(impl)
-  if impl == "auto":
-    return "matmul" if jax.default_backend() == "cpu" else "xla"
-  return impl
+  return _matmul.backend_impl(impl, IMPLS, cpu="matmul", what="conv_impl")
 
 
 def conv3x3_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
