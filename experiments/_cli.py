@@ -59,7 +59,7 @@ def main(config_type: type[T], run: Callable[[T], object], args: list[str] | Non
   """Parses the flags and runs; a ``ValueError`` (bad input) exits 2 in one line."""
   config = parse(config_type, args)
   try:
-    from jaxtrain.cache import enable_compilation_cache
+    from jaxtrain.engine.cache import enable_compilation_cache
 
     enable_compilation_cache()  # a second run starts compiled ($JAXTRAIN_CACHE_DIR)
     run(config)
@@ -105,3 +105,11 @@ def from_record(config_type: type[T], values: dict) -> T:
       value = tuple(value)
     kwargs[field.name] = value
   return config_type(**kwargs)
+
+
+def builder(spec, function: str) -> str:
+  """``"module:function"`` naming ``function`` of the experiment module whose
+  ``__spec__`` is ``spec`` (also under ``python -m``, where ``__name__`` is
+  ``"__main__"``): written into config.json so that ``checkpoint.load`` can
+  rebuild a run's state without being told which experiment made it."""
+  return f"{spec.name}:{function}"

@@ -20,18 +20,20 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+from typing import Annotated
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import tyro
 
 import jaxtrain
 from experiments import _cli
-from jaxtrain import data, datasets, losses, models, parallel
-from jaxtrain.checkpoint import CheckpointConfig
-from jaxtrain.optim import no_bias_norm_mask
-from jaxtrain.run import run
+from jaxtrain import data, losses, models, parallel
+from jaxtrain.core.optim import OptimizerConfig, no_bias_norm_mask
+from jaxtrain.rundir.checkpoint import CheckpointConfig
+from jaxtrain.rundir.run import run
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,26 +51,14 @@ class Config:
   shift: int = 2  # Random shifts of up to this many pixels (0: no augmentation).
   epochs: int = 8  # Passes over the training set.
   batch_size: int = 128  # Global mini-batch size (divisible by the devices).
-  optimizer: str = "adamw"  # sgd, adam or adamw.
-  learning_rate: float = 3e-3  # Peak step size, after the warmup.
+  # The optimizer (its flags take no "optim." prefix; the learning rate is the peak,
+  # after the warmup); weight decay skips biases and batch-norm parameters.
+  optim: Annotated[OptimizerConfig, tyro.conf.OmitArgPrefixes] = OptimizerConfig(
+      "adamw", learning_rate=3e-3, weight_decay=0.01, clip_norm=1.0)
   warmup_epochs: float = 1.0  # Linear warmup from 0, then cosine decay to 0.
-  momentum: float = 0.0  # SGD momentum (sgd only).
-  weight_decay: float = 0.01  # Decoupled (adamw) or L2 weight decay; not on biases/BN.
-  clip_norm: float | None = 1.0  # Clip the global gradient norm to this.
   devices: int = 0  # Data-parallel devices (0: all local devices).
   overwrite: bool = False  # Replace a different run already in --workdir.
   checkpoint: CheckpointConfig = CheckpointConfig()  # When to save; a rerun resumes.
-
-
-def read_mnist(data_dir: pathlib.Path | None) -> dict[str, dict[str, np.ndarray]]:
-  """MNIST's train and test splits: uint8 ``[n, 28, 28, 1]`` images, int32 labels."""
-  if data_dir is None:
-    parts = datasets.load_tfds("mnist", splits=("train", "test"))
-  elif not pathlib.Path(data_dir).is_dir():
-    raise ValueError(f"--data-dir {str(data_dir)!r}: not an existing directory")
-  else:
-    parts = datasets.load_mnist_idx(data_dir)
-  return {k: {**v, "inputs": v["inputs"].reshape(-1, 28, 28, 1)} for k, v in parts.items()}
 
 
 def load_data(config: Config):
@@ -77,13 +67,13 @@ def load_data(config: Config):
     raise ValueError(f"--limit must be >= 0, got {config.limit}")
   if not 0.0 < config.val_fraction < 1.0:
     raise ValueError(f"--val-fraction must be in (0, 1), got {config.val_fraction}")
-  parts = read_mnist(config.data_dir)
+  parts = data.load_mnist(config.data_dir, arg="--data-dir")
   if config.limit:
-    parts = {k: datasets.take(v, 0, min(config.limit, len(v["targets"])))
+    parts = {k: data.take(v, 0, min(config.limit, len(v["targets"])))
              for k, v in parts.items()}
-  parts = {k: {**v, "inputs": datasets.normalize_images(v["inputs"])} for k, v in parts.items()}
+  parts = {k: {**v, "inputs": data.normalize_images(v["inputs"])} for k, v in parts.items()}
   data_key = jaxtrain.key_for(jax.random.key(config.seed), "data")
-  train, val = datasets.split(parts["train"], data_key,
+  train, val = data.split(parts["train"], data_key,
                               (1 - config.val_fraction, config.val_fraction))
   return train, val, parts["test"]
 
@@ -118,22 +108,14 @@ def make_schedule(config: Config, num_train: int) -> optax.Schedule:
   total_steps = max(config.epochs, 1) * steps_per_epoch
   warmup_steps = min(round(config.warmup_epochs * steps_per_epoch), total_steps - 1)
   return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=config.learning_rate, warmup_steps=warmup_steps,
+      init_value=0.0, peak_value=config.optim.learning_rate, warmup_steps=warmup_steps,
       decay_steps=total_steps, end_value=0.0)
 
 
-def create_state(config: Config, num_train: int | None = None) -> jaxtrain.TrainState:
-  """The CNN and its optimizer, initialised from the config's seed.
-
-  The learning-rate schedule depends on the number of training images; without
-  ``num_train`` they are counted by loading the data.
-  """
-  if num_train is None:
-    num_train = len(load_data(config)[0]["targets"])
-  tx = jaxtrain.make_optimizer(config.optimizer, make_schedule(config, num_train),
-                               momentum=config.momentum, weight_decay=config.weight_decay,
-                               weight_decay_mask=no_bias_norm_mask,
-                               clip_norm=config.clip_norm)
+def create_state(config: Config, num_train: int) -> jaxtrain.TrainState:
+  """The CNN and its optimizer, initialised from the config's seed; the
+  learning-rate schedule depends on the number of training images."""
+  tx = config.optim.make(make_schedule(config, num_train), weight_decay_mask=no_bias_norm_mask)
   # On several devices batch norm averages its statistics over the devices' shards.
   model = models.CNN(features=config.features, dense=config.dense, outputs=10,
                      dropout_rate=config.dropout,
@@ -144,7 +126,14 @@ def create_state(config: Config, num_train: int | None = None) -> jaxtrain.Train
 
 
 def config_from_record(record: dict) -> Config:
+  """The Config a run's config.json holds."""
   return _cli.from_record(Config, record["config"])
+
+
+def state_from_record(record: dict) -> jaxtrain.TrainState:
+  """The state a run's config.json describes (``checkpoint.load`` calls it);
+  the number of training images comes from the record, not the data."""
+  return create_state(config_from_record(record), record["sizes"]["train"])
 
 
 def main(config: Config) -> None:
@@ -161,7 +150,8 @@ def main(config: Config) -> None:
   record = {"experiment": "mnist_cnn", "config": dataclasses.asdict(config),
             "fit": dataclasses.asdict(fit_config),
             "sizes": {"train": len(train_set["targets"]), "val": len(val_set["targets"]),
-                      "test": len(test_set["targets"])}}
+                      "test": len(test_set["targets"])},
+            "build": _cli.builder(__spec__, "state_from_record")}
   augment = make_augment(config.shift) if config.shift else None
   result = run(state, train_set, config=fit_config, workdir=config.workdir, record=record,
                val=val_set, test=test_set, augment=augment, overwrite=config.overwrite,

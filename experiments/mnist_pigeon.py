@@ -22,16 +22,18 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
-from typing import Literal
+from typing import Annotated, Literal
 
 import jax
 import numpy as np
+import tyro
 
 import jaxtrain
 from experiments import _cli
-from jaxtrain import datasets, losses, models
-from jaxtrain.checkpoint import CheckpointConfig
-from jaxtrain.run import run
+from jaxtrain import data, losses, models
+from jaxtrain.core.optim import OptimizerConfig
+from jaxtrain.rundir.checkpoint import CheckpointConfig
+from jaxtrain.rundir.run import run
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,24 +50,13 @@ class Config:
   dropout: float = 0.0  # Dropout rate after the hidden layer.
   epochs: int = 15  # Passes over the training set.
   batch_size: int = 32  # Mini-batch size.
-  optimizer: str = "sgd"  # sgd, adam or adamw.
-  learning_rate: float = 0.005  # Step size.
-  momentum: float = 0.9  # SGD momentum.
-  weight_decay: float = 0.0  # L2 (sgd, adam) or decoupled (adamw) weight decay.
-  clip_norm: float | None = None  # Clip the global gradient norm to this.
+  # The optimizer (its flags take no "optim." prefix).
+  optim: Annotated[OptimizerConfig, tyro.conf.OmitArgPrefixes] = OptimizerConfig(
+      "sgd", learning_rate=0.005, momentum=0.9)
   eval_every_steps: int = 0  # Also evaluate train and val every N steps (0: per epoch).
   devices: int = 1  # Data-parallel devices.
   overwrite: bool = False  # Replace a different run already in --workdir.
   checkpoint: CheckpointConfig = CheckpointConfig()  # When to save; a rerun resumes.
-
-
-def read_mnist(data_dir: pathlib.Path | None) -> dict[str, np.ndarray]:
-  """The MNIST training split as uint8 ``[n, 28, 28]`` images and int32 labels."""
-  if data_dir is None:
-    return datasets.load_tfds("mnist", splits=("train",))["train"]
-  if not pathlib.Path(data_dir).is_dir():
-    raise ValueError(f"--data-dir {str(data_dir)!r}: not an existing directory")
-  return datasets.load_mnist_idx(data_dir)["train"]
 
 
 def load_data(config: Config):
@@ -73,23 +64,21 @@ def load_data(config: Config):
   for name in ("train_size", "val_size"):
     if getattr(config, name) < 1:
       raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(config, name)}")
-  mnist = read_mnist(config.data_dir)
+  mnist = data.load_mnist(config.data_dir, splits=("train",), arg="--data-dir")["train"]
   n = len(mnist["targets"])
   if config.train_size + config.val_size > n:
     raise ValueError(f"--train-size {config.train_size} + --val-size {config.val_size} "
                      f"exceed the {n} MNIST training images")
-  images = datasets.normalize_images(mnist["inputs"]).reshape(n, -1)
+  images = data.normalize_images(mnist["inputs"]).reshape(n, -1)
   arrays = {"inputs": images, "targets": (mnist["targets"] < 3).astype(np.int32)}
-  train = datasets.take(arrays, 0, config.train_size)
-  val = datasets.take(arrays, config.train_size, config.train_size + config.val_size)
+  train = data.take(arrays, 0, config.train_size)
+  val = data.take(arrays, config.train_size, config.train_size + config.val_size)
   return train, val
 
 
 def create_state(config: Config) -> jaxtrain.TrainState:
   """The pigeon and its optimizer, initialised from the config's seed."""
-  tx = jaxtrain.make_optimizer(config.optimizer, config.learning_rate,
-                               momentum=config.momentum, weight_decay=config.weight_decay,
-                               clip_norm=config.clip_norm)
+  tx = config.optim.make()
   model = models.Pigeon(config.hidden, dropout_rate=config.dropout, init_style=config.init)
   return jaxtrain.create_train_state(model, tx, jax.random.key(config.seed),
                                      np.zeros((1, 784), np.float32),
@@ -97,7 +86,13 @@ def create_state(config: Config) -> jaxtrain.TrainState:
 
 
 def config_from_record(record: dict) -> Config:
+  """The Config a run's config.json holds."""
   return _cli.from_record(Config, record["config"])
+
+
+def state_from_record(record: dict) -> jaxtrain.TrainState:
+  """The state a run's config.json describes (``checkpoint.load`` calls it)."""
+  return create_state(config_from_record(record))
 
 
 def main(config: Config) -> None:
@@ -107,7 +102,8 @@ def main(config: Config) -> None:
                                   seed=config.seed, devices=config.devices,
                                   eval_every_steps=config.eval_every_steps)
   record = {"experiment": "mnist_pigeon", "config": dataclasses.asdict(config),
-            "fit": dataclasses.asdict(fit_config)}
+            "fit": dataclasses.asdict(fit_config),
+            "build": _cli.builder(__spec__, "state_from_record")}
   result = run(state, train_set, config=fit_config, workdir=config.workdir, record=record,
                val=val_set, overwrite=config.overwrite, checkpoint=config.checkpoint)
   last = {k: v[-1] for k, v in result.history["epoch"].items()}

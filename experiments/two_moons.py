@@ -13,16 +13,19 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+from typing import Annotated
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tyro
 
 import jaxtrain
 from experiments import _cli
-from jaxtrain import datasets, losses, models
-from jaxtrain.checkpoint import CheckpointConfig
-from jaxtrain.run import run
+from jaxtrain import data, losses, models
+from jaxtrain.core.optim import OptimizerConfig
+from jaxtrain.rundir.checkpoint import CheckpointConfig
+from jaxtrain.rundir.run import check_workdir, run
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,11 +41,9 @@ class Config:
   dropout: float = 0.0  # Dropout rate after each hidden layer.
   epochs: int = 100  # Passes over the training set.
   batch_size: int = 32  # Mini-batch size.
-  optimizer: str = "sgd"  # sgd, adam or adamw.
-  learning_rate: float = 0.1  # Step size.
-  momentum: float = 0.9  # SGD momentum.
-  weight_decay: float = 0.0  # L2 (sgd, adam) or decoupled (adamw) weight decay.
-  clip_norm: float | None = None  # Clip the global gradient norm to this.
+  # The optimizer (its flags take no "optim." prefix).
+  optim: Annotated[OptimizerConfig, tyro.conf.OmitArgPrefixes] = OptimizerConfig(
+      "sgd", learning_rate=0.1, momentum=0.9)
   full_batch: bool = False  # Also train by full-batch gradient descent; plot both.
   seeds: int = 1  # Train seeds seed..seed+N-1 in one vmapped program; report mean and spread.
   devices: int = 1  # Data-parallel devices.
@@ -55,18 +56,16 @@ def load_data(config: Config):
   if not 0.0 < config.test_fraction < 1.0:
     raise ValueError(f"test_fraction must be in (0, 1), got {config.test_fraction}")
   data_key = jaxtrain.key_for(jax.random.key(config.seed), "data")
-  x, y = datasets.two_moons(data_key, n_samples=config.samples, noise=config.noise)
-  train, test = datasets.split({"inputs": x, "targets": y}, data_key,
-                               fractions=(1 - config.test_fraction, config.test_fraction))
-  train_x, test_x = datasets.standardize(train["inputs"], test["inputs"])
+  x, y = data.two_moons(data_key, n_samples=config.samples, noise=config.noise)
+  train, test = data.split({"inputs": x, "targets": y}, data_key,
+                           fractions=(1 - config.test_fraction, config.test_fraction))
+  train_x, test_x = data.standardize(train["inputs"], test["inputs"])
   return {**train, "inputs": train_x}, {**test, "inputs": test_x}
 
 
 def create_states(config: Config, seeds) -> list[jaxtrain.TrainState]:
   """States of one model and optimizer (built once), initialised from each seed."""
-  tx = jaxtrain.make_optimizer(config.optimizer, config.learning_rate,
-                               momentum=config.momentum, weight_decay=config.weight_decay,
-                               clip_norm=config.clip_norm)
+  tx = config.optim.make()
   model = models.MLP(hidden_sizes=config.hidden, outputs=2, dropout_rate=config.dropout)
   return [jaxtrain.create_train_state(model, tx, jax.random.key(seed), jnp.zeros((1, 2)),
                                       loss_fn=losses.cross_entropy) for seed in seeds]
@@ -78,7 +77,13 @@ def create_state(config: Config) -> jaxtrain.TrainState:
 
 
 def config_from_record(record: dict) -> Config:
+  """The Config a run's config.json holds."""
   return _cli.from_record(Config, record["config"])
+
+
+def state_from_record(record: dict) -> jaxtrain.TrainState:
+  """The state a run's config.json describes (``checkpoint.load`` calls it)."""
+  return create_state(config_from_record(record))
 
 
 def train(config: Config, *, batch_size: int, workdir: pathlib.Path, extra=None):
@@ -87,7 +92,7 @@ def train(config: Config, *, batch_size: int, workdir: pathlib.Path, extra=None)
   fit_config = jaxtrain.FitConfig(epochs=config.epochs, batch_size=batch_size,
                                   seed=config.seed, devices=config.devices)
   record = {"experiment": "two_moons", "config": dataclasses.asdict(config),
-            "fit": dataclasses.asdict(fit_config)}
+            "fit": dataclasses.asdict(fit_config), "build": _cli.builder(__spec__, "state_from_record")}
   return run(state, train_set, config=fit_config, workdir=workdir, record=record,
              val=test_set, test=test_set, overwrite=config.overwrite,
              checkpoint=config.checkpoint, extra_curves=extra)
@@ -95,8 +100,7 @@ def train(config: Config, *, batch_size: int, workdir: pathlib.Path, extra=None)
 
 def train_seeds(config: Config) -> None:
   """``--seeds N``: N runs in one compiled program, summarised in seeds.csv."""
-  from jaxtrain import many
-  from jaxtrain.run import check_workdir
+  from jaxtrain.train import many
 
   if config.seeds < 1:
     raise ValueError(f"seeds must be >= 1, got {config.seeds}")
@@ -104,13 +108,11 @@ def train_seeds(config: Config) -> None:
     raise ValueError("--seeds and --full-batch cannot be combined")
   seeds = list(range(config.seed, config.seed + config.seeds))
   configs = [dataclasses.replace(config, seed=s) for s in seeds]
-  data = [load_data(c) for c in configs]
-  train_set = many.stack([d[0] for d in data])
-  test_set = many.stack([d[1] for d in data])
+  splits = [load_data(c) for c in configs]
+  train_set = many.stack([s[0] for s in splits])
+  test_set = many.stack([s[1] for s in splits])
   fit_config = jaxtrain.FitConfig(epochs=config.epochs, batch_size=config.batch_size)
-  jaxtrain.loop.validate(fit_config, len(data[0][0]["targets"]), has_val=True)
-  check_workdir(config.workdir, None,
-                overwrite=config.overwrite)
+  check_workdir(config.workdir, None, overwrite=config.overwrite)
   result = many.fit_many(many.stack(create_states(config, seeds)), train_set,
                          val=test_set, test=test_set, seeds=seeds, member_data=True,
                          config=fit_config)

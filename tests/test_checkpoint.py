@@ -39,12 +39,12 @@ import optax
 import pytest
 
 import jaxtrain
-import jaxtrain.run as jrun
+import jaxtrain.rundir.run as jrun
 from experiments import _cli, two_moons
 from jaxtrain import checkpoint as ckpt
 from jaxtrain import datasets, losses, models
-from jaxtrain.checkpoint import CheckpointConfig, CheckpointError, Checkpointer
-from jaxtrain.stopping import EarlyStopping
+from jaxtrain.rundir.checkpoint import CheckpointConfig, CheckpointError, Checkpointer
+from jaxtrain.train.stopping import EarlyStopping
 from tests.helpers import tree_equal
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -62,7 +62,7 @@ EVERY_STEPS = 3  # does not divide SPE: saves fall mid-epoch
 def cache_dir(tmp_path_factory):
   """The runs' persistent cache: $JAXTRAIN_CACHE_DIR (conftest points it at a
   directory of the session), else a fresh one."""
-  from jaxtrain.cache import default_cache_dir
+  from jaxtrain.engine.cache import default_cache_dir
 
   path = default_cache_dir()
   if path is None:
@@ -258,7 +258,7 @@ def assert_same_files(workdir, ref_dir):
 
 
 def arrays(state):
-  return ckpt.state_arrays(state)
+  return jaxtrain.state.state_arrays(state)
 
 
 def assert_same_state(a, b):
@@ -784,8 +784,8 @@ def test_sigterm_saves_says_where_and_exits_0(tmp_path, cache_dir, moons_long_re
 CHILD = textwrap.dedent("""
     import contextlib, os, pathlib, signal, sys, time
     sys.path.insert(0, {repo!r})
-    import jaxtrain.run as jrun
-    from jaxtrain.checkpoint import CheckpointConfig
+    import jaxtrain.rundir.run as jrun
+    from jaxtrain.rundir.checkpoint import CheckpointConfig
     from tests import test_checkpoint as t
 
     workdir = pathlib.Path(sys.argv[1])

@@ -19,11 +19,13 @@ import re
 import shutil
 import subprocess
 import sys
+import typing
 
 import pytest
+import tyro
 
 from experiments import _cli, two_moons
-from jaxtrain.loop import COLUMNS
+from jaxtrain.train.config import COLUMNS
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = ["--epochs", "2", "--samples", "200"]  # 160 training rows: 5 batches of 32
@@ -159,14 +161,19 @@ def test_default_config_reaches_95_percent_held_out_accuracy(tmp_path):
 # ------------------------------------------------------------------------ --help
 
 
-def _options(config_type, prefix=""):
-  """(flag, default as tyro prints it) for every field, nested configs included."""
+def _options(config_type, prefix="", defaults=None):
+  """(flag, default as tyro prints it) for every field, nested configs included
+  (with the nesting field's defaults, and without their prefix where the field
+  says OmitArgPrefixes)."""
+  hints = typing.get_type_hints(config_type, include_extras=True)
   for field in dataclasses.fields(config_type):
-    default = field.default if field.default is not dataclasses.MISSING else (
-        field.default_factory())
+    default = (getattr(defaults, field.name) if defaults is not None
+               else field.default if field.default is not dataclasses.MISSING
+               else field.default_factory())
     name = prefix + field.name.replace("_", "-")
     if dataclasses.is_dataclass(default):
-      yield from _options(type(default), prefix=f"{name}.")
+      omit = tyro.conf.OmitArgPrefixes in getattr(hints[field.name], "__metadata__", ())
+      yield from _options(type(default), prefix if omit else f"{name}.", default)
     elif isinstance(default, tuple):
       yield f"--{name}", " ".join(map(str, default))
     else:

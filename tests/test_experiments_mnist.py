@@ -6,6 +6,7 @@ them); the bad-input tests build their own files in ``tmp_path``.
 
 import csv
 import gzip
+import importlib
 import json
 import math
 import os
@@ -19,6 +20,7 @@ import numpy as np
 import pytest
 
 from experiments import _cli, mnist_cnn, mnist_pigeon
+import jaxtrain
 from jaxtrain import models
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -53,10 +55,13 @@ def _assert_run_dir(workdir, experiment):
   return record, rows[0]
 
 
-def _assert_rebuilds(module, record, args):
-  """checkpoint.load's hooks: config.json -> Config -> the run's initial state."""
-  rebuilt = module.create_state(module.config_from_record(record))
-  original = module.create_state(_cli.parse(module.Config, args))
+def _assert_rebuilds(module, record, args, *create_args):
+  """checkpoint.load's hook: the builder config.json names -> the run's initial
+  state (without reading the data)."""
+  assert record["build"] == f"{module.__name__}:state_from_record"
+  module_name, function = record["build"].split(":")
+  rebuilt = getattr(importlib.import_module(module_name), function)(record)
+  original = module.create_state(_cli.parse(module.Config, args), *create_args)
   arrays = lambda state: (state.params, state.batch_stats, state.opt_state)  # noqa: E731
   assert jax.tree.structure(arrays(rebuilt)) == jax.tree.structure(arrays(original))
   assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(rebuilt.params),
@@ -89,7 +94,7 @@ def test_pigeon_data_is_first_and_next_images_with_binary_targets(mnist_path):
   assert train["targets"].dtype == np.int32
   # The README's first training labels: 5 0 4 1 9 2 1 3 ... -> digit < 3?
   assert train["targets"][:8].tolist() == [0, 1, 0, 1, 0, 1, 1, 0]
-  raw = mnist_pigeon.read_mnist(mnist_path)
+  raw = jaxtrain.data.load_mnist(mnist_path, splits=("train",))["train"]
   np.testing.assert_array_equal(val["targets"], (raw["targets"][100:150] < 3).astype(np.int32))
 
 
@@ -115,11 +120,11 @@ def test_cnn_end_to_end_on_all_devices(mnist_path, tmp_path, capsys):
   assert record["fit"]["devices"] == jax.local_device_count() == 4  # --devices 0: all
   assert record["sizes"] == {"train": 461, "val": 51, "test": 512}
   assert int(row["step"]) == 461 // 64  # drop_remainder: full batches only
-  assert float(row["learning_rate"]) < record["config"]["learning_rate"]  # cosine decay
+  assert float(row["learning_rate"]) < record["config"]["optim"]["learning_rate"]  # cosine
   out = capsys.readouterr().out
   test_accuracy = float(out.split("test accuracy ")[1].split()[0])
   assert 0.12 < test_accuracy <= 1.0  # 7 steps, BN running stats still warming: above chance
-  _assert_rebuilds(mnist_cnn, record, args)
+  _assert_rebuilds(mnist_cnn, record, args, record["sizes"]["train"])
 
 
 def test_cnn_split_is_seeded(mnist_path):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jaxtrain import losses
-from jaxtrain.losses import LOSSES, get_loss
+from jaxtrain.core.losses import LOSSES, get_loss
 
 # The value tests call jitted losses: one compilation per shape is much faster
 # than eager op-by-op dispatch (the shape checks run at trace time either way).

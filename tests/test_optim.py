@@ -14,7 +14,7 @@ import optax
 import pytest
 from flax import nnx
 
-from jaxtrain.optim import (
+from jaxtrain.core.optim import (
     OPTIMIZERS,
     clip_by_global_norm_torch,
     current_learning_rate,

@@ -16,9 +16,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxtrain.loop import FitConfig, _as_arrays, program_spec, validate
-from jaxtrain.program import Programs, means
-from jaxtrain.state import TrainState
+from jaxtrain.core.metrics import means
+from jaxtrain.core.state import TrainState
+from jaxtrain.engine.feeds import Chunk, fetch
+from jaxtrain.engine.programs import Carry, Data, Programs
+from jaxtrain.train.config import FitConfig, as_arrays, program_spec, validate
+from jaxtrain.train.ledger import set_means
 
 
 def stack(trees: Sequence[Any]) -> Any:
@@ -102,7 +105,7 @@ def fit_many(states: TrainState, train: Mapping[str, Any], *, config: FitConfig,
   """
   seeds = list(seeds)
   squeeze = (lambda a: {k: v[0] for k, v in a.items()}) if member_data else (lambda a: a)
-  train_, val_, test_ = (_as_arrays(s, n) if s is not None else None
+  train_, val_, test_ = (as_arrays(s, n) if s is not None else None
                          for s, n in ((train, "train"), (val, "val"), (test, "test")))
   n_train = len(squeeze(train_)["targets"])
   validate(config, n_train, has_val=val_ is not None)
@@ -121,27 +124,21 @@ def fit_many(states: TrainState, train: Mapping[str, Any], *, config: FitConfig,
     evals["val"] = programs.place(val_)
   step_evals = evals if config.eval_every_steps else {}
   run_keys = jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
-  halted = jnp.zeros((members,), bool)
-  state = programs.place(states)
-  total, calls = config.epochs * spe, []
+  carry = Carry(programs.place(states), jnp.zeros((members,), bool))
+  data = Data(train_dev, step_evals, evals)
+  total, chunks = config.epochs * spe, []
   for first in range(0, total, spec.span):
     num = min(spec.span, total - first)
-    state, halted, steps, sums = programs.train(state, halted, train_dev, step_evals, evals,
-                                                run_keys, first, num)
-    calls.append((first, num, steps, sums))
-  fetched = jax.device_get([(steps, sums) for _, _, steps, sums in calls])
-  steps = {k: np.concatenate([f[0][k][:, :num] for f, (_, num, _, _) in zip(fetched, calls)],
-                             axis=1) for k in fetched[0][0]}
-  sums = [jax.tree.map(lambda v: v[:, epoch - first // spe], f[1])  # noqa: B023
-          for f, (first, num, _, _) in zip(fetched, calls)
-          for epoch in range(first // spe, (first + num) // spe)]
+    carry, out = programs.train(carry, data, run_keys, first, num)
+    chunks.append(Chunk(first, num, out.steps, out.epochs))
+  steps, epoch_sums = fetch(chunks, spe, members=True)
   epochs = [[{"epoch": e + 1, "step": (e + 1) * spe,
-              **{f"{split}_{name}": float(value[m])
-                 for split, totals in epoch_sums.items()
-                 for name, value in means(totals).items()}}
-             for e, epoch_sums in enumerate(sums)] for m in range(members)]
+              **set_means(jax.tree.map(lambda v, m=m: v[m], sums))}
+             for e, sums in sorted(epoch_sums.items())] for m in range(members)]
+  state = carry.state
   test_metrics = None
   if test_ is not None:
     totals = jax.device_get(programs.evaluate(state, {"test": programs.place(test_)}))["test"]
     test_metrics = [{k: float(v[m]) for k, v in means(totals).items()} for m in range(members)]
   return ManyResult(state=state, epochs=epochs, steps=steps, test=test_metrics)
+

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from jaxtrain.keys import as_key, key_for
+from jaxtrain.core.keys import as_key, key_for
 
 PyTree = Any
 
@@ -117,3 +117,14 @@ def create_train_state(
       tx=tx,
       loss_fn=loss_fn,
   )
+
+
+def state_arrays(state: TrainState) -> dict[str, Any]:
+  """The array part of a TrainState as a plain dict (what checkpoints hold)."""
+  return {"step": state.step, "params": state.params, "batch_stats": state.batch_stats,
+          "opt_state": state.opt_state}
+
+
+def with_arrays(state: TrainState, arrays: dict[str, Any]) -> TrainState:
+  """``state`` with the arrays of :func:`state_arrays` (or a subset) replaced."""
+  return state.replace(**arrays)

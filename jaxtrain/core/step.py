@@ -17,9 +17,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxtrain import losses
-from jaxtrain.keys import as_key
-from jaxtrain.state import TrainState
+from jaxtrain.core import losses
+from jaxtrain.core.keys import as_key
+from jaxtrain.core.metrics import means, safe_divide, weighted_sum
+from jaxtrain.core.state import TrainState
 
 Batch = Mapping[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -146,18 +147,8 @@ def _varying(tree, axis_name):
   return jax.tree.map(cast, tree)
 
 
-def _weighted_sum(values, weights):
-  # where, not a product: a padding row's loss may be inf or nan (garbage rows,
-  # out-of-range labels) and 0 * nan is nan.
-  return jnp.sum(jnp.where(weights > 0, values * weights, 0.0))
-
-
 def _psum(x, axis_name):
   return x if axis_name is None else jax.lax.psum(x, axis_name)
-
-
-def _safe_divide(total, count):
-  return jnp.where(count > 0, total / jnp.where(count > 0, count, 1.0), 0.0)
 
 
 def compute_gradients(
@@ -185,7 +176,7 @@ def compute_gradients(
   def objective(params):
     outputs, batch_stats = _forward(state, params, batch, weights, train=True, key=key)
     per_example = _per_example_loss(state, outputs, batch["targets"], n)
-    return _weighted_sum(per_example, weights) / denominator, (outputs, batch_stats)
+    return weighted_sum(per_example, weights) / denominator, (outputs, batch_stats)
 
   (local_loss, (outputs, batch_stats)), grads = jax.value_and_grad(
       objective, has_aux=True
@@ -200,8 +191,8 @@ def compute_gradients(
   }
   correct = per_example_correct(outputs, batch["targets"], state.loss_fn)
   if correct is not None:
-    metrics["accuracy"] = _safe_divide(
-        _psum(_weighted_sum(correct, weights), axis_name), count
+    metrics["accuracy"] = safe_divide(
+        _psum(weighted_sum(correct, weights), axis_name), count
     )
   return grads, batch_stats, metrics
 
@@ -244,7 +235,7 @@ def eval_step(state: TrainState, batch: Batch, *, axis_name: str | None = None) 
   """Evaluates a batch: dropout off, batch norm on its running averages.
 
   Returns sums and counts so that an epoch aggregates exactly over ragged, padded
-  batches (see :func:`summarize`): ``loss_sum``, ``count``, ``correct`` (for class
+  batches (see :func:`jaxtrain.summarize`): ``loss_sum``, ``count``, ``correct`` (for class
   labels) and, for convenience, this batch's ``loss`` and ``accuracy``.
 
   >>> import jax, jax.numpy as jnp, jaxtrain
@@ -262,37 +253,10 @@ def eval_step(state: TrainState, batch: Batch, *, axis_name: str | None = None) 
   outputs, _ = _forward(state, state.params, batch, weights, train=False)
   per_example = _per_example_loss(state, outputs, batch["targets"], n)
   sums = {
-      "loss_sum": _psum(_weighted_sum(per_example, weights), axis_name),
+      "loss_sum": _psum(weighted_sum(per_example, weights), axis_name),
       "count": _psum(jnp.sum(weights), axis_name),
   }
   correct = per_example_correct(outputs, batch["targets"], state.loss_fn)
   if correct is not None:
-    sums["correct"] = _psum(_weighted_sum(correct, weights), axis_name)
-  return {**sums, **_means(sums)}
-
-
-def _means(sums: Mapping[str, Any]) -> dict[str, Any]:
-  means = {"loss": _safe_divide(sums["loss_sum"], sums["count"])}
-  if "correct" in sums:
-    means["accuracy"] = _safe_divide(sums["correct"], sums["count"])
-  return means
-
-
-def summarize(batch_metrics) -> dict[str, float]:
-  """Aggregates a sequence of :func:`eval_step` results exactly.
-
-  The epoch loss is the total weighted loss over the total weight, not a mean of
-  batch means, so a padded last batch counts for what it holds.
-
-  >>> summarize([{"loss_sum": 3.0, "count": 2.0}, {"loss_sum": 1.0, "count": 1.0}])
-  {'loss_sum': 4.0, 'count': 3.0, 'loss': 1.3333333333333333}
-  """
-  batch_metrics = list(batch_metrics)
-  keys = [k for k in ("loss_sum", "count", "correct") if k in batch_metrics[0]]
-  sums = {k: sum(float(m[k]) for m in batch_metrics) for k in keys}
-  if sums["count"] <= 0:
-    raise ValueError(f"cannot summarize batches of total weight {sums['count']}")
-  means = {"loss": sums["loss_sum"] / sums["count"]}
-  if "correct" in sums:
-    means["accuracy"] = sums["correct"] / sums["count"]
-  return {**sums, **means}
+    sums["correct"] = _psum(weighted_sum(correct, weights), axis_name)
+  return {**sums, **means(sums)}

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from jaxtrain.datasets import Arrays, DataError
+from jaxtrain.data.arrays import Arrays, DataError
 
 #: name -> shape of one image; labels are int in [0, 10) for all three.
 TFDS_IMAGE_SHAPES = {"mnist": (28, 28, 1), "fashion_mnist": (28, 28, 1), "cifar10": (32, 32, 3)}

@@ -13,7 +13,7 @@ evaluation inside the compiled program vs ``model.apply``) are compared with
 tolerances: XLA may fuse and order float reductions differently in different
 programs. The execution modes (one step per call, a scanned epoch, K steps per
 call) are compared both ways: with tolerances, and bitwise, which is what
-jaxtrain.program promises (it makes a mid-epoch resume exact).
+jaxtrain.engine.programs promises (it makes a mid-epoch resume exact).
 """
 
 from __future__ import annotations
@@ -30,10 +30,10 @@ import pytest
 
 import jaxtrain
 from jaxtrain import data, losses, models
-from jaxtrain.keys import key_for
-from jaxtrain.loop import COLUMNS, FitConfig
-from jaxtrain.monitor import RunMonitor
-from jaxtrain.stopping import Best, EarlyStopping
+from jaxtrain.core.keys import key_for
+from jaxtrain.train.config import COLUMNS, FitConfig
+from jaxtrain.rundir.monitor import RunMonitor
+from jaxtrain.train.stopping import Best, EarlyStopping
 from tests.helpers import make_state, tree_allclose, tree_equal
 
 BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
@@ -158,7 +158,7 @@ _step = jax.jit(jaxtrain.train_step)
 
 def epoch_batch(arrays, seed, epoch, index, batch_size, drop_remainder=False) -> dict:
   """Batch ``index`` of ``epoch`` (0-based) as fit draws it: the permutation comes
-  from ``key_for(key(seed), "shuffle", epoch)`` (see jaxtrain.program)."""
+  from ``key_for(key(seed), "shuffle", epoch)`` (see jaxtrain.engine.programs)."""
   n = len(arrays["targets"])
   idx, mask = jax.device_get(data.epoch_indices(
       key_for(jax.random.key(seed), "shuffle", epoch), n, batch_size, drop_remainder))
@@ -222,7 +222,7 @@ def _run_files(tmp_path, name, seed):
 
 
 def jaxtrain_run(workdir, seed):
-  from jaxtrain.run import run
+  from jaxtrain.rundir.run import run
 
   config = FitConfig(epochs=2, batch_size=8, eval_batch_size=16, seed=seed, progress=False,
                      histogram_every=0)
@@ -495,7 +495,7 @@ class _EpochMarks(RunMonitor):
 
   def __init__(self, workdir, compiles: _Compiles, epochs: int):
     super().__init__(workdir, columns=COLUMNS, total_steps=7 * epochs, steps_per_epoch=7,
-                     histogram_every=0, progress=False)
+                     progress=False)
     self.compiles, self.marks = compiles, []
 
   def log_epoch(self, row):
@@ -510,7 +510,7 @@ def chunked_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("chunked")
     # Compiled programs are shared across fit calls: start from none, so the
     # counter sees this run's compilations.
-    jaxtrain.program._compiled.cache_clear()
+    jaxtrain.engine.programs._compiled.cache_clear()
     jax.clear_caches()
     with _Compiles() as compiles, _EpochMarks(workdir, compiles, 3) as monitor:
       result, _ = train(epochs=3, batch_size=8, eval_batch_size=16, steps_per_call=3,
@@ -629,8 +629,8 @@ def test_early_stopping_on_a_metric_the_run_does_not_log(monitor, evaluate_train
 
 
 def test_early_stopping_with_mid_epoch_checkpoints(tmp_path):
-  from jaxtrain.checkpoint import CheckpointConfig
-  from jaxtrain.run import run
+  from jaxtrain.rundir.checkpoint import CheckpointConfig
+  from jaxtrain.rundir.run import run
 
   config = FitConfig(epochs=2, batch_size=8, eval_batch_size=16, progress=False,
                      histogram_every=0, early_stopping=EarlyStopping(patience=5))

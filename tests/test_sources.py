@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from jaxtrain import datasets
-from jaxtrain.datasets import DataError
+from jaxtrain.data import DataError
 
 FIRST_32_TRAIN_LABELS = [5, 0, 4, 1, 9, 2, 1, 3, 1, 4, 3, 5, 3, 6, 1, 7,
                          2, 8, 6, 9, 4, 0, 9, 1, 1, 2, 4, 3, 2, 7, 3, 8]

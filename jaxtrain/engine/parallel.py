@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxtrain.step import eval_step, train_step
+from jaxtrain.core.step import eval_step, train_step
 
 AXIS = "batch"
 
@@ -30,6 +30,16 @@ def local_mesh(devices: Sequence[jax.Device] | None = None, axis: str = AXIS) ->
   """A 1-D mesh over ``devices`` (default: all local devices)."""
   devices = list(devices) if devices is not None else jax.local_devices()
   return Mesh(np.asarray(devices), (axis,))
+
+
+def local_rows(rows: jax.Array, axis_name: str | None) -> jax.Array:
+  """This device's contiguous slice of a global batch's leading axis (inside a
+  ``shard_map`` over ``axis_name``; the whole batch when it is None)."""
+  if axis_name is None:
+    return rows
+  shards = jax.lax.axis_size(axis_name)
+  size = rows.shape[0] // shards
+  return jax.lax.dynamic_slice_in_dim(rows, jax.lax.axis_index(axis_name) * size, size)
 
 
 def replicate(tree, devices: Sequence[jax.Device] | None = None):

@@ -17,6 +17,7 @@ pickled.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import logging
 import math
@@ -24,27 +25,36 @@ import os
 import pathlib
 import time
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
-from orbax.checkpoint import checkpoint_managers as managers
 
-from jaxtrain.state import TrainState
-
-# Orbax logs every save at INFO through absl; keep the run's output readable.
-logging.getLogger("absl").setLevel(logging.WARNING)
+from jaxtrain.core.state import TrainState, state_arrays, with_arrays
 
 
-class _NoUntrackedMetricWarning(logging.Filter):
-  # Mid-epoch saves carry no validation metric on purpose (only epoch ends are
-  # ranked for "best"); orbax warns about each of them.
+class _QuietOrbax(logging.Filter):
+  """Drops Orbax's routine records from the absl logger: its INFO lines (every
+  save logs several) and the warning for saves without a metric (mid-epoch
+  saves carry none on purpose: only epoch ends are ranked for "best"). Every
+  other library's absl records pass unchanged."""
+
   def filter(self, record: logging.LogRecord) -> bool:
+    from_orbax = f"{os.sep}orbax{os.sep}" in record.pathname
+    if from_orbax and record.levelno < logging.WARNING:
+      return False
     return "tracked_metric" not in record.getMessage()
 
 
-logging.getLogger("absl").addFilter(_NoUntrackedMetricWarning())
+def _orbax():
+  """Orbax, imported on first use (about 1.3 s): ``import jaxtrain`` stays light."""
+  import orbax.checkpoint as ocp
+
+  absl = logging.getLogger("absl")
+  if not any(isinstance(f, _QuietOrbax) for f in absl.filters):
+    absl.addFilter(_QuietOrbax())
+  return ocp
 
 DIRECTORY = "checkpoints"
 
@@ -94,16 +104,6 @@ class CheckpointConfig:
       raise ValueError(f"checkpoint mode must be 'min' or 'max', got {self.mode!r}")
 
 
-def state_arrays(state: TrainState) -> dict[str, Any]:
-  """The array part of a TrainState as a plain dict (what is saved)."""
-  return {"step": state.step, "params": state.params, "batch_stats": state.batch_stats,
-          "opt_state": state.opt_state}
-
-
-def with_arrays(state: TrainState, arrays: dict[str, Any]) -> TrainState:
-  return state.replace(**arrays)
-
-
 def _name(key) -> str:
   for attr in ("key", "name", "idx"):
     if hasattr(key, attr):
@@ -144,6 +144,9 @@ class Checkpointer:
     self.config = config or CheckpointConfig()
     self.read_only = read_only
     self.directory = pathlib.Path(workdir).absolute() / DIRECTORY
+    self._ocp = ocp = _orbax()
+    from orbax.checkpoint import checkpoint_managers as managers
+
     sign = -1.0 if self.config.mode == "min" else 1.0
     policies = [managers.LatestN(n=self.config.keep)]
     if self.config.keep_best:
@@ -168,26 +171,9 @@ class Checkpointer:
     self.last_save = time.monotonic()
     self.save_seconds: list[float] = []
 
-  # -- cadence ---------------------------------------------------------------
-
-  def due(self, *, step: int, epoch_end: bool, epoch: int) -> bool:
-    """Whether a boundary at global ``step`` (and maybe epoch end) should save."""
-    c = self.config
-    if c.every_steps and step % c.every_steps == 0:
-      return True
-    if epoch_end and c.every_epochs and epoch % c.every_epochs == 0:
-      return True
-    return bool(c.every_seconds) and time.monotonic() - self.last_save >= c.every_seconds
-
-  def due_at_epoch(self, epoch: int) -> bool:
-    """Whether the end of epoch ``epoch`` (1-based) is an epoch-cadence save."""
-    return bool(self.config.every_epochs) and epoch % self.config.every_epochs == 0
-
-  def steps_to_boundary(self, step: int) -> int | None:
-    """Steps until the next step-count save, or None."""
-    if not self.config.every_steps:
-      return None
-    return self.config.every_steps - step % self.config.every_steps
+  def seconds_since_save(self) -> float:
+    """Seconds since the last save (or since this checkpointer was made)."""
+    return time.monotonic() - self.last_save
 
   # -- save / restore --------------------------------------------------------
 
@@ -196,6 +182,7 @@ class Checkpointer:
     """Saves (asynchronously by default); returns once the arrays are copied."""
     started = time.perf_counter()
     metrics = None if metric is None or math.isnan(metric) else {"value": float(metric)}
+    ocp = self._ocp
     self.manager.save(
         step,
         args=ocp.args.Composite(arrays=ocp.args.StandardSave(arrays),
@@ -216,6 +203,7 @@ class Checkpointer:
     ``checkpoints_damaged/``; one that reads but does not fit raises
     :class:`CheckpointError`. Returns None when there is no checkpoint.
     """
+    ocp = self._ocp
     candidates = [step] if step is not None else self.steps()[::-1]
     damaged = []
     for candidate in candidates:
@@ -278,7 +266,8 @@ class Checkpointer:
 
 
 def load(run_dir: str | os.PathLike, step: int | str | None = None, *,
-         like: TrainState | None = None) -> TrainState:
+         like: TrainState | None = None,
+         build: str | Callable[[dict], TrainState] | None = None) -> TrainState:
   """Loads a run's checkpoint as a TrainState ready for eval_step or training.
 
   Reading changes nothing in the run directory (also while the run trains).
@@ -288,9 +277,12 @@ def load(run_dir: str | os.PathLike, step: int | str | None = None, *,
     step: a checkpoint step; ``"best"`` for the run's best epoch (the parameters
       early stopping restores, else the kept checkpoint with the best monitored
       value); ``None`` for the latest good one.
-    like: a state of the same model and optimizer to restore into. Not needed
-      for runs of ``experiments.*``: their ``config.json`` says how to rebuild
-      the model and optimizer.
+    like: a state of the same model and optimizer to restore into.
+    build: without ``like``, what rebuilds that state from the run's
+      ``config.json`` record: a function ``record -> TrainState`` or an
+      importable ``"module:function"``. Default: the ``"build"`` entry of
+      ``config.json``, which :func:`jaxtrain.run.run` writes when given
+      ``build=`` (every experiment does). Building never reads a dataset.
 
   Returns:
     The restored :class:`~jaxtrain.TrainState`.
@@ -299,7 +291,7 @@ def load(run_dir: str | os.PathLike, step: int | str | None = None, *,
   if not (run_dir / DIRECTORY).is_dir():
     raise CheckpointError(f"run directory {str(run_dir)!r} holds no checkpoints")
   if like is None:
-    like = _rebuild_state(run_dir)
+    like = _rebuild_state(run_dir, build)
   variables = {"params": like.params, "batch_stats": like.batch_stats}
 
   def tree_like(saved):
@@ -331,15 +323,20 @@ def _checkpoint_config(run_dir: pathlib.Path) -> CheckpointConfig:
   return CheckpointConfig(**{k: v for k, v in saved.items() if k in fields})
 
 
-def _rebuild_state(run_dir: pathlib.Path) -> TrainState:
-  import importlib
-
+def _rebuild_state(run_dir: pathlib.Path, build) -> TrainState:
   path = run_dir / "config.json"
   if not path.exists():
     raise CheckpointError(f"{str(path)!r} is missing: pass like= to load()")
   record = json.loads(path.read_text())
-  name = record.get("experiment")
-  if not name:
-    raise CheckpointError(f"{str(path)!r} names no experiment: pass like= to load()")
-  module = importlib.import_module(f"experiments.{name}")
-  return module.create_state(module.config_from_record(record))
+  build = build or record.get("build")
+  if not build:
+    raise CheckpointError(f"{str(path)!r} names no builder ('build': 'module:function'): "
+                          "pass like= or build= to load()")
+  if isinstance(build, str):
+    module_name, _, function = build.partition(":")
+    try:
+      build = getattr(importlib.import_module(module_name), function)
+    except (ImportError, AttributeError, ValueError) as error:
+      raise CheckpointError(f"cannot import the builder {build!r} named by {str(path)!r} "
+                            f"({error}): pass like= to load()") from error
+  return build(record)

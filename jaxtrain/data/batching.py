@@ -1,8 +1,8 @@
 """Mini-batches: the epoch order as a pure function of a key, padded and masked.
 
 One function, :func:`epoch_indices`, decides which rows form which batch of an
-epoch. The host iterator :func:`batches` and the on-device epoch of
-:mod:`jaxtrain.loop` both use it, so the two paths see the same batches.
+epoch. The host iterator :func:`batches` and the on-device epochs of
+:mod:`jaxtrain.engine.programs` both use it, so the two paths see the same batches.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxtrain.keys import as_key
+from jaxtrain.core.keys import as_key
+from jaxtrain.data.arrays import check_length, gather_rows
 
 
 def num_batches(n: int, batch_size: int, drop_remainder: bool = False) -> int:
@@ -24,12 +25,7 @@ def num_batches(n: int, batch_size: int, drop_remainder: bool = False) -> int:
 
 def check_arrays(arrays: Mapping[str, np.ndarray], batch_size: int) -> int:
   """Checks a dict of equally long arrays and a batch size; returns the length."""
-  if not isinstance(arrays, Mapping) or not arrays:
-    raise ValueError(f"arrays must be a non-empty dict of arrays, got {arrays!r:.80}")
-  lengths = {k: np.shape(v)[0] if np.ndim(v) else None for k, v in arrays.items()}
-  if None in lengths.values() or len(set(lengths.values())) != 1:
-    raise ValueError(f"arrays must share their leading axis, got lengths {lengths}")
-  n = next(iter(lengths.values()))
+  n = check_length(arrays)
   if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer):
     raise ValueError(f"batch_size must be an integer, got {batch_size!r}")
   if not 1 <= batch_size:
@@ -156,8 +152,4 @@ def batches(
   n = check_arrays(arrays, batch_size)
   indices, masks = jax.device_get(epoch_indices(key, n, batch_size, drop_remainder))
   for idx, mask in zip(indices, masks):
-    batch = {k: np.asarray(v)[idx] for k, v in arrays.items() if k != "mask"}
-    if "mask" in arrays:
-      mask = mask * np.asarray(arrays["mask"], np.float32)[idx]
-    batch["mask"] = mask
-    yield batch
+    yield gather_rows(arrays, idx, mask)

@@ -4,20 +4,16 @@
 (e.g. one epoch, fetched at once) to :meth:`RunMonitor.log_steps` and a row per
 epoch to :meth:`RunMonitor.log_epoch`. Files are buffered, flushed per epoch:
 ``metrics.csv`` (a row per epoch, floats as ``repr``: byte-identical reruns),
-``steps.jsonl`` (a JSON object per step), ``tensorboard/`` (tensorboardX event
-files, no TensorFlow), ``config.json`` (:func:`write_config`) and
-``curves.png`` (:func:`plot_curves`).
+``steps.jsonl`` (a JSON object per step) and ``tensorboard/`` (tensorboardX event
+files, no TensorFlow). ``config.json`` is :mod:`jaxtrain.rundir.record`'s and
+``curves.png`` :mod:`jaxtrain.rundir.plots`'.
 """
 
 from __future__ import annotations
 
 import csv
-import dataclasses
-import enum
-import importlib.metadata
 import json
 import os
-import platform
 import sys
 import time
 import warnings
@@ -27,13 +23,9 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from jaxtrain.plots import plot_curves, read_history
-
-__all__ = ["RunMonitor", "plot_curves", "read_history", "write_config"]
+__all__ = ["RunMonitor"]
 
 _SKIP_IN_LINE = ("epoch", "step", "seconds")  # Shown differently or not at all.
-_DISTRIBUTIONS = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy",
-                  "jaxtrain")
 
 
 def _py(value: Any) -> Any:
@@ -77,8 +69,6 @@ class RunMonitor:
     columns: ``metrics.csv`` columns in order.
     total_steps: Steps of the whole run (progress bar, ETA).
     steps_per_epoch: Steps per epoch (for "epoch 3/100").
-    histogram_every: Epochs between :meth:`log_histograms` calls (see
-      :meth:`histograms_due`); 0 disables.
     progress: ``True``: tqdm bar; ``False``: one plain line per epoch;
       ``None``: a bar when stderr is a terminal.
     resume_rows: Epoch rows already done (from a checkpoint): ``metrics.csv``
@@ -101,7 +91,7 @@ class RunMonitor:
   """
 
   def __init__(self, workdir: str | os.PathLike, *, columns: Sequence[str],
-               total_steps: int, steps_per_epoch: int, histogram_every: int = 5,
+               total_steps: int, steps_per_epoch: int,
                progress: bool | None = None, resume_rows: Sequence[dict] = (),
                resume_step_records: int | None = None):
     from tensorboardX import SummaryWriter  # Lazy: imports protobuf.
@@ -111,7 +101,6 @@ class RunMonitor:
     self.columns = list(columns)
     self.total_steps = int(total_steps)
     self.num_epochs = -(-self.total_steps // max(int(steps_per_epoch), 1))
-    self.histogram_every = int(histogram_every)
     self._closed = False
 
     # Steps done before this session: the bar and the ETA start from here.
@@ -210,10 +199,6 @@ class RunMonitor:
     self._steps_file.flush()
     self._tb.flush()
 
-  def histograms_due(self, epoch: int) -> bool:
-    """Whether epoch ``epoch`` (1-based) should call :meth:`log_histograms`."""
-    return self.histogram_every > 0 and epoch % self.histogram_every == 0
-
   def log_histograms(self, step: int, params: Any, grads: Any = None) -> None:
     """Logs ``weights/<path>`` (and ``grads/<path>``) histograms.
 
@@ -288,76 +273,3 @@ class RunMonitor:
       eta = (self.total_steps - self._step) * elapsed / done
       parts.append(f"eta {tqdm.format_interval(eta)}")
     return "  ".join(parts)
-
-
-def _jsonable(obj: Any) -> Any:
-  """Converts configs (dataclasses, tuples, paths, numpy, enums) to JSON."""
-  if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-    return {f.name: _jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-  if isinstance(obj, Mapping):
-    return {str(k): _jsonable(v) for k, v in obj.items()}
-  if isinstance(obj, enum.Enum):
-    return _jsonable(obj.value)
-  if isinstance(obj, (str, bool, int, float)) or obj is None:
-    return obj
-  if isinstance(obj, (list, tuple)):
-    return [_jsonable(v) for v in obj]
-  if isinstance(obj, (set, frozenset)):
-    return sorted((_jsonable(v) for v in obj), key=repr)
-  if isinstance(obj, os.PathLike):
-    return os.fspath(obj)
-  if isinstance(obj, (np.ndarray, np.generic)):
-    return _jsonable(obj.tolist())
-  return getattr(obj, "__name__", None) or repr(obj)  # Functions, classes, ...
-
-
-def _version(distribution: str) -> str | None:
-  try:
-    return importlib.metadata.version(distribution)
-  except importlib.metadata.PackageNotFoundError:
-    return None
-
-
-def write_config(workdir: str | os.PathLike, config: Any) -> None:
-  """Writes ``config.json``: the resolved config plus the environment.
-
-  The config's keys (sorted, indent 2) are at the top level, next to
-  ``"versions"`` (python, jax, jaxlib, flax, optax, orbax-checkpoint, numpy,
-  jaxtrain), ``"backend"`` and ``"devices"`` (kind, count, local_count,
-  process_count).
-
-  Args:
-    workdir: Run directory (created).
-    config: A dict or dataclass; tuples, paths, enums and numpy values are
-      converted, anything else is written as its name or ``repr``.
-
-  Example:
-    >>> import pathlib, tempfile
-    >>> d = tempfile.mkdtemp()
-    >>> write_config(d, {"lr": 0.1, "sizes": (2, 3), "data": pathlib.Path("x")})
-    >>> c = json.load(open(os.path.join(d, "config.json")))
-    >>> c["lr"], c["sizes"], c["data"], sorted(c["versions"])[:3]
-    (0.1, [2, 3], 'x', ['flax', 'jax', 'jaxlib'])
-  """
-  import jax
-
-  out = _jsonable(config)
-  if not isinstance(out, dict):
-    raise TypeError(f"config must be a dict or dataclass, got {type(config)}")
-  env = {
-      "versions": {"python": platform.python_version(),
-                   **{name: _version(name) for name in _DISTRIBUTIONS}},
-      "backend": jax.default_backend(),
-      "devices": {"kind": jax.devices()[0].device_kind,
-                  "count": jax.device_count(),
-                  "local_count": jax.local_device_count(),
-                  "process_count": jax.process_count()},
-  }
-  if clash := sorted(set(out) & set(env)):
-    raise ValueError(f"config keys {clash} are reserved for environment info")
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, "config.json")
-  with open(path + ".tmp", "w") as f:  # Atomic: a crash leaves the old file.
-    json.dump({**out, **env}, f, sort_keys=True, indent=2)
-    f.write("\n")
-  os.replace(path + ".tmp", path)

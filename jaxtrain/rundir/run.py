@@ -21,11 +21,14 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from jaxtrain.checkpoint import DIRECTORY, CheckpointConfig, Checkpointer
-from jaxtrain.loop import COLUMNS, FitConfig, FitResult, fit, validate
-from jaxtrain.monitor import RunMonitor, _jsonable, write_config
-from jaxtrain.plots import plot_curves, read_history
-from jaxtrain.state import TrainState
+from jaxtrain.core.state import TrainState
+from jaxtrain.data.batching import num_batches
+from jaxtrain.rundir.checkpoint import DIRECTORY, CheckpointConfig, Checkpointer
+from jaxtrain.rundir.monitor import RunMonitor
+from jaxtrain.rundir.plots import plot_curves, read_history
+from jaxtrain.rundir.record import jsonable, write_config
+from jaxtrain.train.config import COLUMNS, FitConfig
+from jaxtrain.train.fit import FitResult, fit
 
 
 class RunDirError(ValueError):
@@ -87,7 +90,7 @@ def check_workdir(workdir: str | os.PathLike, record: Mapping[str, Any] | None =
     saved = _identity(json.loads(config_path.read_text()))
   except (OSError, ValueError) as error:
     raise RunDirError(f"{str(config_path)!r} cannot be read ({error}); {hint}") from error
-  wanted = _identity(json.loads(json.dumps(_jsonable(dict(record)))))
+  wanted = _identity(json.loads(json.dumps(jsonable(dict(record)))))
   differences = [f"{key}: {saved.get(key)!r} there, {wanted.get(key)!r} now"
                  for key in sorted(set(saved) | set(wanted)) if saved.get(key) != wanted.get(key)]
   if differences:
@@ -95,6 +98,28 @@ def check_workdir(workdir: str | os.PathLike, record: Mapping[str, Any] | None =
     raise RunDirError(f"workdir {str(workdir)!r} holds a run with a different config "
                       f"({shown}); {hint}")
   return (workdir / DIRECTORY).is_dir()
+
+
+class _RunDirectory:
+  """Opens the run directory for ``fit`` once its config is checked: only then
+  is a different run there cleared, and the checkpointer made."""
+
+  def __init__(self, workdir: pathlib.Path, checkpoint: CheckpointConfig | None, *,
+               resume: bool):
+    self.workdir, self.checkpoint, self.resume = workdir, checkpoint, resume
+    self.checkpointer: Checkpointer | None = None
+
+  def open(self) -> Checkpointer | None:
+    if not self.resume and self.workdir.exists():
+      _clear(self.workdir)
+    self.workdir.mkdir(parents=True, exist_ok=True)
+    if self.checkpoint is not None:
+      self.checkpointer = Checkpointer(self.workdir, self.checkpoint)
+    return self.checkpointer
+
+  def close(self) -> None:
+    if self.checkpointer is not None:
+      self.checkpointer.close()
 
 
 def _clear(workdir: pathlib.Path) -> None:
@@ -149,35 +174,29 @@ def run(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
     The :class:`~jaxtrain.FitResult`; its history covers the whole run, also
     the part before a resume.
   """
-  validate(config, len(train["targets"]), has_val=val is not None)
   workdir = pathlib.Path(workdir)
   record = {**record, "checkpoint": checkpoint}
   resume = check_workdir(workdir, record, overwrite=overwrite) and checkpoint is not None
-  if not resume:
-    if workdir.exists():
-      _clear(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  checkpointer = Checkpointer(workdir, checkpoint) if checkpoint is not None else None
-  steps_per_epoch = (len(train["targets"]) // config.batch_size if config.drop_remainder
-                     else -(-len(train["targets"]) // config.batch_size))
+  directory = _RunDirectory(workdir, checkpoint, resume=resume)
 
   def make_monitor(rows, step_records):
     # Called by fit once the checkpoint (if any) is read and checked.
     write_config(workdir, dict(record))
+    steps_per_epoch = num_batches(len(train["targets"]), config.batch_size,
+                                  config.drop_remainder)
     return RunMonitor(workdir, columns=COLUMNS, total_steps=config.epochs * steps_per_epoch,
-                      steps_per_epoch=steps_per_epoch, histogram_every=config.histogram_every,
-                      progress=config.progress, resume_rows=rows,
-                      resume_step_records=step_records)
+                      steps_per_epoch=steps_per_epoch, progress=config.progress,
+                      resume_rows=rows, resume_step_records=step_records)
 
   # matplotlib takes ~0.3 s to import; do it while the run trains.
   threading.Thread(target=_import_matplotlib, name="import-matplotlib", daemon=True).start()
   try:
     with stop_on_signals() as should_stop:
       result = fit(state, train, config=config, val=val, test=test, augment=augment,
-                   monitor=make_monitor, checkpointer=checkpointer, should_stop=should_stop)
+                   monitor=make_monitor, checkpointer=directory.open,
+                   should_stop=should_stop)
   finally:
-    if checkpointer is not None:
-      checkpointer.close()
+    directory.close()
   result.history = read_history(workdir)
   plot_curves(result.history, workdir / "curves.png", extra=extra_curves)
   return result

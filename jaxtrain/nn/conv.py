@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxtrain import matmul as _matmul
+from jaxtrain.nn import matmul as _matmul
 
 IMPLS = ("auto", "xla", "matmul")
 

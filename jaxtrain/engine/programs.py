@@ -1,0 +1,279 @@
+"""Compiled training programs: many steps, across epochs, in one call on device.
+
+The training arrays live on the device. One call runs a span of global steps:
+for each epoch it touches it draws the epoch's order from the epoch key
+(:func:`jaxtrain.data.epoch_indices`), runs :func:`jaxtrain.train_step` over the
+batches in a loop, and at every epoch end it reaches evaluates the whole
+evaluation sets; per-step metrics and per-epoch sums come back as arrays once per
+call. Every key is ``key_for(run_key, use, position)`` and the span's bounds are
+traced, so one executable serves every span: how a run is cut into calls (a
+whole run in one call, one epoch, or a mid-epoch checkpoint) cannot change a bit
+of it, which is what makes a resume exact.
+
+A program takes three named pytrees: the :class:`Carry` it updates (donated),
+the :class:`Data` it reads and the :class:`Span` of steps to run, and returns
+the new carry and the call's :class:`Outputs`.
+
+The program is written per device with an optional ``axis_name``: under
+``shard_map`` every device draws the same permutation, takes its slice of each
+global batch and the step averages gradients across devices, so a run on four
+devices equals the run on one.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jaxtrain.core.keys import key_for
+from jaxtrain.core.optim import current_learning_rate
+from jaxtrain.core.state import TrainState
+from jaxtrain.core.step import compute_gradients
+from jaxtrain.data.arrays import gather_rows
+from jaxtrain.data.batching import epoch_indices
+from jaxtrain.engine.evaluate import evaluate_all, maybe_evaluate
+from jaxtrain.engine.parallel import local_rows
+from jaxtrain.engine.spec import ProgramSpec
+
+Arrays = Mapping[str, jax.Array]
+# augment(key, one_example_inputs) -> augmented inputs of the same shape.
+Augment = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+class Carry(NamedTuple):
+  """What a training call updates (its buffers are donated to the call).
+
+  Attributes:
+    state: the train state.
+    halted: set once a non-finite step stopped the run (``nonfinite="stop"``).
+  """
+
+  state: TrainState
+  halted: jax.Array
+
+
+class Data(NamedTuple):
+  """What a training call reads.
+
+  Attributes:
+    train: the training arrays.
+    step_evals: sets evaluated every ``spec.eval_every`` steps (may be empty).
+    epoch_evals: sets evaluated at every epoch end (may be empty).
+  """
+
+  train: Arrays
+  step_evals: Mapping[str, Arrays]
+  epoch_evals: Mapping[str, Arrays]
+
+
+class Span(NamedTuple):
+  """Which steps a call runs: global steps ``first .. first + num``.
+
+  Attributes:
+    run_key: the run's base key (every key is derived from it by use and position).
+    first: the first global step (int32, traced).
+    num: how many steps (int32, traced).
+  """
+
+  run_key: jax.Array
+  first: Any
+  num: Any
+
+
+class Outputs(NamedTuple):
+  """What a training call returns besides the carry.
+
+  Attributes:
+    steps: per-step metrics in buffers of ``spec.span`` entries (entry ``j`` is
+      step ``first + j``).
+    epochs: ``{set: sums}`` with a leading slot axis: slot ``k`` is epoch
+      ``first // steps_per_epoch + k`` where that epoch ended in the span (zeros
+      elsewhere); None from a straight-line call (the caller evaluates).
+  """
+
+  steps: dict
+  epochs: dict | None
+
+
+def _train_step(spec: ProgramSpec, augment, axis_name, carry: Carry, data: Data, run_key,
+                indices, masks, i) -> tuple[Carry, dict]:
+  """Step ``i`` of the epoch whose batches are ``indices``/``masks``."""
+  state, halted = carry
+  # Indices come from epoch_indices and are in bounds: no out-of-bounds fill.
+  batch = gather_rows(data.train, local_rows(indices[i], axis_name),
+                      local_rows(masks[i], axis_name),
+                      take=lambda v, idx: v.at[idx].get(mode="promise_in_bounds"))
+  if augment is not None:
+    # One key per global row position, so the augmentation of a row does not
+    # depend on how the batch is split across devices.
+    keys = jax.random.split(key_for(run_key, "augment", state.step), spec.batch_size)
+    batch["inputs"] = jax.vmap(augment)(local_rows(keys, axis_name), batch["inputs"])
+  grads, batch_stats, metrics = compute_gradients(
+      state, batch, key_for(run_key, "dropout", state.step), axis_name=axis_name)
+  finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+  # A non-finite update is never applied; with "stop" nothing after it is
+  # either. lax.cond, not a select over the state: XLA copies every buffer the
+  # select keeps alive (the params and optimizer state, each step), which cost
+  # the 784-1024-1024-10 MLP ~10% of its speed; on tiny models the two tie.
+  state = jax.lax.cond(
+      finite & ~halted,
+      lambda s: s.apply_gradients(grads, batch_stats=batch_stats), lambda s: s, state)
+  if spec.nonfinite == "stop":
+    halted = halted | ~finite
+  metrics = {**metrics, "finite": finite,
+             "learning_rate": current_learning_rate(state.opt_state)}
+  if spec.eval_every:
+    metrics.update(maybe_evaluate(spec, state, data.step_evals, axis_name))
+  return Carry(state, halted), metrics
+
+
+def _epoch_batches(spec: ProgramSpec, run_key, epoch):
+  return epoch_indices(
+      key_for(run_key, "shuffle", epoch) if spec.shuffle else None, spec.num_train,
+      spec.batch_size, spec.drop_remainder)
+
+
+def _pack(metrics: Mapping[str, jax.Array], like: Mapping) -> jax.Array:
+  """Scalar metrics as one float32 vector (in ``like``'s order): one buffer
+  write per step, not one each."""
+  return jnp.stack([jnp.asarray(metrics[k], jnp.float32) for k in like])
+
+
+def _unpack(packed: jax.Array, like: Mapping[str, jax.ShapeDtypeStruct]) -> dict:
+  return {k: packed[..., j].astype(v.dtype) for j, (k, v) in enumerate(like.items())}
+
+
+def _train_span(spec: ProgramSpec, augment: Augment | None, axis_name, carry: Carry,
+                data: Data, span: Span) -> tuple[Carry, Outputs]:
+  """Runs global steps ``span.first .. span.first + span.num`` across epochs."""
+  spe = spec.steps_per_epoch
+  first, run_key = span.first, span.run_key
+  last = first + span.num
+  first_epoch = first // spe
+  step = functools.partial(_train_step, spec, augment, axis_name)
+  zero = jnp.zeros((), jnp.int32)
+  shapes = jax.eval_shape(
+      lambda c, k: step(c, data, run_key, *_epoch_batches(spec, k, zero), zero)[1],
+      carry, run_key)
+  steps = jnp.zeros((spec.span, len(shapes)), jnp.float32)
+  sums_shapes = jax.eval_shape(functools.partial(evaluate_all, spec, axis_name),
+                               carry.state, data.epoch_evals)
+  sums = jax.tree.map(lambda v: jnp.zeros((spec.epoch_slots,) + v.shape, v.dtype), sums_shapes)
+
+  def epoch_body(epoch, loop):
+    indices, masks = _epoch_batches(spec, run_key, epoch)
+    base = epoch * spe - first  # buffer entry of the epoch's step 0
+
+    def step_body(i, loop):
+      carry, steps = loop
+      carry, metrics = step(carry, data, run_key, indices, masks, i)
+      return carry, steps.at[base + i].set(_pack(metrics, shapes))
+
+    carry, steps, sums = loop
+    end = jnp.minimum(last - epoch * spe, spe)
+    carry, steps = jax.lax.fori_loop(
+        jnp.maximum(first - epoch * spe, 0), end, step_body, (carry, steps))
+    if data.epoch_evals:
+      epoch_sums = jax.lax.cond(
+          end == spe, lambda s: evaluate_all(spec, axis_name, s, data.epoch_evals),
+          lambda s: jax.tree.map(lambda v: jnp.zeros(v.shape, v.dtype), sums_shapes),
+          carry.state)
+      sums = jax.tree.map(lambda b, v: b.at[epoch - first_epoch].set(v), sums, epoch_sums)
+    return carry, steps, sums
+
+  carry, steps, sums = jax.lax.fori_loop(
+      first_epoch, (last + spe - 1) // spe, epoch_body, (carry, steps, sums))
+  return carry, Outputs(_unpack(steps, shapes), sums)
+
+
+def _train_one(spec: ProgramSpec, augment: Augment | None, axis_name, carry: Carry,
+               data: Data, span: Span) -> tuple[Carry, Outputs]:
+  """One step, straight-line (no loop): XLA:CPU runs convolutions inside loops
+  far slower (jax#12868). Metrics come back with a leading axis of length 1; the
+  caller evaluates at epoch ends (``Outputs.epochs`` is None)."""
+  epoch, index = jnp.divmod(span.first, spec.steps_per_epoch)
+  indices, masks = _epoch_batches(spec, span.run_key, epoch)
+  carry, metrics = _train_step(spec, augment, axis_name, carry, data, span.run_key, indices,
+                               masks, index)
+  return carry, Outputs(jax.tree.map(lambda m: m[None], metrics), None)
+
+
+@functools.lru_cache(maxsize=128)
+def _compiled(kind, spec, augment, mesh, donate, members, member_data):
+  """One jitted program per configuration, shared by every run that needs it.
+
+  jit caches compiled code per function object; building the functions here
+  once means a second ``fit`` with the same setup (and the same model and
+  optimizer objects) starts compiled.
+  """
+  axis_name = mesh.axis_names[0] if mesh is not None else None
+  data_axis = 0 if member_data else None
+  if kind in ("train", "step"):
+    fn = functools.partial(_train_span if kind == "train" else _train_one, spec, augment,
+                           axis_name)
+    in_axes, donated = (0, data_axis, Span(0, None, None)), donate
+  else:
+    fn = functools.partial(evaluate_all, spec, axis_name)
+    in_axes, donated = (0, data_axis), False
+  if members:
+    fn = jax.vmap(fn, in_axes=in_axes)
+  if mesh is not None:
+    fn = jax.shard_map(fn, mesh=mesh, in_specs=(P(),) * len(in_axes), out_specs=P())
+  return jax.jit(fn, donate_argnums=(0,) if donated else ())
+
+
+class Programs:
+  """The jitted programs of one run; built once, so nothing recompiles.
+
+  ``train(carry, data, run_key, first, num_steps)`` returns ``(carry, outputs)``
+  (see :class:`Outputs`); ``evaluate(state, eval_arrays)`` returns ``{name:
+  sums}``. With a ``mesh`` both run as ``shard_map`` over its single axis: the
+  state and data are replicated, each device takes its slice of every batch.
+
+  With ``members=True`` the programs are vmapped over a leading axis of the
+  carry and the run key (many models, e.g. seeds, in one program); the data
+  are shared, or per member with ``member_data=True``.
+  """
+
+  def __init__(self, spec: ProgramSpec, *, augment: Augment | None = None,
+               mesh: Mesh | None = None, donate: bool = True, members: bool = False,
+               member_data: bool = False):
+    self.spec, self.mesh = spec, mesh
+    self.members, self.member_data = members, member_data
+    if mesh is not None:
+      shards = mesh.devices.size
+      for name, size in (("batch_size", spec.batch_size),
+                         ("eval_batch_size", spec.eval_batch_size)):
+        if size % shards:
+          raise ValueError(f"{name} {size} is not divisible by the {shards} devices")
+    self._key = (spec, augment, mesh, donate, members, member_data)
+    self.evaluate = _compiled("evaluate", *self._key)
+
+  def train(self, carry: Carry, data: Data, run_key, first: int, num_steps: int, *,
+            straight: bool = False) -> tuple[Carry, Outputs]:
+    """Global steps ``first .. first + num_steps``, evaluating at epoch ends.
+
+    ``straight`` runs a single step without a loop (``num_steps`` must be 1)
+    and leaves evaluation to the caller (``Outputs.epochs`` is None).
+    """
+    if not 1 <= num_steps <= self.spec.span:
+      raise ValueError(f"num_steps must be in 1..{self.spec.span}, got {num_steps}")
+    if straight and num_steps != 1:
+      raise ValueError(f"a straight-line call runs 1 step, got num_steps={num_steps}")
+    fn = _compiled("step" if straight else "train", *self._key)
+    return fn(carry, data, Span(run_key, np.int32(first), np.int32(num_steps)))
+
+  def place(self, tree, *, copy: bool = False):
+    """Puts a tree on the device(s) the programs run on (replicated on a mesh).
+
+    ``copy=True`` gives fresh buffers even for arrays already there: the train
+    program donates the carry, and the caller's arrays must survive it.
+    """
+    target = None if self.mesh is None else NamedSharding(self.mesh, P())
+    return jax.device_put(tree, target, may_alias=False if copy else None)

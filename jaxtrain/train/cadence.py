@@ -1,0 +1,125 @@
+"""When the host must act: one :class:`Cadence` that every periodic concern of a
+run answers through, and the :class:`Pace` that sizes compiled calls.
+
+A compiled call runs on the device until the host must see the state: a
+checkpoint is due, weight histograms are due, early stopping must judge an
+epoch, or the run ends. Each such concern is an :class:`Every` (every N steps,
+every N epochs, every N seconds); the cadence answers "how many steps until
+the host is needed?" (:meth:`Cadence.next_stop`) and "which concerns are due
+now?" (:meth:`Cadence.due`). Logging and evaluation every N steps never need
+the host: evaluations run inside the program, and a call's metrics are fetched
+one call late, while the next call runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+CALL_SECONDS = 1.0  # the wall time one compiled call aims for
+
+
+@dataclasses.dataclass(frozen=True)
+class Every:
+  """A periodic concern: due every ``steps`` global steps, at the end of every
+  ``epochs``-th epoch, and/or once ``seconds`` have passed since it last acted
+  (0 turns each off).
+
+  >>> Every(epochs=2).next_after(3, steps_per_epoch=2)
+  4
+  >>> Every(steps=5).next_after(5, steps_per_epoch=2)
+  10
+  """
+
+  steps: int = 0
+  epochs: int = 0
+  seconds: float = 0.0
+
+  def next_after(self, step: int, steps_per_epoch: int) -> int | None:
+    """The first global step after ``step`` at which a step or epoch cadence
+    falls due (None: only by time, or never)."""
+    candidates = []
+    if self.steps:
+      candidates.append(step + self.steps - step % self.steps)
+    if self.epochs:
+      epoch = step // steps_per_epoch + 1
+      epoch = -(-epoch // self.epochs) * self.epochs
+      candidates.append(epoch * steps_per_epoch)
+    return min(candidates) if candidates else None
+
+  def due(self, step: int, steps_per_epoch: int, idle_seconds: float = 0.0) -> bool:
+    """Whether the concern falls due at the end of global step ``step``."""
+    if self.steps and step % self.steps == 0:
+      return True
+    if self.epochs and step % steps_per_epoch == 0 and (step // steps_per_epoch) % self.epochs == 0:
+      return True
+    return bool(self.seconds) and idle_seconds >= self.seconds
+
+
+@dataclasses.dataclass(frozen=True)
+class Cadence:
+  """Every periodic concern of one run, asked in one place.
+
+  Attributes:
+    steps_per_epoch: steps per epoch.
+    total_steps: the run's last step ("end" is due there).
+    concerns: name -> :class:`Every` (e.g. ``checkpoint``, ``histograms``,
+      ``early_stopping``).
+
+  >>> cadence = Cadence(10, 100, {"checkpoint": Every(steps=25),
+  ...                             "early_stopping": Every(epochs=1)})
+  >>> cadence.next_stop(0), cadence.next_stop(20), cadence.next_stop(95)
+  (10, 25, 100)
+  >>> sorted(cadence.due(50)), sorted(cadence.due(60)), sorted(cadence.due(100))
+  (['checkpoint', 'early_stopping'], ['early_stopping'], ['checkpoint', 'early_stopping', 'end'])
+  """
+
+  steps_per_epoch: int
+  total_steps: int
+  concerns: Mapping[str, Every] = dataclasses.field(default_factory=dict)
+
+  def next_stop(self, step: int) -> int:
+    """The first step after ``step`` where the host must act (or the run's end)."""
+    stops = [every.next_after(step, self.steps_per_epoch) for every in self.concerns.values()]
+    return min([self.total_steps] + [s for s in stops if s is not None])
+
+  def due(self, step: int, idle_seconds: Mapping[str, float] | None = None) -> frozenset[str]:
+    """The concerns due at the end of ``step``; ``idle_seconds`` gives, per
+    concern, the time since it last acted (for time cadences)."""
+    idle = idle_seconds or {}
+    due = {name for name, every in self.concerns.items()
+           if every.due(step, self.steps_per_epoch, idle.get(name, 0.0))}
+    if step >= self.total_steps:
+      due.add("end")
+    return frozenset(due)
+
+
+@dataclasses.dataclass(frozen=True)
+class Pace:
+  """How many epochs one call may span, from measured call times.
+
+  Calls grow to about ``CALL_SECONDS`` of work once a call has been timed (the
+  first is mostly compiling), so signals and time-based saves are seen about
+  that often, and to at most an eighth of the run, so the host logs one call
+  while the device runs the next rather than everything after the last. The
+  numbers of a run never depend on where its calls end.
+
+  >>> pace = Pace().after_call(0.01, steps_per_epoch=10, epochs=80)
+  >>> pace.after_call(0.01, steps_per_epoch=10, epochs=80).call_epochs
+  10
+  """
+
+  call_epochs: int = 1
+  timed: int = 0
+
+  def after_call(self, seconds_per_step: float, *, steps_per_epoch: int, epochs: int) -> Pace:
+    timed = self.timed + 1
+    if timed < 2:
+      return dataclasses.replace(self, timed=timed)
+    call_epochs = max(1, min(int(CALL_SECONDS / (seconds_per_step * steps_per_epoch)),
+                             -(-epochs // 8)))
+    return Pace(call_epochs, timed)
+
+  def limit(self, step: int, *, steps_per_epoch: int, max_steps: int) -> int:
+    """Where a call starting at ``step`` ends at the latest."""
+    return step + min(max_steps, self.call_epochs * steps_per_epoch)

@@ -1,0 +1,172 @@
+"""How to train: :class:`FitConfig`, its checks, and what it implies for the
+compiled programs (their :class:`~jaxtrain.engine.spec.ProgramSpec` and the
+execution mode)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxtrain.data.batching import check_arrays, num_batches
+from jaxtrain.engine.spec import ProgramSpec
+from jaxtrain.train.stopping import EarlyStopping
+
+COLUMNS = ("epoch", "step", "train_loss", "train_accuracy", "val_loss", "val_accuracy",
+           "train_loss_running", "learning_rate", "seconds")
+EXECUTIONS = ("auto", "scan", "step")
+MAX_SPAN_STEPS = 4096  # steps one call may run (whole epochs, at least one)
+
+
+@dataclasses.dataclass(frozen=True)
+class FitConfig:
+  """How to train; every field is part of the run's identity except ``progress``.
+
+  Attributes:
+    epochs: passes over the training set (>= 1).
+    batch_size: global mini-batch size (1 ..= training-set size).
+    seed: the run's seed: shuffling, dropout and augmentation keys derive from it.
+    eval_batch_size: batch size of evaluations (0: max(batch_size, 1024)).
+    eval_every_steps: also evaluate every N steps (0: only at epoch ends); the
+      values land in the per-step history as ``train_accuracy`` etc.
+    evaluate_train: evaluate the whole training set in eval mode each epoch.
+    drop_remainder: drop the incomplete last batch instead of padding it.
+    early_stopping: the rule, or ``None``.
+    nonfinite: ``"stop"`` the run at the first non-finite loss or gradient, or
+      ``"skip"`` such updates.
+    execution: ``"scan"`` (K steps per compiled call), ``"step"`` (one step per
+      call) or ``"auto"`` (chosen per model and backend).
+    data: where the training data live: ``"device"`` (fast path), ``"host"``
+      (streamed batch by batch, prefetched; for data that do not fit) or
+      ``"auto"`` (the device when the arrays take under half its memory).
+    steps_per_call: the most steps one compiled call runs (0: whole epochs,
+      as many as take about a second, up to 4096 steps). Calls also end where
+      the host must act: early stopping, histograms, checkpoints.
+    devices: data-parallel devices (shard_map over the first N local devices).
+    histogram_every: epochs between weight/gradient histograms (0: never).
+    progress: progress bar (``None``: when on a terminal).
+  """
+
+  epochs: int
+  batch_size: int
+  seed: int = 0
+  eval_batch_size: int = 0
+  eval_every_steps: int = 0
+  evaluate_train: bool = True
+  drop_remainder: bool = False
+  early_stopping: EarlyStopping | None = None
+  nonfinite: str = "stop"
+  execution: str = "auto"
+  data: str = "auto"
+  steps_per_call: int = 0
+  devices: int = 1
+  histogram_every: int = 5
+  progress: bool | None = None
+
+
+def validate(config: FitConfig, n_train: int, *, has_val: bool) -> None:
+  """Raises ValueError naming the first bad setting (before anything is written)."""
+  def bad(name, value, why):
+    raise ValueError(f"{name} {why}, got {value!r}")
+
+  def integer(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+  if not integer(config.epochs) or config.epochs < 1:
+    bad("epochs", config.epochs, "must be an integer >= 1")
+  if not integer(config.batch_size) or config.batch_size < 1:
+    bad("batch_size", config.batch_size, "must be an integer >= 1")
+  if config.batch_size > n_train:
+    bad("batch_size", config.batch_size, f"must not exceed the {n_train} training examples")
+  for name in ("eval_batch_size", "eval_every_steps", "steps_per_call", "histogram_every"):
+    if getattr(config, name) < 0:
+      bad(name, getattr(config, name), "must be >= 0")
+  if config.nonfinite not in ("stop", "skip"):
+    bad("nonfinite", config.nonfinite, "must be 'stop' or 'skip'")
+  if config.data not in ("auto", "device", "host"):
+    bad("data", config.data, "must be 'auto', 'device' or 'host'")
+  if config.execution not in EXECUTIONS:
+    bad("execution", config.execution, f"must be one of {EXECUTIONS}")
+  if not 1 <= config.devices <= jax.local_device_count():
+    bad("devices", config.devices, f"must be in 1..{jax.local_device_count()} (local devices)")
+  if config.batch_size % config.devices:
+    bad("batch_size", config.batch_size, f"must be divisible by the {config.devices} devices")
+  if config.drop_remainder and n_train < config.batch_size:
+    bad("batch_size", config.batch_size, "with drop_remainder leaves no batch")
+  rule = config.early_stopping
+  if rule is not None:
+    logged = {"train_loss_running", "learning_rate"}
+    if config.evaluate_train:
+      logged |= {"train_loss", "train_accuracy"}
+    if has_val:
+      logged |= {"val_loss", "val_accuracy"}
+    if rule.monitor not in logged:
+      why = ("needs validation data" if rule.monitor in COLUMNS and rule.monitor.startswith("val_")
+             else f"is not a metric this run logs ({', '.join(sorted(logged))})")
+      raise ValueError(f"early stopping monitor {rule.monitor!r} {why}")
+
+
+def choose_execution(state, config: FitConfig, example_inputs) -> str:
+  """``"scan"`` unless measurements say one straight-line step per call is faster.
+
+  XLA:CPU runs ``lax.conv`` inside a loop several times slower than in a
+  straight-line program (jax#12868; 1.03 s against 0.17 s a step in
+  BENCHMARKS.md), so on CPU a model whose forward pass runs a convolution
+  primitive steps one call at a time. The decision reads what the model runs
+  (its traced forward pass on ``example_inputs``), not its attributes: our
+  models compute their convolutions as matmuls on CPU and loop fast.
+  """
+  if config.execution != "auto":
+    return config.execution
+  if jax.default_backend() != "cpu":
+    return "scan"
+  if not any(np.ndim(p) == 4 for p in jax.tree.leaves(state.params)):
+    return "scan"  # no convolution kernel: skip tracing the model
+  jaxpr = jax.make_jaxpr(lambda variables, x: state.apply_fn(variables, x, train=False))(
+      state.variables, example_inputs)
+  return "step" if _runs_primitive(jaxpr.jaxpr, "conv_general_dilated") else "scan"
+
+
+def _runs_primitive(jaxpr, name: str) -> bool:
+  """Whether ``jaxpr`` or any jaxpr nested in it (jit, custom_vjp, cond, ...) runs ``name``."""
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == name:
+      return True
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (tuple, list)) else (param,):
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns") and _runs_primitive(inner, name):
+          return True
+  return False
+
+
+def as_arrays(split: Mapping[str, Any] | None, name: str):
+  """A split as numpy arrays after checking it (None stays None)."""
+  if split is None:
+    return None
+  check_arrays(split, 1)
+  if not {"inputs", "targets"} <= set(split):
+    raise ValueError(f"{name} data must hold 'inputs' and 'targets', got {sorted(split)}")
+  return {k: np.asarray(v) for k, v in split.items()}
+
+
+def program_spec(config: FitConfig, n_train: int, eval_sizes=()) -> ProgramSpec:
+  """The compiled programs' static description for a run of ``config``."""
+  spe = num_batches(n_train, config.batch_size, config.drop_remainder)
+  return ProgramSpec(
+      num_train=n_train, batch_size=config.batch_size,
+      eval_batch_size=eval_batch_size(config, [n_train, *eval_sizes]),
+      drop_remainder=config.drop_remainder, nonfinite=config.nonfinite,
+      eval_every=config.eval_every_steps,
+      max_steps=config.steps_per_call or spe * max(1, MAX_SPAN_STEPS // spe))
+
+
+def eval_batch_size(config: FitConfig, sizes) -> int:
+  """Evaluation batches: at least the training batch, no larger than the largest
+  set, divisible by the devices."""
+  size = config.eval_batch_size or max(config.batch_size, 1024)
+  size = min(size, max(sizes))  # never pad a small set to a huge batch
+  return -(-size // config.devices) * config.devices

@@ -1,0 +1,337 @@
+"""``fit``: epochs of shuffled mini-batches, validation, curves and early stopping.
+
+``fit`` is a short driver. It dispatches compiled calls through a feed
+(:mod:`jaxtrain.engine.feeds`), asks the run's :class:`~jaxtrain.train.cadence.Cadence`
+where the next call must end, fetches each call's metrics one call late (so the
+device never waits for the host), and hands them to the pure ledger
+(:func:`jaxtrain.train.ledger.advance`), whose verdict it carries out: log the
+records and rows, keep the best epoch's parameters, checkpoint, stop. A run is a
+pure function of its seed and config: the shuffle key is folded with the epoch,
+the dropout key with the step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxtrain.core.metrics import means
+from jaxtrain.core.state import TrainState, state_arrays, with_arrays
+from jaxtrain.core.step import compute_gradients
+from jaxtrain.engine import parallel
+from jaxtrain.engine.feeds import Feed, fetch, fits_on_device, make_feed
+from jaxtrain.engine.programs import Carry
+from jaxtrain.train.cadence import Cadence, Every, Pace
+from jaxtrain.train.config import (COLUMNS, FitConfig, as_arrays, choose_execution,
+                                   program_spec, validate)
+from jaxtrain.train.ledger import Advance, Fetched, Position, advance
+from jaxtrain.train.stopping import Best
+
+
+@dataclasses.dataclass
+class FitResult:
+  """What ``fit`` returns.
+
+  Attributes:
+    state: the final state (the best epoch's parameters when early stopping
+      restored them).
+    history: ``{"epoch": {column: [...]}, "step": {"step": [...], "loss": [...], ...}}``.
+    best: the best epoch by the monitored metric.
+    stop_reason: why the run ended early, or ``None``.
+    test: test-set metrics when a test set was given.
+  """
+
+  state: TrainState
+  history: dict[str, dict[str, list]]
+  best: Best
+  stop_reason: str | None = None
+  test: dict[str, float] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Run:
+  """The fixed parts of one ``fit``, read by every step of the driver."""
+
+  config: FitConfig
+  feed: Feed
+  cadence: Cadence
+  run_key: jax.Array
+  train: dict
+  checkpointer: Any
+  monitor: Any
+  log: Callable[[str], None]
+
+  @property
+  def keep_best(self) -> bool:
+    rule = self.config.early_stopping
+    return rule is not None and rule.restore_best
+
+
+@dataclasses.dataclass(frozen=True)
+class _Call:
+  """A dispatched call: global steps ``first .. end`` and its chunks."""
+
+  first: int
+  end: int
+  chunks: list
+  started: float
+
+
+def fit(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
+        val: Mapping[str, Any] | None = None, test: Mapping[str, Any] | None = None,
+        augment: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
+        monitor=None, log: Callable[[str], None] | None = None, checkpointer=None,
+        should_stop: Callable[[], str | None] | None = None) -> FitResult:
+  """Trains ``state`` on ``train`` for ``config.epochs`` epochs.
+
+  Args:
+    state: from :func:`jaxtrain.create_train_state` (built once per run).
+    train: ``{"inputs", "targets"}`` arrays, kept on the device.
+    config: a :class:`FitConfig`.
+    val: validation arrays, evaluated every epoch.
+    test: test arrays, evaluated once at the end (only when given).
+    augment: ``augment(key, one_example_inputs)``, applied to training inputs
+      with a key per step and row.
+    monitor: a :class:`jaxtrain.monitor.RunMonitor`, or a function
+      ``(rows, step_records) -> RunMonitor`` called once the run's position is
+      known (after a resume: the epoch rows and step records to keep).
+    log: where one-line messages (early stop, non-finite loss) go (default: the
+      monitor's ``write``, else ``print``).
+    checkpointer: a :class:`jaxtrain.checkpoint.Checkpointer`, or a function
+      returning one (or None), called once every argument is checked; the run
+      resumes from its latest good checkpoint and saves on its cadence and at
+      the end.
+    should_stop: polled at every call boundary; a returned reason (e.g. a
+      signal's name) saves a checkpoint and ends the run cleanly.
+
+  Returns:
+    A :class:`FitResult`.
+
+  >>> import jax, jax.numpy as jnp, numpy as np, jaxtrain
+  >>> x = np.random.default_rng(0).normal(size=(64, 2)).astype(np.float32)
+  >>> arrays = {"inputs": x, "targets": (x[:, 0] > 0).astype(np.int32)}
+  >>> state = jaxtrain.create_train_state(
+  ...     jaxtrain.models.MLP(hidden_sizes=(8,), outputs=2),
+  ...     jaxtrain.make_optimizer("sgd", 0.5), jax.random.key(0), x[:1],
+  ...     loss_fn=jaxtrain.losses.cross_entropy)
+  >>> result = fit(state, arrays, val=arrays, config=FitConfig(epochs=20, batch_size=16))
+  >>> result.history["epoch"]["val_accuracy"][-1] > 0.9
+  True
+  """
+  train, val, test = (as_arrays(s, n) for s, n in ((train, "train"), (val, "val"),
+                                                  (test, "test")))
+  validate(config, len(train["targets"]), has_val=val is not None)
+  feed = _make_feed(state, train, val, test, config, augment)
+  if callable(checkpointer):  # a factory: everything is checked, the run may write now
+    checkpointer = checkpointer()
+  spe = feed.spec.steps_per_epoch
+  total = config.epochs * spe
+  rule = config.early_stopping
+  keep_best = rule is not None and rule.restore_best
+  tree = {"state": state_arrays(state)}
+  if keep_best:
+    tree["best"] = {"params": state.params, "batch_stats": state.batch_stats}
+  tree = feed.place(tree, copy=True)  # donated below; the caller's state survives
+  position, tree = _resume(checkpointer, tree, log or print)
+  monitor, owns_monitor = _open_monitor(monitor, position)
+  run = _Run(config, feed, make_cadence(config, spe, checkpointer, monitor),
+             jax.random.key(config.seed), train, checkpointer, monitor,
+             log or (monitor.write if monitor is not None else print))
+  carry = Carry(with_arrays(state, tree["state"]), feed.place(jnp.zeros((), bool)))
+  best = tree.get("best")
+  window = parallel.InFlight(parallel.default_max_in_flight(
+      jax.local_devices()[: config.devices]))
+  history = {"epoch": {c: [] for c in COLUMNS}, "step": {}}
+  for row in position.rows:
+    _extend(history["epoch"], row)
+  pace, lagged, interrupted, reason = Pace(), None, None, position.stop_reason
+  first = position.step(spe)
+  compiled = False
+  while reason is None and interrupted is None and first < total:
+    end = min(run.cadence.next_stop(first),
+              pace.limit(first, steps_per_epoch=spe, max_steps=feed.max_steps))
+    started = time.perf_counter()
+    carry, chunks = feed.train(carry, run.run_key, first, end - first)
+    call = _Call(first, end, chunks, started)
+    for chunk in chunks:
+      window(chunk.steps)
+    if not compiled:
+      jax.block_until_ready(chunks[-1].steps)
+      compiled = True
+      if monitor is not None:
+        monitor.mark_compiled()
+    if lagged is not None:
+      # The previous call's results are fetched only now, after this call is
+      # queued, so the device never waits for the host between calls.
+      done, pace, best = _absorb(run, lagged, position, pace, carry.state, best, history)
+      position, reason, lagged = done.position, done.reason, None
+      if reason:
+        break
+    first = end
+    interrupted = should_stop() if should_stop else None
+    idle = {"checkpoint": checkpointer.seconds_since_save()} if checkpointer else None
+    due = run.cadence.due(end, idle)
+    if not (due or interrupted):
+      lagged = call
+      continue
+    done, pace, best = _absorb(run, call, position, pace, carry.state, best, history)
+    position, reason = done.position, done.reason
+    saving = checkpointer is not None and bool(interrupted or due & {"checkpoint", "end"})
+    if (saving or (checkpointer is not None and reason)) and (
+        not reason or position.stop_reason):
+      row = position.rows[-1] if end % spe == 0 and position.rows else {}
+      metric = row.get(checkpointer.config.monitor, row.get("train_loss", math.nan))
+      _save(run, position, carry.state, best, metric=metric if row else None)
+  if lagged is not None and reason is None:
+    done, pace, best = _absorb(run, lagged, position, pace, carry.state, best, history)
+    position, reason = done.position, done.reason
+  window.drain()
+  if reason and not position.stop_reason and checkpointer is not None:
+    # A non-finite stop inside an epoch: record it so a rerun does not retrain.
+    _save(run, dataclasses.replace(position, stop_reason=reason), carry.state, best)
+  if interrupted:
+    reason = _interrupted(run, interrupted, position, spe)
+  if checkpointer is not None:
+    checkpointer.wait()
+  state = carry.state
+  if keep_best and best is not None and position.best.epoch:
+    state = state.replace(**best)
+    run.log(f"restored the parameters of epoch {position.best.epoch} "
+            f"({rule.monitor} {position.best.value:.6g})")
+  test_metrics = None
+  if test is not None and not interrupted:
+    test_sums = jax.device_get(feed.evaluate(state, {"test": test}))
+    test_metrics = {k: float(v) for k, v in means(test_sums["test"]).items()}
+  if owns_monitor:
+    monitor.close()
+  return FitResult(state=state, history=history, best=position.best,
+                   stop_reason=reason, test=test_metrics)
+
+
+def make_cadence(config: FitConfig, steps_per_epoch: int, checkpointer=None,
+                 monitor=None) -> Cadence:
+  """The run's periodic concerns: checkpoints (by steps, epochs and seconds),
+  weight histograms (with a monitor) and the early-stopping check."""
+  concerns = {}
+  if checkpointer is not None:
+    c = checkpointer.config
+    concerns["checkpoint"] = Every(c.every_steps, c.every_epochs, c.every_seconds)
+  if monitor is not None and config.histogram_every:
+    concerns["histograms"] = Every(epochs=config.histogram_every)
+  if config.early_stopping is not None:
+    concerns["early_stopping"] = Every(epochs=1)
+  return Cadence(steps_per_epoch, config.epochs * steps_per_epoch, concerns)
+
+
+def _make_feed(state, train, val, test, config: FitConfig, augment) -> Feed:
+  mesh = (parallel.local_mesh(jax.local_devices()[: config.devices])
+          if config.devices > 1 else None)
+  spec = program_spec(config, len(train["targets"]),
+                      [len(s["targets"]) for s in (val, test) if s])
+  evals = {"train": train} if config.evaluate_train else {}
+  if val is not None:
+    evals["val"] = val
+  on_device = config.data == "device" or (config.data == "auto" and fits_on_device(train, val))
+  execution = choose_execution(state, config, train["inputs"][:1])
+  return make_feed(spec, train, evals, on_device=on_device, augment=augment, mesh=mesh,
+                   step_evals=bool(config.eval_every_steps), straight=execution == "step")
+
+
+def _resume(checkpointer, tree, say) -> tuple[Position, Any]:
+  """The position and arrays of the latest good checkpoint, or a fresh start."""
+  restored = checkpointer.restore(tree) if checkpointer is not None else None
+  if restored is None:
+    return Position(), tree
+  step, tree, meta = restored
+  position = Position.from_json(meta["position"])
+  say(f"resuming from the checkpoint at step {step} (epoch {position.epoch + 1}, "
+      f"batch {position.batch}) in {checkpointer.directory}")
+  return position, tree
+
+
+def _open_monitor(monitor, position: Position):
+  """A monitor, built now from a factory ``(rows, step_records) -> monitor``
+  once the position is known; returns ``(monitor, owned)``."""
+  if monitor is None or hasattr(monitor, "log_steps"):
+    return monitor, False
+  fresh = position.epoch == 0 and position.batch == 0
+  return monitor(position.rows, None if fresh else position.step_records), True
+
+
+def _absorb(run: _Run, call: _Call, position: Position, pace: Pace, state, best, history
+            ) -> tuple[Advance, Pace, Any]:
+  """Fetches a call (one host sync), advances the ledger and logs what it says.
+
+  ``state`` is the state at the end of ``call`` whenever the cadence made the
+  call end for the host (histograms, the best epoch's parameters)."""
+  spe = run.feed.spec.steps_per_epoch
+  steps, epoch_sums = fetch(call.chunks, spe)
+  per_step = (time.perf_counter() - call.started) / (call.end - call.first)
+  pace = pace.after_call(per_step, steps_per_epoch=spe, epochs=run.config.epochs)
+  done = advance(position, Fetched(call.first, steps, epoch_sums, per_step),
+                 steps_per_epoch=spe, nonfinite=run.config.nonfinite,
+                 rule=run.config.early_stopping)
+  _extend(history["step"], {"step": done.steps, **done.metrics})
+  if run.monitor is not None:
+    run.monitor.log_steps(done.steps, done.metrics)
+  if done.nonfinite:
+    run.log(done.nonfinite)
+  for row in done.rows:
+    _extend(history["epoch"], row)
+    if run.monitor is not None:
+      run.monitor.log_epoch(row)
+      if "histograms" in run.cadence.due(row["step"]):
+        run.monitor.log_histograms(row["step"], state.params, _gradients(run, state))
+  if run.keep_best and done.rows and done.position.best.epoch == done.rows[-1]["epoch"]:
+    best = jax.tree.map(jnp.copy, {"params": state.params, "batch_stats": state.batch_stats})
+  if done.early_stop:
+    run.log(done.early_stop)
+  return done, pace, best
+
+
+def _save(run: _Run, position: Position, state, best, *, metric=None) -> None:
+  if run.monitor is not None:
+    run.monitor.flush()  # the checkpoint counts these lines as written
+  saved = {"state": state_arrays(state)}
+  if run.keep_best:
+    saved["best"] = best
+  meta = {"position": position.to_json(), "seed": run.config.seed,
+          "run_key": np.asarray(jax.random.key_data(run.run_key)).tolist()}
+  run.checkpointer.save(position.step(run.feed.spec.steps_per_epoch), saved, meta, metric)
+
+
+def _interrupted(run: _Run, signal_name: str, position: Position, spe: int) -> str:
+  where = (f"step {position.step(spe)} (epoch {position.epoch + 1}, "
+           f"batch {position.batch})")
+  if run.checkpointer is not None:
+    run.log(f"{signal_name}: saved a checkpoint at {where} in {run.checkpointer.directory}; "
+            "run the same command to resume")
+  else:
+    run.log(f"{signal_name}: stopped at {where}; checkpointing is off, nothing was saved")
+  return f"interrupted by {signal_name}"
+
+
+def _extend(table: dict[str, list], values: Mapping[str, Any]) -> None:
+  for key, value in values.items():
+    column = table.setdefault(key, [])
+    if isinstance(value, np.ndarray):
+      column.extend(value.tolist())
+    else:
+      column.append(value)
+
+
+def _gradients(run: _Run, state: TrainState):
+  """The gradient on the first training batch, for histograms."""
+  batch = {k: v[: run.config.batch_size] for k, v in run.train.items()}
+  grads, _, _ = _jit_gradients(jax.device_get(state), batch, run.run_key)
+  return grads
+
+
+_jit_gradients = jax.jit(compute_gradients)
