@@ -26,7 +26,7 @@ import numpy as np
 import optax
 from flax.training import train_state
 
-from jaxtrain.matmul import matmul
+from jaxtrain.nn.matmul import matmul
 
 
 class TrainState(train_state.TrainState):

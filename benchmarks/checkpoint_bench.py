@@ -60,8 +60,9 @@ def _fit_config(epochs: int):
 
 def _record(epochs: int, spe: int) -> dict:
   """A run record like the one fit saves after ``epochs`` epochs."""
-  from jaxtrain.loop import COLUMNS, Position
-  from jaxtrain.stopping import Best
+  from jaxtrain.train.config import COLUMNS
+  from jaxtrain.train.ledger import Position
+  from jaxtrain.train.stopping import Best
 
   row = {c: 0.123456789 for c in COLUMNS} | {"epoch": epochs, "step": epochs * spe}
   position = Position(epoch=epochs, best=Best(0.1, 1, 0), rows=[row] * epochs,
@@ -73,7 +74,8 @@ def time_saves(state, *, async_save: bool, saves: int) -> tuple[list[float], lis
   """Blocking and total seconds of ``saves`` saves into a fresh directory."""
   import jax
 
-  from jaxtrain.checkpoint import CheckpointConfig, Checkpointer, state_arrays
+  from jaxtrain.core.state import state_arrays
+  from jaxtrain.rundir.checkpoint import CheckpointConfig, Checkpointer
 
   arrays = jax.device_put({"state": state_arrays(state)})
   meta = _record(15, 32)
@@ -98,7 +100,7 @@ def time_saves(state, *, async_save: bool, saves: int) -> tuple[list[float], lis
 def time_fit(state, train, val, *, epochs: int, mode: str) -> tuple[float, list[float]]:
   """Seconds of one fit (``mode``: none, async or sync) and its blocking saves."""
   import jaxtrain
-  from jaxtrain.checkpoint import CheckpointConfig, Checkpointer
+  from jaxtrain.rundir.checkpoint import CheckpointConfig, Checkpointer
 
   with tempfile.TemporaryDirectory() as workdir:
     checkpointer = None
