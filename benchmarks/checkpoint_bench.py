@@ -40,6 +40,7 @@ MNIST_DIR = pathlib.Path(os.environ.get("JAXTRAIN_MNIST_DIR", ROOT.parent / "sha
 
 def _workload():
   import jax
+
   from experiments import mnist_pigeon
 
   if not MNIST_DIR.is_dir():
@@ -126,9 +127,9 @@ def main(argv: list[str] | None = None) -> None:
   args = parser.parse_args(argv)
 
   import jax
+  import orbax.checkpoint
 
   import jaxtrain
-  import orbax.checkpoint
 
   _, train, val, state, n_params = _workload()
   nbytes = sum(x.nbytes for x in jax.tree.leaves(

@@ -186,10 +186,10 @@ def _verdicts(workload: Workload, results) -> list[str]:
 
 
 def environment(torch_how) -> dict:
-  import jax
   import flax
-  import optax
+  import jax
   import numpy
+  import optax
   info = {
       "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
       "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),

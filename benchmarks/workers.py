@@ -25,9 +25,18 @@ import time
 
 from benchmarks.timing import CompileCounter, matmul_timer, repeat, rss_mb, timed
 from benchmarks.workloads import (
-    ROOT, SEEDS, SETTINGS, WORKLOADS, Row, fit_config, jaxtrain_model, jaxtrain_tx, load_data,
-    num_train, torch_data_file)
-
+  ROOT,
+  SEEDS,
+  SETTINGS,
+  WORKLOADS,
+  Row,
+  fit_config,
+  jaxtrain_model,
+  jaxtrain_tx,
+  load_data,
+  num_train,
+  torch_data_file,
+)
 
 # ----------------------------------------------------------------------------
 # One function per row kind.
@@ -36,6 +45,7 @@ from benchmarks.workloads import (
 
 def work_fit(workload: str, row: Row, repeats: int) -> dict:
   import jax
+
   import jaxtrain
   from jaxtrain import losses
 
@@ -81,6 +91,7 @@ def work_fit(workload: str, row: Row, repeats: int) -> dict:
 
 def work_baseline(workload: str, row: Row, repeats: int) -> dict:
   import optax
+
   from benchmarks import baselines
 
   train, val = load_data(workload)
@@ -121,8 +132,9 @@ def work_baseline(workload: str, row: Row, repeats: int) -> dict:
 
 def work_torch(workload: str, row: Row, repeats: int) -> dict:
   """In-process (this interpreter has torch); the runner never calls this otherwise."""
-  from benchmarks import torch_baselines
   import numpy as np
+
+  from benchmarks import torch_baselines
 
   with tempfile.TemporaryDirectory() as tmp:
     with np.load(torch_data_file(workload, tmp)) as data:
@@ -140,6 +152,7 @@ def _seed_data():
 
 def work_many(workload: str, row: Row, repeats: int) -> dict:
   import jax
+
   import jaxtrain
   from jaxtrain import losses
 
@@ -175,6 +188,7 @@ def work_many(workload: str, row: Row, repeats: int) -> dict:
 
 def work_fit_seq(workload: str, row: Row, repeats: int) -> dict:
   import jax
+
   import jaxtrain
   from jaxtrain import losses
 

@@ -226,8 +226,8 @@ SETTINGS = {
 
 
 def jaxtrain_model(workload: str, row: Row):
-  from jaxtrain import models
   from benchmarks import baselines
+  from jaxtrain import models
 
   if workload in ("two_moons", "seeds"):
     return models.MLP(hidden_sizes=(16,), outputs=2)

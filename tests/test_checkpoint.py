@@ -42,8 +42,9 @@ import jaxtrain
 import jaxtrain.rundir.run as jrun
 from experiments import _cli, two_moons
 from jaxtrain import checkpoint as ckpt
+from jaxtrain.rundir import compat
 from jaxtrain import datasets, losses, models
-from jaxtrain.rundir.checkpoint import CheckpointConfig, CheckpointError, Checkpointer
+from jaxtrain.rundir.checkpoint import CheckpointConfig, Checkpointer, CheckpointError
 from jaxtrain.train.stopping import EarlyStopping
 from tests.helpers import tree_equal
 
@@ -533,8 +534,8 @@ def assert_names_a_shape_mismatch(message: str, hidden_saved=(8,), hidden_wanted
   assert match, message
   path, saved, wanted = match.groups()
   assert "Dense_" in path, message
-  saved_shapes = ckpt._shapes({"state": arrays(make_state(hidden=hidden_saved))})
-  wanted_shapes = ckpt._shapes({"state": arrays(make_state(hidden=hidden_wanted))})
+  saved_shapes = compat._shapes({"state": arrays(make_state(hidden=hidden_saved))})
+  wanted_shapes = compat._shapes({"state": arrays(make_state(hidden=hidden_wanted))})
   assert saved == str(saved_shapes[path]) and wanted == str(wanted_shapes[path]), message
   assert saved != wanted
 

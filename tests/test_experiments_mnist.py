@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import _cli, mnist_cnn, mnist_pigeon
 import jaxtrain
+from experiments import _cli, mnist_cnn, mnist_pigeon
 from jaxtrain import models
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

@@ -31,8 +31,8 @@ import pytest
 import jaxtrain
 from jaxtrain import data, losses, models
 from jaxtrain.core.keys import key_for
-from jaxtrain.train.config import COLUMNS, FitConfig
 from jaxtrain.rundir.monitor import RunMonitor
+from jaxtrain.train.config import COLUMNS, FitConfig
 from jaxtrain.train.stopping import Best, EarlyStopping
 from tests.helpers import make_state, tree_allclose, tree_equal
 

@@ -30,8 +30,11 @@ import jax
 import numpy as np
 import optax
 
-from jaxtrain.core.transforms import (check_number, clip_by_global_norm_torch,
-                                      scale_by_adam_torch)
+from jaxtrain.core.transforms import (
+  check_number,
+  clip_by_global_norm_torch,
+  scale_by_adam_torch,
+)
 
 __all__ = [
     "OPTIMIZERS",

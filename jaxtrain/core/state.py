@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -31,6 +32,9 @@ class TrainState(struct.PyTreeNode):
     apply_fn: ``module.apply``.
     tx: the optax transformation.
     loss_fn: ``loss_fn(outputs, targets) -> per-example loss [batch]``.
+    takes_mask: whether the model's ``__call__`` takes ``mask=`` (the padding
+      rows' weights > 0), which keeps padding out of batch-norm statistics;
+      :func:`create_train_state` reads it from the module's signature.
   """
 
   step: jax.Array
@@ -42,6 +46,7 @@ class TrainState(struct.PyTreeNode):
   loss_fn: Callable[[jax.Array, jax.Array], jax.Array] = struct.field(
       pytree_node=False
   )
+  takes_mask: bool = struct.field(pytree_node=False, default=False)
 
   @property
   def variables(self) -> dict[str, PyTree]:
@@ -116,7 +121,13 @@ def create_train_state(
       apply_fn=model.apply,
       tx=tx,
       loss_fn=loss_fn,
+      takes_mask=_takes_mask(type(model)),
   )
+
+
+@functools.lru_cache(maxsize=None)
+def _takes_mask(module_type: type) -> bool:
+  return "mask" in inspect.signature(module_type.__call__).parameters
 
 
 def state_arrays(state: TrainState) -> dict[str, Any]:

@@ -7,12 +7,9 @@ axis), and without it under ``jax.jit``, also on a sharded global batch.
 
 from __future__ import annotations
 
-import functools
-import inspect
 from collections.abc import Mapping
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
@@ -57,26 +54,13 @@ def check_batch(batch: Batch) -> int:
   return n
 
 
-@functools.lru_cache(maxsize=None)
-def _module_takes_mask(module_type: type) -> bool:
-  return "mask" in inspect.signature(module_type.__call__).parameters
-
-
-def _takes_mask(apply_fn) -> bool:
-  """Whether ``apply_fn`` is a Module's apply whose ``__call__`` takes ``mask=``.
-
-  Our models pass the mask to batch norm so padded rows do not enter the batch
-  statistics; a user's model without that keyword still works (its batch norm then
-  sees padding rows in the one ragged batch of an epoch).
-  """
-  module = getattr(apply_fn, "__self__", None)
-  return isinstance(module, nn.Module) and _module_takes_mask(type(module))
-
-
 def _forward(state: TrainState, params, batch: Batch, weights, *, train: bool, key=None):
   """Runs the model; returns outputs and the (possibly updated) batch stats."""
   variables = {**state.variables, "params": params}
-  kwargs = {"mask": weights > 0} if train and _takes_mask(state.apply_fn) else {}
+  # Our models pass the mask to batch norm so padded rows do not enter the batch
+  # statistics; a model without that keyword still works (its batch norm then
+  # sees padding rows in the one ragged batch of an epoch).
+  kwargs = {"mask": weights > 0} if train and state.takes_mask else {}
   if train:
     kwargs["rngs"] = {"dropout": key}
   if train and state.batch_stats:

@@ -10,10 +10,25 @@ sources that give arrays (:mod:`~jaxtrain.data.sources`, MNIST, tfds).
 """
 
 from jaxtrain.data.arrays import Arrays, DataError, check_length, gather_rows
-from jaxtrain.data.batching import batches, check_arrays, epoch_indices, num_batches, permutation
+from jaxtrain.data.batching import (
+                                   batches,
+                                   check_arrays,
+                                   epoch_indices,
+                                   num_batches,
+                                   permutation,
+)
 from jaxtrain.data.mnist import IDX_FILES, load_mnist, load_mnist_idx, read_idx
-from jaxtrain.data.sources import (DEFAULT_FRACTIONS, NUM_CLASSES, Dataset, load,
-                                   normalize_images, split, standardize, take, two_moons)
+from jaxtrain.data.sources import (
+                                   DEFAULT_FRACTIONS,
+                                   NUM_CLASSES,
+                                   Dataset,
+                                   load,
+                                   normalize_images,
+                                   split,
+                                   standardize,
+                                   take,
+                                   two_moons,
+)
 from jaxtrain.data.tfds import TFDS_IMAGE_SHAPES, load_tfds
 
 __all__ = [

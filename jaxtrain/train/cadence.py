@@ -95,6 +95,32 @@ class Cadence:
 
 
 @dataclasses.dataclass(frozen=True)
+class Boundary:
+  """The end of a call as the host sees it: the concerns due there and a
+  stop request (a signal's name).
+
+  >>> Boundary().fetch_now, Boundary(signal="SIGTERM").saves(reason=None, recorded=False)
+  (False, True)
+  """
+
+  due: frozenset[str] = frozenset()
+  signal: str | None = None
+
+  @property
+  def fetch_now(self) -> bool:
+    """Whether the call's results are needed now (else they are fetched one call
+    late, while the next call runs)."""
+    return bool(self.due) or self.signal is not None
+
+  def saves(self, *, reason: str | None, recorded: bool) -> bool:
+    """Whether a checkpoint is written here, once the ledger gave its ``reason``
+    to stop (or None); ``recorded``: the position holds that reason (a stop
+    inside an epoch is saved with its reason after the loop instead)."""
+    wanted = self.signal is not None or bool(self.due & {"checkpoint", "end"}) or bool(reason)
+    return wanted and (not reason or recorded)
+
+
+@dataclasses.dataclass(frozen=True)
 class Pace:
   """How many epochs one call may span, from measured call times.
 

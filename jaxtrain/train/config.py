@@ -1,6 +1,6 @@
-"""How to train: :class:`FitConfig`, its checks, and what it implies for the
-compiled programs (their :class:`~jaxtrain.engine.spec.ProgramSpec` and the
-execution mode)."""
+"""How to train: :class:`FitConfig`, its checks, and what it implies for a run:
+the compiled programs' :class:`~jaxtrain.engine.spec.ProgramSpec`, the
+execution mode, the feed and the cadence of the host's work."""
 
 from __future__ import annotations
 
@@ -12,7 +12,10 @@ import jax
 import numpy as np
 
 from jaxtrain.data.batching import check_arrays, num_batches
+from jaxtrain.engine import parallel
+from jaxtrain.engine.feeds import Feed, fits_on_device, make_feed
 from jaxtrain.engine.spec import ProgramSpec
+from jaxtrain.train.cadence import Cadence, Every
 from jaxtrain.train.stopping import EarlyStopping
 
 COLUMNS = ("epoch", "step", "train_loss", "train_accuracy", "val_loss", "val_accuracy",
@@ -170,3 +173,35 @@ def eval_batch_size(config: FitConfig, sizes) -> int:
   size = config.eval_batch_size or max(config.batch_size, 1024)
   size = min(size, max(sizes))  # never pad a small set to a huge batch
   return -(-size // config.devices) * config.devices
+
+
+def plan_cadence(config: FitConfig, steps_per_epoch: int, checkpointer=None,
+                 monitor=None) -> Cadence:
+  """The run's periodic concerns: checkpoints (by steps, epochs and seconds),
+  weight histograms (with a monitor) and the early-stopping check."""
+  concerns = {}
+  if checkpointer is not None:
+    c = checkpointer.config
+    concerns["checkpoint"] = Every(c.every_steps, c.every_epochs, c.every_seconds)
+  if monitor is not None and config.histogram_every:
+    concerns["histograms"] = Every(epochs=config.histogram_every)
+  if config.early_stopping is not None:
+    concerns["early_stopping"] = Every(epochs=1)
+  return Cadence(steps_per_epoch, config.epochs * steps_per_epoch, concerns)
+
+
+def plan_feed(state, train, config: FitConfig, *, val=None, test=None, augment=None) -> Feed:
+  """The feed (and so the compiled programs) a run of ``config`` trains through:
+  on the device or streamed from the host, over ``config.devices`` devices, in
+  the execution mode :func:`choose_execution` picks."""
+  mesh = (parallel.local_mesh(jax.local_devices()[: config.devices])
+          if config.devices > 1 else None)
+  spec = program_spec(config, len(train["targets"]),
+                      [len(s["targets"]) for s in (val, test) if s])
+  evals = {"train": train} if config.evaluate_train else {}
+  if val is not None:
+    evals["val"] = val
+  on_device = config.data == "device" or (config.data == "auto" and fits_on_device(train, val))
+  execution = choose_execution(state, config, train["inputs"][:1])
+  return make_feed(spec, train, evals, on_device=on_device, augment=augment, mesh=mesh,
+                   step_evals=bool(config.eval_every_steps), straight=execution == "step")

@@ -26,11 +26,17 @@ from jaxtrain.core.metrics import means
 from jaxtrain.core.state import TrainState, state_arrays, with_arrays
 from jaxtrain.core.step import compute_gradients
 from jaxtrain.engine import parallel
-from jaxtrain.engine.feeds import Feed, fetch, fits_on_device, make_feed
+from jaxtrain.engine.feeds import Feed, fetch
 from jaxtrain.engine.programs import Carry
-from jaxtrain.train.cadence import Cadence, Every, Pace
-from jaxtrain.train.config import (COLUMNS, FitConfig, as_arrays, choose_execution,
-                                   program_spec, validate)
+from jaxtrain.train.cadence import Boundary, Cadence, Pace
+from jaxtrain.train.config import (
+  COLUMNS,
+  FitConfig,
+  as_arrays,
+  plan_cadence,
+  plan_feed,
+  validate,
+)
 from jaxtrain.train.ledger import Advance, Fetched, Position, advance
 from jaxtrain.train.stopping import Best
 
@@ -128,7 +134,7 @@ def fit(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
   train, val, test = (as_arrays(s, n) for s, n in ((train, "train"), (val, "val"),
                                                   (test, "test")))
   validate(config, len(train["targets"]), has_val=val is not None)
-  feed = _make_feed(state, train, val, test, config, augment)
+  feed = plan_feed(state, train, config, val=val, test=test, augment=augment)
   if callable(checkpointer):  # a factory: everything is checked, the run may write now
     checkpointer = checkpointer()
   spe = feed.spec.steps_per_epoch
@@ -141,7 +147,7 @@ def fit(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
   tree = feed.place(tree, copy=True)  # donated below; the caller's state survives
   position, tree = _resume(checkpointer, tree, log or print)
   monitor, owns_monitor = _open_monitor(monitor, position)
-  run = _Run(config, feed, make_cadence(config, spe, checkpointer, monitor),
+  run = _Run(config, feed, plan_cadence(config, spe, checkpointer, monitor),
              jax.random.key(config.seed), train, checkpointer, monitor,
              log or (monitor.write if monitor is not None else print))
   carry = Carry(with_arrays(state, tree["state"]), feed.place(jnp.zeros((), bool)))
@@ -175,17 +181,16 @@ def fit(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
       if reason:
         break
     first = end
-    interrupted = should_stop() if should_stop else None
     idle = {"checkpoint": checkpointer.seconds_since_save()} if checkpointer else None
-    due = run.cadence.due(end, idle)
-    if not (due or interrupted):
+    boundary = Boundary(run.cadence.due(end, idle), should_stop() if should_stop else None)
+    interrupted = boundary.signal
+    if not boundary.fetch_now:
       lagged = call
       continue
     done, pace, best = _absorb(run, call, position, pace, carry.state, best, history)
     position, reason = done.position, done.reason
-    saving = checkpointer is not None and bool(interrupted or due & {"checkpoint", "end"})
-    if (saving or (checkpointer is not None and reason)) and (
-        not reason or position.stop_reason):
+    if checkpointer is not None and boundary.saves(
+        reason=reason, recorded=position.stop_reason is not None):
       row = position.rows[-1] if end % spe == 0 and position.rows else {}
       metric = row.get(checkpointer.config.monitor, row.get("train_loss", math.nan))
       _save(run, position, carry.state, best, metric=metric if row else None)
@@ -213,35 +218,6 @@ def fit(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
     monitor.close()
   return FitResult(state=state, history=history, best=position.best,
                    stop_reason=reason, test=test_metrics)
-
-
-def make_cadence(config: FitConfig, steps_per_epoch: int, checkpointer=None,
-                 monitor=None) -> Cadence:
-  """The run's periodic concerns: checkpoints (by steps, epochs and seconds),
-  weight histograms (with a monitor) and the early-stopping check."""
-  concerns = {}
-  if checkpointer is not None:
-    c = checkpointer.config
-    concerns["checkpoint"] = Every(c.every_steps, c.every_epochs, c.every_seconds)
-  if monitor is not None and config.histogram_every:
-    concerns["histograms"] = Every(epochs=config.histogram_every)
-  if config.early_stopping is not None:
-    concerns["early_stopping"] = Every(epochs=1)
-  return Cadence(steps_per_epoch, config.epochs * steps_per_epoch, concerns)
-
-
-def _make_feed(state, train, val, test, config: FitConfig, augment) -> Feed:
-  mesh = (parallel.local_mesh(jax.local_devices()[: config.devices])
-          if config.devices > 1 else None)
-  spec = program_spec(config, len(train["targets"]),
-                      [len(s["targets"]) for s in (val, test) if s])
-  evals = {"train": train} if config.evaluate_train else {}
-  if val is not None:
-    evals["val"] = val
-  on_device = config.data == "device" or (config.data == "auto" and fits_on_device(train, val))
-  execution = choose_execution(state, config, train["inputs"][:1])
-  return make_feed(spec, train, evals, on_device=on_device, augment=augment, mesh=mesh,
-                   step_evals=bool(config.eval_every_steps), straight=execution == "step")
 
 
 def _resume(checkpointer, tree, say) -> tuple[Position, Any]:
