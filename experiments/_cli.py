@@ -86,30 +86,67 @@ def command(config_type: type[T], run: Callable[[T], object]) -> None:
   os._exit(0)
 
 
-def from_record(config_type: type[T], values: dict) -> T:
-  """Rebuilds a config dataclass from its JSON form in ``config.json``."""
+def to_record(config) -> dict:
+  """A config as config.json holds it: the fields as the command line names
+  them, so a nested config whose flags take no prefix (the optimizer's) is
+  flat, as it was before it nested (older run directories stay the same run).
+  :func:`from_record` reads both forms."""
+  import dataclasses
+  import typing
+
+  hints = typing.get_type_hints(type(config), include_extras=True)
+  out = {}
+  for field in dataclasses.fields(config):
+    value = getattr(config, field.name)
+    flat = tyro.conf.OmitArgPrefixes in getattr(hints[field.name], "__metadata__", ())
+    if dataclasses.is_dataclass(value) and flat:
+      out.update(to_record(value))
+    elif dataclasses.is_dataclass(value):
+      out[field.name] = to_record(value)
+    else:
+      out[field.name] = value
+  return out
+
+
+def from_record(config_type: type[T], values: dict, defaults: T | None = None) -> T:
+  """Rebuilds a config dataclass from its JSON form in ``config.json``; missing
+  keys keep ``defaults`` (the class's defaults when None)."""
   import dataclasses
   import pathlib
 
+  defaults = config_type() if defaults is None else defaults
   kwargs = {}
-  defaults = config_type()
   for field in dataclasses.fields(config_type):
+    default = getattr(defaults, field.name)
+    value = values.get(field.name)
+    if dataclasses.is_dataclass(default):
+      if field.name not in values:
+        # A config.json written before this field nested its values (older
+        # runs' flat optimizer keys): they stand at this level.
+        value = {f.name: values[f.name] for f in dataclasses.fields(default)
+                 if f.name in values}
+      if isinstance(value, dict):
+        kwargs[field.name] = from_record(type(default), value, default)
+      continue
     if field.name not in values:
       continue
-    value, default = values[field.name], getattr(defaults, field.name)
-    if dataclasses.is_dataclass(default) and isinstance(value, dict):
-      value = from_record(type(default), value)
-    elif isinstance(value, str) and "Path" in str(field.type):
+    if isinstance(value, str) and "Path" in str(field.type):
       value = pathlib.Path(value)
     elif isinstance(default, tuple) and isinstance(value, list):
       value = tuple(value)
     kwargs[field.name] = value
-  return config_type(**kwargs)
+  return dataclasses.replace(defaults, **kwargs)
 
 
-def builder(spec, function: str) -> str:
+def builder(module_globals: dict, function: str) -> str:
   """``"module:function"`` naming ``function`` of the experiment module whose
-  ``__spec__`` is ``spec`` (also under ``python -m``, where ``__name__`` is
-  ``"__main__"``): written into config.json so that ``checkpoint.load`` can
-  rebuild a run's state without being told which experiment made it."""
-  return f"{spec.name}:{function}"
+  globals are given (also under ``python -m``, where ``__name__`` is
+  ``"__main__"``, and for ``python experiments/NAME.py``): written into
+  config.json so that ``checkpoint.load`` rebuilds a run's state without being
+  told which experiment made it."""
+  import pathlib
+
+  spec = module_globals.get("__spec__")
+  name = spec.name if spec is not None else (
+      f"experiments.{pathlib.Path(module_globals['__file__']).stem}")
+  return f"{name}:{function}"

@@ -147,15 +147,14 @@ def main(config: Config) -> None:
   # per-device means, so a device whose shard is all padding gives NaN statistics.
   fit_config = jaxtrain.FitConfig(epochs=config.epochs, batch_size=config.batch_size,
                                   seed=config.seed, devices=devices, drop_remainder=True)
-  record = {"experiment": "mnist_cnn", "config": dataclasses.asdict(config),
+  record = {"experiment": "mnist_cnn", "config": _cli.to_record(config),
             "fit": dataclasses.asdict(fit_config),
             "sizes": {"train": len(train_set["targets"]), "val": len(val_set["targets"]),
-                      "test": len(test_set["targets"])},
-            "build": _cli.builder(__spec__, "state_from_record")}
+                      "test": len(test_set["targets"])}}
   augment = make_augment(config.shift) if config.shift else None
   result = run(state, train_set, config=fit_config, workdir=config.workdir, record=record,
                val=val_set, test=test_set, augment=augment, overwrite=config.overwrite,
-               checkpoint=config.checkpoint)
+               checkpoint=config.checkpoint, build=_cli.builder(globals(), "state_from_record"))
   print(f"test accuracy {result.test['accuracy']:.4f}  loss {result.test['loss']:.4f}"
         f"  ({len(test_set['targets'])} images)  ->  {config.workdir}")
 

@@ -101,11 +101,11 @@ def main(config: Config) -> None:
   fit_config = jaxtrain.FitConfig(epochs=config.epochs, batch_size=config.batch_size,
                                   seed=config.seed, devices=config.devices,
                                   eval_every_steps=config.eval_every_steps)
-  record = {"experiment": "mnist_pigeon", "config": dataclasses.asdict(config),
-            "fit": dataclasses.asdict(fit_config),
-            "build": _cli.builder(__spec__, "state_from_record")}
+  record = {"experiment": "mnist_pigeon", "config": _cli.to_record(config),
+            "fit": dataclasses.asdict(fit_config)}
   result = run(state, train_set, config=fit_config, workdir=config.workdir, record=record,
-               val=val_set, overwrite=config.overwrite, checkpoint=config.checkpoint)
+               val=val_set, overwrite=config.overwrite, checkpoint=config.checkpoint,
+               build=_cli.builder(globals(), "state_from_record"))
   last = {k: v[-1] for k, v in result.history["epoch"].items()}
   print(f"hidden {config.hidden}: train accuracy {last['train_accuracy']:.4f}  "
         f"validation accuracy {last['val_accuracy']:.4f}  ->  {config.workdir}")

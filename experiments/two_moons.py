@@ -91,11 +91,12 @@ def train(config: Config, *, batch_size: int, workdir: pathlib.Path, extra=None)
   state = create_state(config)
   fit_config = jaxtrain.FitConfig(epochs=config.epochs, batch_size=batch_size,
                                   seed=config.seed, devices=config.devices)
-  record = {"experiment": "two_moons", "config": dataclasses.asdict(config),
-            "fit": dataclasses.asdict(fit_config), "build": _cli.builder(__spec__, "state_from_record")}
+  record = {"experiment": "two_moons", "config": _cli.to_record(config),
+            "fit": dataclasses.asdict(fit_config)}
   return run(state, train_set, config=fit_config, workdir=workdir, record=record,
              val=test_set, test=test_set, overwrite=config.overwrite,
-             checkpoint=config.checkpoint, extra_curves=extra)
+             checkpoint=config.checkpoint, extra_curves=extra,
+             build=_cli.builder(globals(), "state_from_record"))
 
 
 def train_seeds(config: Config) -> None:

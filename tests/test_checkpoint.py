@@ -42,8 +42,8 @@ import jaxtrain
 import jaxtrain.rundir.run as jrun
 from experiments import _cli, two_moons
 from jaxtrain import checkpoint as ckpt
-from jaxtrain.rundir import compat
 from jaxtrain import datasets, losses, models
+from jaxtrain.rundir import compat
 from jaxtrain.rundir.checkpoint import CheckpointConfig, Checkpointer, CheckpointError
 from jaxtrain.train.stopping import EarlyStopping
 from tests.helpers import tree_equal
@@ -836,3 +836,10 @@ def test_sigterm_without_checkpoints_still_stops(tmp_path):
     result = train_into(tmp_path, checkpoint=None)
   assert polls, "should_stop was never polled"
   assert result.stop_reason == "interrupted by SIGTERM"
+
+
+def test_load_prints_no_orbax_warnings(moons_best_run, caplog):
+  """A reader's read-only manager made Orbax log three WARNING:absl lines per load."""
+  with caplog.at_level(logging.INFO):
+    ckpt.load(moons_best_run)
+  assert [r.getMessage() for r in caplog.records if "orbax" in r.pathname] == []

@@ -297,3 +297,40 @@ def test_bad_input_from_a_real_command_line(tiny_run, tmp_path):
       cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
   assert_one_line_error(proc.returncode, proc.stdout, proc.stderr, r"batch[_-]size", r"100000")
   assert snapshot(workdir) == before
+
+
+def test_an_experiment_runs_by_its_file_path(tmp_path):
+  """``python experiments/two_moons.py`` (no ``-m``: no module spec) names its
+  state builder by the file's name."""
+  workdir = tmp_path / "run"
+  env = {**os.environ, "PYTHONPATH": str(REPO)}
+  proc = subprocess.run([sys.executable, str(REPO / "experiments" / "two_moons.py"), *TINY,
+                         "--workdir", str(workdir)],
+                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr
+  record = json.loads((workdir / "config.json").read_text())
+  assert record["build"] == "experiments.two_moons:state_from_record"
+
+
+def test_a_reserved_record_key_is_refused_before_the_run_dir_is_touched(tiny_run, tmp_path):
+  import jaxtrain
+  from jaxtrain.rundir.run import run
+
+  workdir = copy_of(tiny_run, tmp_path)
+  before = snapshot(workdir)
+  train, test = two_moons.load_data(two_moons.Config(samples=200))
+  with pytest.raises(ValueError, match="reserved"):
+    run(two_moons.create_state(two_moons.Config()), train, workdir=workdir, overwrite=True,
+        config=jaxtrain.FitConfig(epochs=1, batch_size=32, progress=False),
+        record={"backend": "mine"})
+  assert snapshot(workdir) == before
+
+
+def test_old_flat_optimizer_keys_rebuild_the_same_config():
+  """config.json files written before the optimizer fields nested under 'optim'."""
+  flat = {"learning_rate": 0.5, "momentum": 0.0, "epochs": 3}
+  config = two_moons.config_from_record({"config": flat})
+  assert config.optim.learning_rate == 0.5 and config.optim.momentum == 0.0
+  assert config.optim.optimizer == "sgd" and config.epochs == 3
+  nested = two_moons.config_from_record({"config": {"optim": {"learning_rate": 0.5}}})
+  assert nested.optim.momentum == 0.9  # the experiment's default, not the class's

@@ -22,6 +22,7 @@ import csv
 import json
 import math
 import re
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -637,3 +638,56 @@ def test_early_stopping_with_mid_epoch_checkpoints(tmp_path):
   result = run(new_state(), TRAIN, config=config, workdir=tmp_path / "run", record={},
                val=VAL, checkpoint=CheckpointConfig(every_steps=3, async_save=False))
   assert result.history["epoch"]["epoch"] == [1, 2]
+
+
+def test_fit_on_a_trained_state_continues_the_same_run():
+  """fit to epoch 1, then fit of its state to epoch 3 == fit to epoch 3, bit for
+  bit (it used to restart at epoch 0: the same shuffle again, steps from 1)."""
+  rest_of_base = {k: v for k, v in BASE.items() if k != "epochs"}
+  once, _ = train(epochs=3, **rest_of_base)
+  first, _ = train(epochs=1, **rest_of_base)
+  rest, _ = train(state=first.state, epochs=3, **rest_of_base)
+  assert tree_equal(rest.state.params, once.state.params)
+  assert int(rest.state.step) == int(once.state.step)
+  assert rest.history["epoch"]["epoch"] == [2, 3]
+  assert columns_equal({k: v[1:] for k, v in epoch_rows(once.history).items()},
+                       epoch_rows(rest.history))
+  cut = len(first.history["step"]["step"])
+  assert columns_equal({k: v[cut:] for k, v in once.history["step"].items()},
+                       rest.history["step"])
+  # A state already at the end trains nothing more.
+  done, _ = train(state=rest.state, epochs=3, **rest_of_base)
+  assert tree_equal(done.state.params, rest.state.params) and done.history["step"] == {}
+
+
+@pytest.mark.parametrize("axis_name", [None, jaxtrain.parallel.AXIS])
+def test_per_device_batch_norm_on_several_devices_warns_naming_the_layer(axis_name):
+  """FitConfig(devices=4) with a batch-norm model that is not cross-replica used
+  to train on per-device statistics silently."""
+  model = models.MLP(hidden_sizes=(8,), outputs=3, batch_norm=True, axis_name=axis_name)
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    train(model, epochs=1, batch_size=8, devices=4)
+  messages = [str(w.message) for w in caught if "batch norm" in str(w.message)]
+  if axis_name is None:
+    assert len(messages) == 1 and "BatchNorm_0" in messages[0] and "axis_name" in messages[0]
+  else:
+    assert messages == []
+
+
+def test_a_signal_at_the_run_s_last_boundary_is_no_interruption():
+  """A stop request seen where the run ends anyway: the run is complete (test
+  set evaluated, no "run the same command to resume")."""
+  polls = []
+
+  def should_stop():
+    polls.append(1)
+    return "SIGTERM" if len(polls) == 2 else None
+
+  messages = []
+  result = jaxtrain.fit(new_state(), TRAIN, val=VAL, test=VAL, log=messages.append,
+                        should_stop=should_stop,
+                        config=FitConfig(epochs=2, batch_size=8, steps_per_call=7,
+                                         progress=False, histogram_every=0))
+  assert len(polls) == 2 and result.stop_reason is None and result.test is not None
+  assert not any("SIGTERM" in m for m in messages)

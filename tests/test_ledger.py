@@ -72,10 +72,24 @@ def test_nonfinite_stop_cuts_the_records_and_names_the_step():
   assert len(out.metrics["loss"]) == 6
   assert out.nonfinite.startswith("non-finite loss or gradient at step 6 (epoch 2, batch 2)")
   assert out.reason == out.nonfinite and out.early_stop is None
-  # Epoch 1 ended before the bad step: its row is kept, and the stop is recorded
-  # with it (the position says the run stopped).
+  # Epoch 1 ended before the bad step: its row is kept; the run stopped inside
+  # epoch 2, and fit saves that position with the reason.
   assert [r["epoch"] for r in out.rows] == [1]
-  assert out.position.stop_reason == out.nonfinite
+  assert (out.position.epoch, out.position.batch) == (1, 2)
+  assert out.position.stop_reason is None
+
+
+def test_nonfinite_stop_keeps_every_epoch_that_ended_before_it():
+  """A call over 2.5 epochs with the bad step in the third kept only the first
+  epoch's row (the stop reason cut the loop after one row)."""
+  losses = [1.0] * 9 + [math.nan]
+  sums = {0: val(0.5), 1: val(0.25)}
+  out = advance(Position(), fetched(0, losses, finite=[True] * 9 + [False], epoch_sums=sums),
+                steps_per_epoch=SPE)
+  assert [r["epoch"] for r in out.rows] == [1, 2]
+  assert [r["val_loss"] for r in out.rows] == [0.5, 0.25]
+  assert (out.position.epoch, out.position.batch, out.position.step_records) == (2, 2, 10)
+  assert out.nonfinite.startswith("non-finite loss or gradient at step 10 (epoch 3, batch 2)")
 
 
 def test_nonfinite_stop_inside_the_first_epoch_is_left_for_the_driver_to_record():

@@ -133,3 +133,40 @@ def test_200_steps_of_a_large_mlp_complete(n_devices, mode):
   window.drain()
   assert int(np.asarray(state.step).reshape(-1)[0]) == 200
   assert losses_seen[1] < losses_seen[0]
+
+
+def _donating_steps(mode):
+  """A donating train step of ``mode``, and the placed state and batch it takes."""
+  state, batch = make_state(), classification_batch(n=8)
+  if mode == "pmap":
+    train, _ = parallel.pmap_steps()
+    return train, parallel.replicate(state), parallel.shard_batch(batch)
+  if mode == "shard_map":
+    mesh = parallel.local_mesh()
+    train, _ = parallel.shard_map_steps(mesh)
+    return train, parallel.replicate_on_mesh(state, mesh), parallel.shard_batch_on_mesh(
+        batch, mesh)
+  mesh = jax.make_mesh((jax.device_count(),), ("data",))
+  train, _ = parallel.sharded_jit_steps(mesh)
+  return train, parallel.replicate_on_mesh(state, mesh), parallel.shard_batch_on_mesh(
+      batch, mesh)
+
+
+@pytest.mark.parametrize("mode", ["pmap", "shard_map", "sharded_jit"])
+def test_reusing_a_donated_state_is_a_clear_error(mode):
+  """Under pmap a second call on the donated state used to end the process
+  (segmentation fault); now every helper refuses it in Python."""
+  train, state, batch = _donating_steps(mode)
+  new_state, _ = train(state, batch, KEY)
+  with pytest.raises(ValueError, match="donated to an earlier call"):
+    train(state, batch, KEY)
+  newer, _ = train(new_state, batch, KEY)  # the returned state goes on
+  assert int(np.asarray(newer.step).reshape(-1)[0]) == 2
+
+
+def test_steps_built_without_donation_keep_the_state():
+  train, _ = parallel.pmap_steps(donate=False)
+  state, batch = parallel.replicate(make_state()), parallel.shard_batch(classification_batch(8))
+  first, _ = train(state, batch, KEY)
+  again, _ = train(state, batch, KEY)
+  assert tree_allclose(first.params, again.params, rtol=0, atol=0)

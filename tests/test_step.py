@@ -170,3 +170,35 @@ def test_summarize_weights_by_count():
   np.testing.assert_allclose(summary["loss"], whole["loss"], rtol=1e-6)
   np.testing.assert_allclose(summary["accuracy"], whole["accuracy"], rtol=1e-6)
   assert summary["count"] == 7.0
+
+
+def test_summarize_keeps_every_sum_it_is_given():
+  """A user's own sums (e.g. of a top-2 accuracy) are summed and averaged like
+  the loss, instead of silently dropped."""
+  batches = [{"loss_sum": 2.0, "count": 2.0, "top2_sum": 2.0, "loss": 1.0},
+             {"loss_sum": 3.0, "count": 1.0, "top2_sum": 0.0, "loss": 3.0}]
+  assert jaxtrain.summarize(batches) == {"loss_sum": 5.0, "count": 3.0, "top2_sum": 2.0,
+                                         "loss": 5.0 / 3.0, "top2": 2.0 / 3.0}
+
+
+def test_summarize_needs_counts():
+  with pytest.raises(ValueError, match="'count'"):
+    jaxtrain.summarize([{"loss_sum": 1.0}])
+  with pytest.raises(ValueError, match="empty"):
+    jaxtrain.summarize([])
+
+
+def test_a_hand_built_state_still_masks_batch_norm():
+  """TrainState(...) built without create_train_state passes ``mask=`` to a model
+  that takes it, as create_train_state's does."""
+  model = models.MLP(hidden_sizes=(16,), outputs=3, batch_norm=True)
+  made = make_state(model, optimizer=("adam", 1e-2))
+  by_hand = jaxtrain.TrainState(step=made.step, params=made.params,
+                                batch_stats=made.batch_stats, opt_state=made.opt_state,
+                                apply_fn=model.apply, tx=made.tx, loss_fn=made.loss_fn)
+  assert made.takes_mask is True and by_hand.takes_mask is None and by_hand.passes_mask
+  padded = classification_batch(n=8)
+  padded["mask"] = np.array([1, 1, 1, 1, 0, 0, 0, 0], np.float32)
+  a, _ = step(made, padded, jax.random.key(0))
+  b, _ = step(by_hand, padded, jax.random.key(0))
+  assert tree_allclose(a.batch_stats, b.batch_stats, rtol=0, atol=0)

@@ -16,10 +16,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-#: Sum -> the mean it gives over ``count``.
-MEAN_OF = {"loss_sum": "loss", "correct": "accuracy"}
-#: Every sum an evaluation returns, ``count`` included.
+#: Every sum the built-in evaluation returns, ``count`` included.
 SUM_KEYS = ("loss_sum", "count", "correct")
+
+
+def mean_name(key: str) -> str | None:
+  """The mean a sum gives over ``count``: ``correct`` -> ``accuracy``,
+  ``<name>_sum`` -> ``<name>``; None for ``count`` and for keys that are not sums.
+
+  >>> mean_name("loss_sum"), mean_name("correct"), mean_name("top2_sum"), mean_name("loss")
+  ('loss', 'accuracy', 'top2', None)
+  """
+  if key == "correct":
+    return "accuracy"
+  return key[: -len("_sum")] if key.endswith("_sum") and len(key) > 4 else None
+
+
+def is_sum(key: str) -> bool:
+  """Whether ``key`` of an evaluation result is a sum (adds up over batches)."""
+  return key == "count" or mean_name(key) is not None
 
 
 def _xp(*values):
@@ -40,26 +55,37 @@ def weighted_sum(values, weights):
 
 
 def means(sums: Mapping[str, Any]) -> dict[str, Any]:
-  """The means of evaluation sums: ``loss`` and, for class labels, ``accuracy``.
+  """The means of evaluation sums: ``loss``, ``accuracy`` for class labels, and
+  ``<name>`` for every other ``<name>_sum``.
 
   >>> {k: float(v) for k, v in means({"loss_sum": 3.0, "count": 2.0, "correct": 1.0}).items()}
   {'loss': 1.5, 'accuracy': 0.5}
   """
-  return {mean: safe_divide(sums[total], sums["count"])
-          for total, mean in MEAN_OF.items() if total in sums}
+  # loss and accuracy first, whatever the order of the sums (device_get sorts
+  # dict keys), so rows and logs list them the same way every time.
+  keys = sorted((k for k in sums if mean_name(k) is not None),
+                key=lambda k: (k != "loss_sum", k != "correct"))
+  return {mean_name(key): safe_divide(sums[key], sums["count"]) for key in keys}
 
 
 def summarize(batch_metrics: Iterable[Mapping[str, Any]]) -> dict[str, float]:
   """Aggregates a sequence of :func:`jaxtrain.eval_step` results exactly.
 
   The epoch loss is the total weighted loss over the total weight, not a mean of
-  batch means, so a padded last batch counts for what it holds.
+  batch means, so a padded last batch counts for what it holds. Every sum is
+  kept (``count``, ``correct`` and any ``<name>_sum``, e.g. of your own
+  metric) with its mean; per-batch means are dropped.
 
-  >>> summarize([{"loss_sum": 3.0, "count": 2.0}, {"loss_sum": 1.0, "count": 1.0}])
+  >>> summarize([{"loss_sum": 3.0, "count": 2.0, "loss": 1.5},
+  ...            {"loss_sum": 1.0, "count": 1.0, "loss": 1.0}])
   {'loss_sum': 4.0, 'count': 3.0, 'loss': 1.3333333333333333}
   """
   batch_metrics = list(batch_metrics)
-  keys = [k for k in SUM_KEYS if k in batch_metrics[0]]
+  if not batch_metrics:
+    raise ValueError("cannot summarize an empty sequence of batch metrics")
+  keys = [k for k in batch_metrics[0] if is_sum(k)]
+  if "count" not in keys:
+    raise ValueError(f"batch metrics need a 'count' (from eval_step), got {sorted(batch_metrics[0])}")
   sums = {k: sum(float(m[k]) for m in batch_metrics) for k in keys}
   if sums["count"] <= 0:
     raise ValueError(f"cannot summarize batches of total weight {sums['count']}")

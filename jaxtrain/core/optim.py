@@ -31,6 +31,8 @@ import numpy as np
 import optax
 
 from jaxtrain.core.transforms import (
+  ClipByGlobalNormTorchState,
+  ScaleByAdamTorchState,
   check_number,
   clip_by_global_norm_torch,
   scale_by_adam_torch,
@@ -38,7 +40,9 @@ from jaxtrain.core.transforms import (
 
 __all__ = [
     "OPTIMIZERS",
+    "ClipByGlobalNormTorchState",
     "OptimizerConfig",
+    "ScaleByAdamTorchState",
     "clip_by_global_norm_torch",
     "current_learning_rate",
     "make_optimizer",

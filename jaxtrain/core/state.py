@@ -34,7 +34,8 @@ class TrainState(struct.PyTreeNode):
     loss_fn: ``loss_fn(outputs, targets) -> per-example loss [batch]``.
     takes_mask: whether the model's ``__call__`` takes ``mask=`` (the padding
       rows' weights > 0), which keeps padding out of batch-norm statistics;
-      :func:`create_train_state` reads it from the module's signature.
+      :func:`create_train_state` reads it from the module's signature. ``None``
+      (a state built by hand): read from the module ``apply_fn`` is bound to.
   """
 
   step: jax.Array
@@ -46,7 +47,7 @@ class TrainState(struct.PyTreeNode):
   loss_fn: Callable[[jax.Array, jax.Array], jax.Array] = struct.field(
       pytree_node=False
   )
-  takes_mask: bool = struct.field(pytree_node=False, default=False)
+  takes_mask: bool | None = struct.field(pytree_node=False, default=None)
 
   @property
   def variables(self) -> dict[str, PyTree]:
@@ -54,6 +55,14 @@ class TrainState(struct.PyTreeNode):
     if self.batch_stats:
       return {"params": self.params, "batch_stats": self.batch_stats}
     return {"params": self.params}
+
+  @property
+  def passes_mask(self) -> bool:
+    """Whether the steps pass ``mask=`` to the model (see ``takes_mask``)."""
+    if self.takes_mask is not None:
+      return self.takes_mask
+    module = getattr(self.apply_fn, "__self__", None)
+    return isinstance(module, nn.Module) and _takes_mask(type(module))
 
   def apply_gradients(self, grads: PyTree, **changes) -> TrainState:
     """Returns the state after one optimizer update with ``grads``."""

@@ -16,8 +16,11 @@ import optax
 
 from jaxtrain.core import losses
 from jaxtrain.core.keys import as_key
-from jaxtrain.core.metrics import means, safe_divide, weighted_sum
+from jaxtrain.core.metrics import means, safe_divide, summarize, weighted_sum
 from jaxtrain.core.state import TrainState
+
+__all__ = ["check_batch", "compute_gradients", "eval_step", "per_example_correct",
+           "summarize", "train_step"]
 
 Batch = Mapping[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -60,7 +63,7 @@ def _forward(state: TrainState, params, batch: Batch, weights, *, train: bool, k
   # Our models pass the mask to batch norm so padded rows do not enter the batch
   # statistics; a model without that keyword still works (its batch norm then
   # sees padding rows in the one ragged batch of an epoch).
-  kwargs = {"mask": weights > 0} if train and state.takes_mask else {}
+  kwargs = {"mask": weights > 0} if train and state.passes_mask else {}
   if train:
     kwargs["rngs"] = {"dropout": key}
   if train and state.batch_stats:

@@ -53,6 +53,6 @@ def gather_rows(arrays: Mapping[str, Any], idx, mask, *,
   """
   batch = {k: take(v, idx) for k, v in arrays.items() if k != "mask"}
   if "mask" in arrays:
-    mask = mask * take(arrays["mask"].astype(np.float32) if hasattr(arrays["mask"], "astype")
-                       else np.asarray(arrays["mask"], np.float32), idx)
+    # Gather, then cast: the rows' weights, not the whole (maybe huge) column.
+    mask = mask * take(arrays["mask"], idx).astype(np.float32)
   return {**batch, "mask": mask}

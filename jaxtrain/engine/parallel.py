@@ -106,6 +106,26 @@ def shard_batch_on_mesh(batch, mesh: Mesh, axis: str | None = None):
   return jax.device_put(batch, NamedSharding(mesh, P(axis)))
 
 
+def _refuse_donated(train, donate: bool):
+  """``train`` with a check that its state was not donated to an earlier call.
+
+  A donated state's buffers belong to the call it was given to; reading them
+  again raises inside ``jax.jit`` but can crash the process under ``pmap``.
+  """
+  if not donate:
+    return train
+
+  @functools.wraps(train)
+  def checked(state, *args, **kwargs):
+    if any(isinstance(x, jax.Array) and x.is_deleted() for x in jax.tree.leaves(state)):
+      raise ValueError(
+          "the state passed to train() was donated to an earlier call: use the state "
+          "that call returned, or build the steps with donate=False to keep it")
+    return train(state, *args, **kwargs)
+
+  return checked
+
+
 def pmap_steps(devices: Sequence[jax.Device] | None = None, *, donate: bool = True):
   """``(train, eval)`` steps pmapped over ``devices`` (default: all local ones).
 
@@ -124,7 +144,7 @@ def pmap_steps(devices: Sequence[jax.Device] | None = None, *, donate: bool = Tr
   evaluate = jax.pmap(
       functools.partial(eval_step, axis_name=AXIS), axis_name=AXIS, devices=devices
   )
-  return train, evaluate
+  return _refuse_donated(train, donate), evaluate
 
 
 def shard_map_steps(mesh: Mesh | None = None, *, donate: bool = True):
@@ -149,7 +169,8 @@ def shard_map_steps(mesh: Mesh | None = None, *, donate: bool = True):
       in_specs=(P(), P(axis)),
       out_specs=P(),
   )
-  return jax.jit(train, donate_argnums=(0,) if donate else ()), jax.jit(evaluate)
+  train = jax.jit(train, donate_argnums=(0,) if donate else ())
+  return _refuse_donated(train, donate), jax.jit(evaluate)
 
 
 def sharded_jit_steps(mesh: Mesh, *, donate: bool = True):
@@ -172,7 +193,7 @@ def sharded_jit_steps(mesh: Mesh, *, donate: bool = True):
   evaluate = jax.jit(
       eval_step, in_shardings=(replicated, data), out_shardings=replicated
   )
-  return train, evaluate
+  return _refuse_donated(train, donate), evaluate
 
 
 def default_max_in_flight(devices: Sequence[jax.Device] | None = None) -> int:

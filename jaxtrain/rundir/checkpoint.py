@@ -33,18 +33,24 @@ import jax
 from jaxtrain.core.state import TrainState, state_arrays, with_arrays
 from jaxtrain.rundir.compat import CheckpointError, check_compatible
 
+# Orbax warnings that say what was asked for: a save without a metric
+# (mid-epoch saves carry none on purpose: only epoch ends are ranked for
+# "best"), and a reader's read-only manager (load() reads, never writes).
+_EXPECTED_WARNINGS = ("tracked_metric", "read_only=True", "Given directory is read only")
+
 
 class _QuietOrbax(logging.Filter):
   """Drops Orbax's routine records from the absl logger: its INFO lines (every
-  save logs several) and the warning for saves without a metric (mid-epoch
-  saves carry none on purpose: only epoch ends are ranked for "best"). Every
+  save logs several) and the warnings for what jaxtrain asks on purpose. Every
   other library's absl records pass unchanged."""
 
   def filter(self, record: logging.LogRecord) -> bool:
-    from_orbax = f"{os.sep}orbax{os.sep}" in record.pathname
-    if from_orbax and record.levelno < logging.WARNING:
+    if f"{os.sep}orbax{os.sep}" not in record.pathname:
+      return True
+    if record.levelno < logging.WARNING:
       return False
-    return "tracked_metric" not in record.getMessage()
+    message = record.getMessage()
+    return not any(expected in message for expected in _EXPECTED_WARNINGS)
 
 
 def _orbax():

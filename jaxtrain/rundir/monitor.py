@@ -23,7 +23,12 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-__all__ = ["RunMonitor"]
+from jaxtrain.rundir.plots import plot_curves, read_history
+from jaxtrain.rundir.record import write_config
+
+# plot_curves, read_history and write_config are re-exported: they were
+# monitor's before plots.py and record.py took them over.
+__all__ = ["RunMonitor", "plot_curves", "read_history", "write_config"]
 
 _SKIP_IN_LINE = ("epoch", "step", "seconds")  # Shown differently or not at all.
 

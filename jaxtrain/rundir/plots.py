@@ -57,7 +57,7 @@ def plot_curves(history: Mapping[str, Any], path: str | os.PathLike, *,
     history: ``{"epoch": {"epoch": [...], "train_loss": [...], "val_loss":
       [...], "train_accuracy": [...], "val_accuracy": [...]}, "step":
       {"step": [...], "loss": [...]}}``, e.g. from
-      :func:`jaxtrain.monitor.read_history`.
+      :func:`read_history`.
     path: Output file (``.png``); parent directories are created.
     extra: More runs to overlay, by name (drawn dashed, dotted, ...), e.g.
       ``{"full batch": other_history}``.

@@ -45,6 +45,20 @@ def _version(distribution: str) -> str | None:
     return None
 
 
+#: Keys config.json gives the environment; a run's own record may not use them.
+RESERVED = ("versions", "backend", "devices")
+
+
+def check_record(config: Any) -> None:
+  """Raises ValueError if ``config`` uses a key reserved for the environment
+  (checked before a run writes anything)."""
+  out = jsonable(config)
+  if not isinstance(out, dict):
+    raise TypeError(f"config must be a dict or dataclass, got {type(config)}")
+  if clash := sorted(set(out) & set(RESERVED)):
+    raise ValueError(f"config keys {clash} are reserved for environment info")
+
+
 def write_config(workdir: str | os.PathLike, config: Any) -> None:
   """Writes ``config.json``: the resolved config plus the environment.
 
@@ -80,8 +94,7 @@ def write_config(workdir: str | os.PathLike, config: Any) -> None:
                   "local_count": jax.local_device_count(),
                   "process_count": jax.process_count()},
   }
-  if clash := sorted(set(out) & set(env)):
-    raise ValueError(f"config keys {clash} are reserved for environment info")
+  check_record(out)
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, "config.json")
   with open(path + ".tmp", "w") as f:  # Atomic: a crash leaves the old file.

@@ -26,7 +26,7 @@ from jaxtrain.data.batching import num_batches
 from jaxtrain.rundir.checkpoint import DIRECTORY, CheckpointConfig, Checkpointer
 from jaxtrain.rundir.monitor import RunMonitor
 from jaxtrain.rundir.plots import plot_curves, read_history
-from jaxtrain.rundir.record import jsonable, write_config
+from jaxtrain.rundir.record import check_record, jsonable, write_config
 from jaxtrain.train.config import COLUMNS, FitConfig
 from jaxtrain.train.fit import FitResult, fit
 
@@ -40,7 +40,8 @@ RUN_FILES = ("config.json", "metrics.csv", "steps.jsonl", "curves.png", "tensorb
              DIRECTORY, f"{DIRECTORY}_damaged")
 # Settings that may change between a run and its resumption.
 _NOT_IDENTITY = {"epochs", "overwrite", "workdir", "progress", "checkpoint", "versions",
-                 "backend", "devices_info", "every_epochs", "every_steps", "every_seconds"}
+                 "backend", "devices_info", "every_epochs", "every_steps", "every_seconds",
+                 "build"}
 _ENVIRONMENT = {"versions", "backend", "devices"}
 
 
@@ -158,7 +159,8 @@ def run(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
         val: Mapping[str, Any] | None = None, test: Mapping[str, Any] | None = None,
         augment: Callable | None = None, overwrite: bool = False,
         checkpoint: CheckpointConfig | None = CheckpointConfig(),
-        extra_curves: Mapping[str, Any] | None = None) -> FitResult:
+        extra_curves: Mapping[str, Any] | None = None,
+        build: str | None = None) -> FitResult:
   """Trains into a run directory, resuming the run already there.
 
   Args:
@@ -169,13 +171,18 @@ def run(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
     overwrite: replace a different run already in ``workdir``.
     checkpoint: when to checkpoint (``None``: never, and never resume).
     extra_curves: other runs' histories to overlay on ``curves.png``.
+    build: ``"module:function"``, importable, that rebuilds the run's state
+      from its config.json record (``function(record) -> TrainState``); written
+      there as ``"build"`` so that :func:`jaxtrain.checkpoint.load` needs no
+      ``like=``. It is not part of the run's identity.
 
   Returns:
     The :class:`~jaxtrain.FitResult`; its history covers the whole run, also
     the part before a resume.
   """
   workdir = pathlib.Path(workdir)
-  record = {**record, "checkpoint": checkpoint}
+  record = {**record, "checkpoint": checkpoint, **({"build": build} if build else {})}
+  check_record(record)
   resume = check_workdir(workdir, record, overwrite=overwrite) and checkpoint is not None
   directory = _RunDirectory(workdir, checkpoint, resume=resume)
 

@@ -5,6 +5,7 @@ execution mode, the feed and the cadence of the host's work."""
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -146,6 +147,26 @@ def _runs_primitive(jaxpr, name: str) -> bool:
   return False
 
 
+def warn_per_device_batch_norm(state, config: FitConfig, example_inputs) -> None:
+  """Warns when a run on several devices has batch norm whose statistics are
+  not averaged across them (the model runs no collective over the data axis),
+  naming its layers: each device would then normalise by its own shard."""
+  if config.devices < 2 or not state.batch_stats:
+    return
+  def forward(variables, x):
+    return state.apply_fn(variables, x, train=True, mutable=["batch_stats"],
+                          rngs={"dropout": jax.random.key(0)})
+
+  jaxpr = jax.make_jaxpr(forward, axis_env=[(parallel.AXIS, config.devices)])(
+      state.variables, example_inputs)
+  if not _runs_primitive(jaxpr.jaxpr, "psum"):
+    layers = ", ".join(sorted(state.batch_stats))
+    warnings.warn(
+        f"batch norm in {layers} keeps per-device statistics on {config.devices} devices: "
+        f"give it axis_name=jaxtrain.parallel.AXIS ({parallel.AXIS!r}) for the "
+        "statistics of the global batch", stacklevel=3)
+
+
 def as_arrays(split: Mapping[str, Any] | None, name: str):
   """A split as numpy arrays after checking it (None stays None)."""
   if split is None:
@@ -203,5 +224,6 @@ def plan_feed(state, train, config: FitConfig, *, val=None, test=None, augment=N
     evals["val"] = val
   on_device = config.data == "device" or (config.data == "auto" and fits_on_device(train, val))
   execution = choose_execution(state, config, train["inputs"][:1])
+  warn_per_device_batch_norm(state, config, train["inputs"][:1])
   return make_feed(spec, train, evals, on_device=on_device, augment=augment, mesh=mesh,
                    step_evals=bool(config.eval_every_steps), straight=execution == "step")

@@ -95,10 +95,17 @@ def fit(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
         augment: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
         monitor=None, log: Callable[[str], None] | None = None, checkpointer=None,
         should_stop: Callable[[], str | None] | None = None) -> FitResult:
-  """Trains ``state`` on ``train`` for ``config.epochs`` epochs.
+  """Trains ``state`` on ``train`` until ``config.epochs`` epochs are done.
+
+  A state that has trained already (``state.step > 0``, e.g. the state of an
+  earlier ``fit``) continues the same run from its step: the epoch, the batch
+  inside it and the shuffle order follow from ``state.step``, so ``fit`` to
+  epoch 1 and then ``fit`` of its state to epoch 2 equals ``fit`` to epoch 2,
+  bit for bit. The history then holds the epochs trained by this call.
 
   Args:
-    state: from :func:`jaxtrain.create_train_state` (built once per run).
+    state: from :func:`jaxtrain.create_train_state` (built once per run), or a
+      trained state to continue.
     train: ``{"inputs", "targets"}`` arrays, kept on the device.
     config: a :class:`FitConfig`.
     val: validation arrays, evaluated every epoch.
@@ -145,86 +152,91 @@ def fit(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
   if keep_best:
     tree["best"] = {"params": state.params, "batch_stats": state.batch_stats}
   tree = feed.place(tree, copy=True)  # donated below; the caller's state survives
-  position, tree = _resume(checkpointer, tree, log or print)
+  position, tree = _resume(checkpointer, tree, log or print,
+                           Position.at(int(np.asarray(state.step)), spe))
   monitor, owns_monitor = _open_monitor(monitor, position)
-  run = _Run(config, feed, plan_cadence(config, spe, checkpointer, monitor),
-             jax.random.key(config.seed), train, checkpointer, monitor,
-             log or (monitor.write if monitor is not None else print))
-  carry = Carry(with_arrays(state, tree["state"]), feed.place(jnp.zeros((), bool)))
-  best = tree.get("best")
-  window = parallel.InFlight(parallel.default_max_in_flight(
-      jax.local_devices()[: config.devices]))
-  history = {"epoch": {c: [] for c in COLUMNS}, "step": {}}
-  for row in position.rows:
-    _extend(history["epoch"], row)
-  pace, lagged, interrupted, reason = Pace(), None, None, position.stop_reason
-  first = position.step(spe)
-  compiled = False
-  while reason is None and interrupted is None and first < total:
-    end = min(run.cadence.next_stop(first),
-              pace.limit(first, steps_per_epoch=spe, max_steps=feed.max_steps))
-    started = time.perf_counter()
-    carry, chunks = feed.train(carry, run.run_key, first, end - first)
-    call = _Call(first, end, chunks, started)
-    for chunk in chunks:
-      window(chunk.steps)
-    if not compiled:
-      jax.block_until_ready(chunks[-1].steps)
-      compiled = True
-      if monitor is not None:
-        monitor.mark_compiled()
-    if lagged is not None:
-      # The previous call's results are fetched only now, after this call is
-      # queued, so the device never waits for the host between calls.
+  try:
+    run = _Run(config, feed, plan_cadence(config, spe, checkpointer, monitor),
+               jax.random.key(config.seed), train, checkpointer, monitor,
+               log or (monitor.write if monitor is not None else print))
+    carry = Carry(with_arrays(state, tree["state"]), feed.place(jnp.zeros((), bool)))
+    best = tree.get("best")
+    window = parallel.InFlight(parallel.default_max_in_flight(
+        jax.local_devices()[: config.devices]))
+    history = {"epoch": {c: [] for c in COLUMNS}, "step": {}}
+    for row in position.rows:
+      _extend(history["epoch"], row)
+    pace, lagged, interrupted, reason = Pace(), None, None, position.stop_reason
+    first = position.step(spe)
+    compiled = False
+    while reason is None and interrupted is None and first < total:
+      end = min(run.cadence.next_stop(first),
+                pace.limit(first, steps_per_epoch=spe, max_steps=feed.max_steps))
+      started = time.perf_counter()
+      carry, chunks = feed.train(carry, run.run_key, first, end - first)
+      call = _Call(first, end, chunks, started)
+      for chunk in chunks:
+        window(chunk.steps)
+      if not compiled:
+        jax.block_until_ready(chunks[-1].steps)
+        compiled = True
+        if monitor is not None:
+          monitor.mark_compiled()
+      if lagged is not None:
+        # The previous call's results are fetched only now, after this call is
+        # queued, so the device never waits for the host between calls.
+        done, pace, best = _absorb(run, lagged, position, pace, carry.state, best, history)
+        position, reason, lagged = done.position, done.reason, None
+        if reason:
+          break
+      first = end
+      idle = {"checkpoint": checkpointer.seconds_since_save()} if checkpointer else None
+      boundary = Boundary(run.cadence.due(end, idle), should_stop() if should_stop else None)
+      interrupted = boundary.signal
+      if not boundary.fetch_now:
+        lagged = call
+        continue
+      done, pace, best = _absorb(run, call, position, pace, carry.state, best, history)
+      position, reason = done.position, done.reason
+      if checkpointer is not None and boundary.saves(
+          reason=reason, recorded=position.stop_reason is not None):
+        row = position.rows[-1] if end % spe == 0 and position.rows else {}
+        metric = row.get(checkpointer.config.monitor, row.get("train_loss", math.nan))
+        _save(run, position, carry.state, best, metric=metric if row else None)
+    if lagged is not None and reason is None:
       done, pace, best = _absorb(run, lagged, position, pace, carry.state, best, history)
-      position, reason, lagged = done.position, done.reason, None
-      if reason:
-        break
-    first = end
-    idle = {"checkpoint": checkpointer.seconds_since_save()} if checkpointer else None
-    boundary = Boundary(run.cadence.due(end, idle), should_stop() if should_stop else None)
-    interrupted = boundary.signal
-    if not boundary.fetch_now:
-      lagged = call
-      continue
-    done, pace, best = _absorb(run, call, position, pace, carry.state, best, history)
-    position, reason = done.position, done.reason
-    if checkpointer is not None and boundary.saves(
-        reason=reason, recorded=position.stop_reason is not None):
-      row = position.rows[-1] if end % spe == 0 and position.rows else {}
-      metric = row.get(checkpointer.config.monitor, row.get("train_loss", math.nan))
-      _save(run, position, carry.state, best, metric=metric if row else None)
-  if lagged is not None and reason is None:
-    done, pace, best = _absorb(run, lagged, position, pace, carry.state, best, history)
-    position, reason = done.position, done.reason
-  window.drain()
-  if reason and not position.stop_reason and checkpointer is not None:
-    # A non-finite stop inside an epoch: record it so a rerun does not retrain.
-    _save(run, dataclasses.replace(position, stop_reason=reason), carry.state, best)
-  if interrupted:
-    reason = _interrupted(run, interrupted, position, spe)
-  if checkpointer is not None:
-    checkpointer.wait()
-  state = carry.state
-  if keep_best and best is not None and position.best.epoch:
-    state = state.replace(**best)
-    run.log(f"restored the parameters of epoch {position.best.epoch} "
-            f"({rule.monitor} {position.best.value:.6g})")
-  test_metrics = None
-  if test is not None and not interrupted:
-    test_sums = jax.device_get(feed.evaluate(state, {"test": test}))
-    test_metrics = {k: float(v) for k, v in means(test_sums["test"]).items()}
-  if owns_monitor:
-    monitor.close()
-  return FitResult(state=state, history=history, best=position.best,
-                   stop_reason=reason, test=test_metrics)
+      position, reason = done.position, done.reason
+    window.drain()
+    if reason and not position.stop_reason and checkpointer is not None:
+      # A non-finite stop inside an epoch: record it so a rerun does not retrain.
+      _save(run, dataclasses.replace(position, stop_reason=reason), carry.state, best)
+    if interrupted and (reason or position.step(spe) >= total):
+      interrupted = None  # the run ended at that very boundary: nothing to resume
+    if interrupted:
+      reason = _interrupted(run, interrupted, position, spe)
+    if checkpointer is not None:
+      checkpointer.wait()
+    state = carry.state
+    if keep_best and best is not None and position.best.epoch:
+      state = state.replace(**best)
+      run.log(f"restored the parameters of epoch {position.best.epoch} "
+              f"({rule.monitor} {position.best.value:.6g})")
+    test_metrics = None
+    if test is not None and not interrupted:
+      test_sums = jax.device_get(feed.evaluate(state, {"test": test}))
+      test_metrics = {k: float(v) for k, v in means(test_sums["test"]).items()}
+    return FitResult(state=state, history=history, best=position.best,
+                     stop_reason=reason, test=test_metrics)
+  finally:
+    if owns_monitor:
+      monitor.close()
 
 
-def _resume(checkpointer, tree, say) -> tuple[Position, Any]:
-  """The position and arrays of the latest good checkpoint, or a fresh start."""
+def _resume(checkpointer, tree, say, start: Position) -> tuple[Position, Any]:
+  """The position and arrays of the latest good checkpoint, else ``start``."""
   restored = checkpointer.restore(tree) if checkpointer is not None else None
   if restored is None:
-    return Position(), tree
+    return start, tree
   step, tree, meta = restored
   position = Position.from_json(meta["position"])
   say(f"resuming from the checkpoint at step {step} (epoch {position.epoch + 1}, "

@@ -48,6 +48,17 @@ class Position:
   stop_reason: str | None = None
   seconds: float = 0.0
 
+  @classmethod
+  def at(cls, step: int, steps_per_epoch: int) -> Position:
+    """A run that has done ``step`` updates and logged nothing yet (a state
+    trained before, continued by ``fit``).
+
+    >>> Position.at(10, 4)
+    Position(epoch=2, batch=2, best=Best(value=nan, epoch=0, bad_epochs=0), rows=[], partial={}, step_records=0, stop_reason=None, seconds=0.0)
+    """
+    epoch, batch = divmod(step, steps_per_epoch)
+    return cls(epoch=epoch, batch=batch)
+
   def step(self, steps_per_epoch: int) -> int:
     """The global step the run is at (updates done)."""
     return self.epoch * steps_per_epoch + self.batch
@@ -172,7 +183,7 @@ def advance(position: Position, fetched: Fetched, *, steps_per_epoch: int,
   spe = steps_per_epoch
   steps, metrics, message = _cut_at_nonfinite(fetched, spe, nonfinite)
   position = dataclasses.replace(position, step_records=position.step_records + len(steps))
-  reason, early_stop, rows = message, None, []
+  early_stop, rows = None, []
   first, stop = fetched.first, fetched.first + len(steps)
   while position.step(spe) < stop:
     at, epoch = position.step(spe), position.epoch
@@ -183,8 +194,9 @@ def advance(position: Position, fetched: Fetched, *, steps_per_epoch: int,
       return np.concatenate([np.asarray(position.partial.get(key, []), np.float64),
                              np.asarray(metrics[key][at - first: upto - first], np.float64)])
 
-    if upto < (epoch + 1) * spe or (reason and upto == stop):
-      # The epoch goes on in the next call (or the run stopped inside it).
+    if upto < (epoch + 1) * spe or (message and upto == stop):
+      # The epoch goes on in the next call (or a non-finite step stopped the
+      # run inside it; fit records that reason with this position).
       position = dataclasses.replace(position, batch=upto - epoch * spe, seconds=seconds,
                                      partial={k: so_far(k).tolist() for k in metrics})
       break
@@ -194,13 +206,13 @@ def advance(position: Position, fetched: Fetched, *, steps_per_epoch: int,
     best = position.best.update(row.get(rule.monitor if rule else "val_loss", math.nan),
                                 epoch + 1, rule)
     if best.should_stop(rule):
-      early_stop = reason = (
+      early_stop = (
           f"early stopping after epoch {epoch + 1}: {rule.monitor} has not improved "
           f"for {rule.patience} epochs; best epoch {best.epoch} "
           f"({rule.monitor} {best.value:.6g})")
     position = dataclasses.replace(position, epoch=epoch + 1, batch=0, best=best,
                                    rows=position.rows + [row], partial={}, seconds=0.0,
-                                   stop_reason=reason)
-    if reason:
+                                   stop_reason=early_stop)
+    if early_stop:
       break
   return Advance(position, steps, metrics, tuple(rows), message, early_stop)
