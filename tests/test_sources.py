@@ -1,6 +1,7 @@
 """jaxtrain.datasets: two moons, MNIST IDX files, tfds (mocked and on disk), splits."""
 
 import gzip
+import importlib.util
 import io
 import pathlib
 import shutil
@@ -395,3 +396,18 @@ def test_normalize_images():
     datasets.normalize_images(out)
   with pytest.raises(DataError, match="std must be > 0"):
     datasets.normalize_images(x, std=0.0)
+
+
+def test_load_from_a_folder_without_idx_files_names_what_it_looked_for(tmp_path):
+  """It used to fall through to tfds and report a TFRECORD NotImplementedError."""
+  with pytest.raises(DataError, match=r"neither MNIST IDX files \(looked for "
+                                      r"train-images-idx3-ubyte\[\.gz\]"):
+    datasets.load("mnist", key=jax.random.key(0), data_dir=tmp_path)
+
+
+def test_downloading_without_tensorflow_says_how_to_prepare(tmp_path):
+  pytest.importorskip("tensorflow_datasets")
+  if importlib.util.find_spec("tensorflow") is not None:
+    pytest.skip("TensorFlow is installed here: tfds could try to download")
+  with pytest.raises(DataError, match="needs TensorFlow and network access.*--extra tfds"):
+    datasets.load_tfds("mnist", data_dir=tmp_path, download=True)

@@ -85,7 +85,8 @@ def summarize(batch_metrics: Iterable[Mapping[str, Any]]) -> dict[str, float]:
     raise ValueError("cannot summarize an empty sequence of batch metrics")
   keys = [k for k in batch_metrics[0] if is_sum(k)]
   if "count" not in keys:
-    raise ValueError(f"batch metrics need a 'count' (from eval_step), got {sorted(batch_metrics[0])}")
+    raise ValueError("batch metrics need a 'count' (from eval_step), got "
+                     f"{sorted(batch_metrics[0])}")
   sums = {k: sum(float(m[k]) for m in batch_metrics) for k in keys}
   if sums["count"] <= 0:
     raise ValueError(f"cannot summarize batches of total weight {sums['count']}")

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -232,7 +233,7 @@ def make_optimizer(
   return optax.GradientTransformationExtraArgs(tx.init, update_fn)
 
 
-def current_learning_rate(opt_state: Any) -> jax.Array:
+def current_learning_rate(opt_state: Any, default: float | None = None) -> jax.Array:
   """Returns the learning rate held in an optimizer state, for logging.
 
   With a schedule this is the learning rate the most recent update used
@@ -241,6 +242,8 @@ def current_learning_rate(opt_state: Any) -> jax.Array:
   Args:
     opt_state: State of a :func:`make_optimizer` optimizer, possibly nested
       inside other optax states (e.g. ``optax.MultiSteps``).
+    default: returned (as a float32 array) when ``opt_state`` holds no
+      injected learning rate, e.g. a plain ``optax.sgd``; None raises.
 
   Returns:
     The learning rate as an array: a scalar, or one value per vmapped
@@ -268,6 +271,8 @@ def current_learning_rate(opt_state: Any) -> jax.Array:
   for node in jax.tree_util.tree_leaves(opt_state, is_leaf=has_lr):
     if has_lr(node):
       return node.hyperparams["learning_rate"]
+  if default is not None:
+    return jnp.asarray(default, jnp.float32)
   raise ValueError(
       f"opt_state holds no injected 'learning_rate' hyperparameter, got "
       f"{type(opt_state).__name__}"

@@ -36,6 +36,9 @@ class TrainState(struct.PyTreeNode):
       rows' weights > 0), which keeps padding out of batch-norm statistics;
       :func:`create_train_state` reads it from the module's signature. ``None``
       (a state built by hand): read from the module ``apply_fn`` is bound to.
+    takes_train: whether ``__call__`` takes ``train=`` (dropout and batch norm
+      modes); a plain module without it is called without it. ``None``: as
+      for ``takes_mask`` (assumed when ``apply_fn`` is no bound module's).
   """
 
   step: jax.Array
@@ -48,6 +51,7 @@ class TrainState(struct.PyTreeNode):
       pytree_node=False
   )
   takes_mask: bool | None = struct.field(pytree_node=False, default=None)
+  takes_train: bool | None = struct.field(pytree_node=False, default=None)
 
   @property
   def variables(self) -> dict[str, PyTree]:
@@ -62,7 +66,23 @@ class TrainState(struct.PyTreeNode):
     if self.takes_mask is not None:
       return self.takes_mask
     module = getattr(self.apply_fn, "__self__", None)
-    return isinstance(module, nn.Module) and _takes_mask(type(module))
+    return isinstance(module, nn.Module) and "mask" in _keywords(type(module))
+
+  @property
+  def passes_train(self) -> bool:
+    """Whether the steps pass ``train=`` to the model (see ``takes_train``)."""
+    if self.takes_train is not None:
+      return self.takes_train
+    module = getattr(self.apply_fn, "__self__", None)
+    return not isinstance(module, nn.Module) or "train" in _keywords(type(module))
+
+  def call_kwargs(self, *, train: bool, mask=None) -> dict[str, Any]:
+    """The keywords ``apply_fn`` is called with: ``train`` and ``mask`` where
+    the model takes them (``mask`` only when given)."""
+    kwargs = {"train": train} if self.passes_train else {}
+    if mask is not None and self.passes_mask:
+      kwargs["mask"] = mask
+    return kwargs
 
   def apply_gradients(self, grads: PyTree, **changes) -> TrainState:
     """Returns the state after one optimizer update with ``grads``."""
@@ -77,7 +97,8 @@ class TrainState(struct.PyTreeNode):
 def _init_fn(model: nn.Module):
   # One compiled init per model (modules hash by their fields), so states for
   # many seeds do not recompile. train=False: no dropout key, batch norm idle.
-  return jax.jit(lambda key, x: model.init({"params": key}, x, train=False))
+  kwargs = {"train": False} if "train" in _keywords(type(model)) else {}
+  return jax.jit(lambda key, x: model.init({"params": key}, x, **kwargs))
 
 
 def create_train_state(
@@ -130,13 +151,15 @@ def create_train_state(
       apply_fn=model.apply,
       tx=tx,
       loss_fn=loss_fn,
-      takes_mask=_takes_mask(type(model)),
+      takes_mask="mask" in _keywords(type(model)),
+      takes_train="train" in _keywords(type(model)),
   )
 
 
 @functools.lru_cache(maxsize=None)
-def _takes_mask(module_type: type) -> bool:
-  return "mask" in inspect.signature(module_type.__call__).parameters
+def _keywords(module_type: type) -> frozenset[str]:
+  """Which of jaxtrain's keywords (``train``, ``mask``) a module's ``__call__`` names."""
+  return frozenset(inspect.signature(module_type.__call__).parameters) & {"train", "mask"}
 
 
 def state_arrays(state: TrainState) -> dict[str, Any]:

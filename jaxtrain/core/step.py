@@ -62,18 +62,15 @@ def _forward(state: TrainState, params, batch: Batch, weights, *, train: bool, k
   variables = {**state.variables, "params": params}
   # Our models pass the mask to batch norm so padded rows do not enter the batch
   # statistics; a model without that keyword still works (its batch norm then
-  # sees padding rows in the one ragged batch of an epoch).
-  kwargs = {"mask": weights > 0} if train and state.passes_mask else {}
+  # sees padding rows in the one ragged batch of an epoch; fit warns).
+  kwargs = state.call_kwargs(train=train, mask=weights > 0 if train else None)
   if train:
     kwargs["rngs"] = {"dropout": key}
   if train and state.batch_stats:
-    outputs, mutated = state.apply_fn(
-        variables, batch["inputs"], train=True, mutable=["batch_stats"], **kwargs
-    )
+    outputs, mutated = state.apply_fn(variables, batch["inputs"], mutable=["batch_stats"],
+                                      **kwargs)
     return outputs, mutated["batch_stats"]
-  return state.apply_fn(variables, batch["inputs"], train=train, **kwargs), (
-      state.batch_stats
-  )
+  return state.apply_fn(variables, batch["inputs"], **kwargs), state.batch_stats
 
 
 def _per_example_loss(state: TrainState, outputs, targets, n: int) -> jax.Array:

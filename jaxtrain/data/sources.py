@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import pathlib
 from collections.abc import Mapping, Sequence
 
 import jax
@@ -222,6 +223,11 @@ def load(name: str, *, key, data_dir=None, val_fraction: float = 0.1,
     return Dataset(train, val, test, NUM_CLASSES[name], name, "synthetic")
   if not (isinstance(val_fraction, int | float) and 0 <= val_fraction < 1):
     raise DataError(f"load: val_fraction must be in [0, 1), got {val_fraction!r}")
+  if (name in ("mnist", "fashion_mnist") and data_dir is not None
+      and not mnist.has_idx_files(data_dir) and not (pathlib.Path(data_dir) / name).is_dir()):
+    wanted = ", ".join(f"{f}[.gz]" for pair in mnist.IDX_FILES.values() for f in pair)
+    raise DataError(f"load: {data_dir} holds neither MNIST IDX files (looked for {wanted}) "
+                    f"nor a prepared tensorflow-datasets {name!r} folder")
   if name in ("mnist", "fashion_mnist") and mnist.has_idx_files(data_dir):
     parts, source = mnist.load_mnist(data_dir), f"idx:{data_dir}"
   else:

@@ -63,6 +63,14 @@ def load_tfds(name: str, *, data_dir=None, splits: Sequence[str] = ("train", "te
   where = data_dir or "the default data_dir ($TFDS_DATA_DIR or ~/tensorflow_datasets)"
   try:
     sources = tfds.data_source(name, split=list(splits), data_dir=data_dir, download=download)
+  except ImportError as e:
+    # tfds needs TensorFlow (and its own extras) to download and prepare.
+    raise DataError(
+        f"load_tfds: {name!r} is not prepared in {where}, and preparing it needs "
+        f"TensorFlow and network access ({_one_line(e)}): install the tfds extra "
+        "(uv sync --extra tfds) where the network is reachable, run "
+        f"tfds.builder({name!r}, file_format='array_record').download_and_prepare() "
+        "and copy the prepared folder here, or use an IDX folder") from e
   except Exception as e:  # tfds raises many types; keep the cause chained.
     raise DataError(
         f"load_tfds: {name!r} is not readable as array_record in {where} ({_one_line(e)}); "

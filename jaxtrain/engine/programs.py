@@ -128,7 +128,8 @@ def _train_step(spec: ProgramSpec, augment, axis_name, carry: Carry, data: Data,
   if spec.nonfinite == "stop":
     halted = halted | ~finite
   metrics = {**metrics, "finite": finite,
-             "learning_rate": current_learning_rate(state.opt_state)}
+             # NaN for an optimizer without an injected learning rate (plain optax).
+             "learning_rate": current_learning_rate(state.opt_state, default=float("nan"))}
   if spec.eval_every:
     metrics.update(maybe_evaluate(spec, state, data.step_evals, axis_name))
   return Carry(state, halted), metrics

@@ -129,7 +129,8 @@ def choose_execution(state, config: FitConfig, example_inputs) -> str:
     return "scan"
   if not any(np.ndim(p) == 4 for p in jax.tree.leaves(state.params)):
     return "scan"  # no convolution kernel: skip tracing the model
-  jaxpr = jax.make_jaxpr(lambda variables, x: state.apply_fn(variables, x, train=False))(
+  jaxpr = jax.make_jaxpr(
+      lambda variables, x: state.apply_fn(variables, x, **state.call_kwargs(train=False)))(
       state.variables, example_inputs)
   return "step" if _runs_primitive(jaxpr.jaxpr, "conv_general_dilated") else "scan"
 
@@ -154,8 +155,8 @@ def warn_per_device_batch_norm(state, config: FitConfig, example_inputs) -> None
   if config.devices < 2 or not state.batch_stats:
     return
   def forward(variables, x):
-    return state.apply_fn(variables, x, train=True, mutable=["batch_stats"],
-                          rngs={"dropout": jax.random.key(0)})
+    return state.apply_fn(variables, x, mutable=["batch_stats"],
+                          rngs={"dropout": jax.random.key(0)}, **state.call_kwargs(train=True))
 
   jaxpr = jax.make_jaxpr(forward, axis_env=[(parallel.AXIS, config.devices)])(
       state.variables, example_inputs)
@@ -165,6 +166,19 @@ def warn_per_device_batch_norm(state, config: FitConfig, example_inputs) -> None
         f"batch norm in {layers} keeps per-device statistics on {config.devices} devices: "
         f"give it axis_name=jaxtrain.parallel.AXIS ({parallel.AXIS!r}) for the "
         "statistics of the global batch", stacklevel=3)
+
+
+def warn_unmasked_batch_norm(state, config: FitConfig, n_train: int) -> None:
+  """Warns once when a batch-norm model without ``mask=`` will see the padding
+  rows of the ragged last batch of every epoch in its statistics."""
+  ragged = n_train % config.batch_size and not config.drop_remainder
+  if ragged and state.batch_stats and not state.passes_mask:
+    layers = ", ".join(sorted(state.batch_stats))
+    warnings.warn(
+        f"the model's __call__ takes no mask=, so its batch norm ({layers}) "
+        f"counts the {config.batch_size - n_train % config.batch_size} padding rows of each "
+        "epoch's last batch: accept mask= (see the README's 'Your own model'), or use "
+        "drop_remainder=True", stacklevel=3)
 
 
 def as_arrays(split: Mapping[str, Any] | None, name: str):
@@ -225,5 +239,6 @@ def plan_feed(state, train, config: FitConfig, *, val=None, test=None, augment=N
   on_device = config.data == "device" or (config.data == "auto" and fits_on_device(train, val))
   execution = choose_execution(state, config, train["inputs"][:1])
   warn_per_device_batch_norm(state, config, train["inputs"][:1])
+  warn_unmasked_batch_norm(state, config, len(train["targets"]))
   return make_feed(spec, train, evals, on_device=on_device, augment=augment, mesh=mesh,
                    step_evals=bool(config.eval_every_steps), straight=execution == "step")
