@@ -19,7 +19,7 @@ from jaxtrain.core.keys import as_key
 from jaxtrain.core.metrics import means, safe_divide, summarize, weighted_sum
 from jaxtrain.core.state import TrainState
 
-__all__ = ["check_batch", "compute_gradients", "eval_step", "per_example_correct",
+__all__ = ["accumulate_gradients", "check_batch", "compute_gradients", "eval_step", "per_example_correct",
            "summarize", "train_step"]
 
 Batch = Mapping[str, jax.Array]
@@ -179,6 +179,73 @@ def compute_gradients(
         _psum(weighted_sum(correct, weights), axis_name), count
     )
   return grads, batch_stats, metrics
+
+
+def accumulate_gradients(
+    state: TrainState, batch: Batch, key, micro_batches: int, *,
+    axis_name: str | None = None
+) -> tuple[Any, Any, Metrics]:
+  """:func:`compute_gradients` over ``micro_batches`` equal slices of ``batch``,
+  one after the other, combined into the gradient of the whole batch.
+
+  Gradient accumulation: activations are held for one micro-batch at a time,
+  and the result equals :func:`compute_gradients` on the whole batch (up to
+  float rounding) for models without batch norm; batch statistics are updated
+  micro-batch by micro-batch, as in PyTorch. Each slice's gradient and metrics
+  are weighted by its examples (its ``count``), so padded slices count for what
+  they hold. Slice ``k`` draws dropout from ``fold_in(key, k)``.
+
+  Returns:
+    ``(grads, batch_stats, metrics)`` as :func:`compute_gradients`.
+
+  >>> import jax, jax.numpy as jnp, jaxtrain
+  >>> state = jaxtrain.create_train_state(
+  ...     jaxtrain.models.MLP(hidden_sizes=(8,), outputs=2),
+  ...     jaxtrain.make_optimizer("sgd", 0.1), jax.random.key(0),
+  ...     jnp.zeros((1, 2)), loss_fn=jaxtrain.losses.cross_entropy)
+  >>> batch = {"inputs": jax.random.normal(jax.random.key(1), (8, 2)),
+  ...          "targets": jnp.array([0, 1] * 4)}
+  >>> whole, _, _ = compute_gradients(state, batch, jax.random.key(2))
+  >>> parts, _, _ = accumulate_gradients(state, batch, jax.random.key(2), 4)
+  >>> bool(jnp.allclose(whole["Dense_0"]["kernel"], parts["Dense_0"]["kernel"], atol=1e-6))
+  True
+  """
+  n = check_batch(batch)
+  if micro_batches == 1:
+    return compute_gradients(state, batch, key, axis_name=axis_name)
+  if not isinstance(micro_batches, int) or micro_batches < 1 or n % micro_batches:
+    raise ValueError(f"micro_batches must be a positive integer dividing the batch's {n} "
+                     f"rows, got {micro_batches!r}")
+  key = as_key(key)
+  batch = {**batch, "mask": _weights(batch, n)}
+  slices = jax.tree.map(lambda v: v.reshape((micro_batches, n // micro_batches) + v.shape[1:]),
+                        dict(batch))
+  zeros = jax.tree.map(jnp.zeros_like, state.params)
+
+  def body(carry, xs):
+    grad_sum, batch_stats, sums = carry
+    k, micro = xs
+    grads, batch_stats, metrics = compute_gradients(
+        state.replace(batch_stats=batch_stats), micro, jax.random.fold_in(key, k),
+        axis_name=axis_name)
+    count = metrics["count"]
+    grad_sum = jax.tree.map(lambda total, g: total + g * count, grad_sum, grads)
+    sums = {name: sums[name] + (metrics[name] * count if name != "count" else count)
+            for name in sums}
+    return (grad_sum, batch_stats, sums), None
+
+  first = jax.eval_shape(lambda: compute_gradients(
+      state, jax.tree.map(lambda v: v[0], slices), key, axis_name=axis_name)[2])
+  sums = {name: jnp.zeros((), jnp.float32) for name in first if name != "grad_norm"}
+  (grad_sum, batch_stats, sums), _ = jax.lax.scan(
+      body, (zeros, state.batch_stats, sums), (jnp.arange(micro_batches), slices))
+  count = sums["count"]
+  grads = jax.tree.map(lambda g: (g / jnp.where(count > 0, count, 1.0)).astype(g.dtype),
+                       grad_sum)
+  metrics = {name: value if name == "count" else safe_divide(value, count)
+             for name, value in sums.items()}
+  metrics["grad_norm"] = optax.tree.norm(grads)
+  return grads, batch_stats, {k: metrics[k] for k in first}
 
 
 def train_step(

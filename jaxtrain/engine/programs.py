@@ -35,7 +35,7 @@ from jax.sharding import PartitionSpec as P
 from jaxtrain.core.keys import key_for
 from jaxtrain.core.optim import current_learning_rate
 from jaxtrain.core.state import TrainState
-from jaxtrain.core.step import compute_gradients
+from jaxtrain.core.step import accumulate_gradients
 from jaxtrain.data.arrays import gather_rows
 from jaxtrain.data.batching import epoch_indices
 from jaxtrain.engine.evaluate import evaluate_all, maybe_evaluate
@@ -115,8 +115,9 @@ def _train_step(spec: ProgramSpec, augment, axis_name, carry: Carry, data: Data,
     # depend on how the batch is split across devices.
     keys = jax.random.split(key_for(run_key, "augment", state.step), spec.batch_size)
     batch["inputs"] = jax.vmap(augment)(local_rows(keys, axis_name), batch["inputs"])
-  grads, batch_stats, metrics = compute_gradients(
-      state, batch, key_for(run_key, "dropout", state.step), axis_name=axis_name)
+  grads, batch_stats, metrics = accumulate_gradients(
+      state, batch, key_for(run_key, "dropout", state.step), spec.accumulate,
+      axis_name=axis_name)
   finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
   # A non-finite update is never applied; with "stop" nothing after it is
   # either. lax.cond, not a select over the state: XLA copies every buffer the

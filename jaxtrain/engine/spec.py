@@ -23,6 +23,8 @@ class ProgramSpec:
       rows' order (the host feed passes batches already in epoch order).
     max_steps: the most steps one call runs (0: one epoch); sets the size of the
       per-step metric buffers, so it is part of the compiled program.
+    accumulate: micro-batches per update: each step's ``batch_size`` rows are
+      split into this many slices whose gradients are accumulated.
   """
 
   num_train: int
@@ -33,6 +35,7 @@ class ProgramSpec:
   eval_every: int = 0
   shuffle: bool = True
   max_steps: int = 0
+  accumulate: int = 1
 
   @property
   def steps_per_epoch(self) -> int:

@@ -189,7 +189,7 @@ def run(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
   def make_monitor(rows, step_records):
     # Called by fit once the checkpoint (if any) is read and checked.
     write_config(workdir, dict(record))
-    steps_per_epoch = num_batches(len(train["targets"]), config.batch_size,
+    steps_per_epoch = num_batches(len(train["targets"]), config.update_batch_size,
                                   config.drop_remainder)
     return RunMonitor(workdir, columns=COLUMNS, total_steps=config.epochs * steps_per_epoch,
                       steps_per_epoch=steps_per_epoch, progress=config.progress,

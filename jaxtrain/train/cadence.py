@@ -137,14 +137,16 @@ class Pace:
 
   call_epochs: int = 1
   timed: int = 0
+  fetched_at: float = 0.0  # clock time the last call's results arrived
 
-  def after_call(self, seconds_per_step: float, *, steps_per_epoch: int, epochs: int) -> Pace:
+  def after_call(self, seconds_per_step: float, *, steps_per_epoch: int, epochs: int,
+                 fetched_at: float = 0.0) -> Pace:
     timed = self.timed + 1
     if timed < 2:
-      return dataclasses.replace(self, timed=timed)
-    call_epochs = max(1, min(int(CALL_SECONDS / (seconds_per_step * steps_per_epoch)),
+      return dataclasses.replace(self, timed=timed, fetched_at=fetched_at)
+    call_epochs = max(1, min(int(CALL_SECONDS / max(seconds_per_step * steps_per_epoch, 1e-9)),
                              -(-epochs // 8)))
-    return Pace(call_epochs, timed)
+    return Pace(call_epochs, timed, fetched_at)
 
   def limit(self, step: int, *, steps_per_epoch: int, max_steps: int) -> int:
     """Where a call starting at ``step`` ends at the latest."""

@@ -52,6 +52,9 @@ class FitConfig:
     devices: data-parallel devices (shard_map over the first N local devices).
     histogram_every: epochs between weight/gradient histograms (0: never).
     progress: progress bar (``None``: when on a terminal).
+    accumulate_steps: micro-batches of ``batch_size`` per optimizer update
+      (gradient accumulation): an update sees ``batch_size * accumulate_steps``
+      examples, and steps, epochs, schedules and cadences count updates.
   """
 
   epochs: int
@@ -69,6 +72,12 @@ class FitConfig:
   devices: int = 1
   histogram_every: int = 5
   progress: bool | None = None
+  accumulate_steps: int = 1
+
+  @property
+  def update_batch_size(self) -> int:
+    """Examples per optimizer update: ``batch_size * accumulate_steps``."""
+    return self.batch_size * self.accumulate_steps
 
 
 def validate(config: FitConfig, n_train: int, *, has_val: bool) -> None:
@@ -83,8 +92,13 @@ def validate(config: FitConfig, n_train: int, *, has_val: bool) -> None:
     bad("epochs", config.epochs, "must be an integer >= 1")
   if not integer(config.batch_size) or config.batch_size < 1:
     bad("batch_size", config.batch_size, "must be an integer >= 1")
+  if not integer(config.accumulate_steps) or config.accumulate_steps < 1:
+    bad("accumulate_steps", config.accumulate_steps, "must be an integer >= 1")
   if config.batch_size > n_train:
     bad("batch_size", config.batch_size, f"must not exceed the {n_train} training examples")
+  if config.update_batch_size > n_train:
+    bad("accumulate_steps", config.accumulate_steps,
+        f"times batch_size {config.batch_size} must not exceed the {n_train} training examples")
   for name in ("eval_batch_size", "eval_every_steps", "steps_per_call", "histogram_every"):
     if getattr(config, name) < 0:
       bad(name, getattr(config, name), "must be >= 0")
@@ -98,7 +112,7 @@ def validate(config: FitConfig, n_train: int, *, has_val: bool) -> None:
     bad("devices", config.devices, f"must be in 1..{jax.local_device_count()} (local devices)")
   if config.batch_size % config.devices:
     bad("batch_size", config.batch_size, f"must be divisible by the {config.devices} devices")
-  if config.drop_remainder and n_train < config.batch_size:
+  if config.drop_remainder and n_train < config.update_batch_size:
     bad("batch_size", config.batch_size, "with drop_remainder leaves no batch")
   rule = config.early_stopping
   if rule is not None:
@@ -171,12 +185,13 @@ def warn_per_device_batch_norm(state, config: FitConfig, example_inputs) -> None
 def warn_unmasked_batch_norm(state, config: FitConfig, n_train: int) -> None:
   """Warns once when a batch-norm model without ``mask=`` will see the padding
   rows of the ragged last batch of every epoch in its statistics."""
-  ragged = n_train % config.batch_size and not config.drop_remainder
+  ragged = n_train % config.update_batch_size and not config.drop_remainder
   if ragged and state.batch_stats and not state.passes_mask:
     layers = ", ".join(sorted(state.batch_stats))
     warnings.warn(
         f"the model's __call__ takes no mask=, so its batch norm ({layers}) "
-        f"counts the {config.batch_size - n_train % config.batch_size} padding rows of each "
+        f"counts the {config.update_batch_size - n_train % config.update_batch_size} padding "
+        "rows of each "
         "epoch's last batch: accept mask= (see the README's 'Your own model'), or use "
         "drop_remainder=True", stacklevel=3)
 
@@ -193,9 +208,10 @@ def as_arrays(split: Mapping[str, Any] | None, name: str):
 
 def program_spec(config: FitConfig, n_train: int, eval_sizes=()) -> ProgramSpec:
   """The compiled programs' static description for a run of ``config``."""
-  spe = num_batches(n_train, config.batch_size, config.drop_remainder)
+  spe = num_batches(n_train, config.update_batch_size, config.drop_remainder)
   return ProgramSpec(
-      num_train=n_train, batch_size=config.batch_size,
+      num_train=n_train, batch_size=config.update_batch_size,
+      accumulate=config.accumulate_steps,
       eval_batch_size=eval_batch_size(config, [n_train, *eval_sizes]),
       drop_remainder=config.drop_remainder, nonfinite=config.nonfinite,
       eval_every=config.eval_every_steps,

@@ -261,8 +261,13 @@ def _absorb(run: _Run, call: _Call, position: Position, pace: Pace, state, best,
   call end for the host (histograms, the best epoch's parameters)."""
   spe = run.feed.spec.steps_per_epoch
   steps, epoch_sums = fetch(call.chunks, spe)
-  per_step = (time.perf_counter() - call.started) / (call.end - call.first)
-  pace = pace.after_call(per_step, steps_per_epoch=spe, epochs=run.config.epochs)
+  # The call is charged from its dispatch, or from when the previous call's
+  # results arrived if it was queued behind it, to now: calls overlap, these
+  # intervals do not, so the epochs' seconds add up to the training time.
+  now = time.perf_counter()
+  per_step = (now - max(call.started, pace.fetched_at)) / (call.end - call.first)
+  pace = pace.after_call(per_step, steps_per_epoch=spe, epochs=run.config.epochs,
+                         fetched_at=now)
   done = advance(position, Fetched(call.first, steps, epoch_sums, per_step),
                  steps_per_epoch=spe, nonfinite=run.config.nonfinite,
                  rule=run.config.early_stopping)
