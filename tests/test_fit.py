@@ -736,3 +736,52 @@ def test_accumulate_steps_is_checked():
     train(PLAIN_MLP, epochs=1, batch_size=8, accumulate_steps=0)
   with pytest.raises(ValueError, match="accumulate_steps times batch_size 8 must not exceed the 50 .*got 100"):
     train(PLAIN_MLP, epochs=1, batch_size=8, accumulate_steps=100)
+
+
+def _top2(outputs, targets):
+  """Per example: is the label among the two largest logits?"""
+  top = jnp.argsort(outputs, axis=-1)[:, -2:]
+  return {"top2": jnp.any(top == targets[:, None], axis=-1)}
+
+
+def test_a_custom_metric_is_aggregated_like_the_loss_and_logged(tmp_path):
+  """metrics_fn's top-2 accuracy: the batch mean in every step's record, exact
+  sums over the epoch sets (padding rows left out) in the rows, metrics.csv and
+  summarize; it used to have no way in, and summarize dropped unknown sums."""
+  from jaxtrain.rundir.run import run
+
+  model = models.MLP(hidden_sizes=(8,), outputs=3)
+  state = jaxtrain.create_train_state(model, jaxtrain.make_optimizer("sgd", 0.1),
+                                      jax.random.key(0), TRAIN["inputs"][:1],
+                                      loss_fn=losses.cross_entropy, metrics_fn=_top2)
+  config = FitConfig(epochs=2, batch_size=8, eval_batch_size=16, progress=False,
+                     histogram_every=0)
+  result = run(state, TRAIN, val=VAL, config=config, workdir=tmp_path / "run",
+               record={"test": "top2"}, checkpoint=None)
+  final = result.state
+
+  def by_hand(arrays):
+    logits = final.apply_fn(final.variables, arrays["inputs"], train=False)
+    top = np.argsort(np.asarray(logits), axis=-1)[:, -2:]
+    return float(np.mean(np.any(top == arrays["targets"][:, None], axis=-1)))
+
+  rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
+  assert float(rows[-1]["val_top2"]) == pytest.approx(by_hand(VAL), abs=1e-6)
+  assert float(rows[-1]["train_top2"]) == pytest.approx(by_hand(TRAIN), abs=1e-6)
+  assert by_hand(VAL) != pytest.approx(float(rows[-1]["val_accuracy"]))  # a different metric
+  steps = [json.loads(line) for line in open(tmp_path / "run" / "steps.jsonl")]
+  assert all(0.0 <= s["top2"] <= 1.0 for s in steps) and len(steps) == 14
+  batches = [jax.jit(jaxtrain.eval_step)(final, b) for b in jaxtrain.data.batches(VAL, 8)]
+  assert jaxtrain.summarize(batches)["top2"] == pytest.approx(by_hand(VAL), abs=1e-6)
+
+
+@pytest.mark.parametrize("metrics_fn,message", [
+    (lambda o, t: {"loss": t * 0.0}, "must be an identifier other than loss"),
+    (lambda o, t: {"x": o}, r"must have shape \(\d+,\) \(one value per example\)"),
+    (lambda o, t: [t], "must return a dict")])
+def test_bad_custom_metrics_are_named(metrics_fn, message):
+  state = jaxtrain.create_train_state(PLAIN_MLP, jaxtrain.make_optimizer("sgd", 0.1),
+                                      jax.random.key(0), TRAIN["inputs"][:1],
+                                      loss_fn=losses.cross_entropy, metrics_fn=metrics_fn)
+  with pytest.raises(ValueError, match=message):
+    train(state=state, epochs=1, batch_size=8)

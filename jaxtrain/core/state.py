@@ -39,6 +39,10 @@ class TrainState(struct.PyTreeNode):
     takes_train: whether ``__call__`` takes ``train=`` (dropout and batch norm
       modes); a plain module without it is called without it. ``None``: as
       for ``takes_mask`` (assumed when ``apply_fn`` is no bound module's).
+    metrics_fn: ``metrics_fn(outputs, targets) -> {name: per-example values
+      [batch]}``: your own metrics, weighted by the mask and aggregated like
+      the loss (train steps log the batch mean ``name``; evaluations return
+      ``name_sum`` and the mean ``name``), or None.
   """
 
   step: jax.Array
@@ -52,6 +56,8 @@ class TrainState(struct.PyTreeNode):
   )
   takes_mask: bool | None = struct.field(pytree_node=False, default=None)
   takes_train: bool | None = struct.field(pytree_node=False, default=None)
+  metrics_fn: Callable[[jax.Array, jax.Array], dict[str, jax.Array]] | None = struct.field(
+      pytree_node=False, default=None)
 
   @property
   def variables(self) -> dict[str, PyTree]:
@@ -108,6 +114,7 @@ def create_train_state(
     example_inputs,
     *,
     loss_fn: Callable[[jax.Array, jax.Array], jax.Array],
+    metrics_fn: Callable[[jax.Array, jax.Array], dict[str, jax.Array]] | None = None,
 ) -> TrainState:
   """Initialises a model's variables and the optimizer state.
 
@@ -118,6 +125,8 @@ def create_train_state(
       from keys derived from it by use.
     example_inputs: an array with a leading batch axis (one row is enough).
     loss_fn: per-example loss, ``loss_fn(outputs, targets) -> [batch]``.
+    metrics_fn: your own per-example metrics (see :class:`TrainState`), e.g.
+      ``lambda out, y: {"top2": (jnp.argsort(out)[:, -2:] == y[:, None]).any(-1)}``.
 
   Returns:
     A :class:`TrainState` at step 0.
@@ -132,6 +141,8 @@ def create_train_state(
   """
   if not isinstance(model, nn.Module):
     raise ValueError(f"model must be a flax.linen.Module, got {type(model).__name__}")
+  if metrics_fn is not None and not callable(metrics_fn):
+    raise ValueError(f"metrics_fn must be callable or None, got {metrics_fn!r}")
   if not callable(loss_fn):
     raise ValueError(f"loss_fn must be callable, got {loss_fn!r}")
   example_inputs = jnp.asarray(example_inputs)
@@ -151,6 +162,7 @@ def create_train_state(
       apply_fn=model.apply,
       tx=tx,
       loss_fn=loss_fn,
+      metrics_fn=metrics_fn,
       takes_mask="mask" in _keywords(type(model)),
       takes_train="train" in _keywords(type(model)),
   )

@@ -178,6 +178,8 @@ def compute_gradients(
     metrics["accuracy"] = safe_divide(
         _psum(weighted_sum(correct, weights), axis_name), count
     )
+  for name, total in _own_sums(state, outputs, batch["targets"], weights, n, axis_name).items():
+    metrics[name[: -len("_sum")]] = safe_divide(total, count)
   return grads, batch_stats, metrics
 
 
@@ -310,4 +312,29 @@ def eval_step(state: TrainState, batch: Batch, *, axis_name: str | None = None) 
   correct = per_example_correct(outputs, batch["targets"], state.loss_fn)
   if correct is not None:
     sums["correct"] = _psum(weighted_sum(correct, weights), axis_name)
+  sums.update(_own_sums(state, outputs, batch["targets"], weights, n, axis_name))
   return {**sums, **means(sums)}
+
+
+_RESERVED = ("loss", "accuracy", "count", "grad_norm", "finite", "learning_rate")
+
+
+def _own_sums(state: TrainState, outputs, targets, weights, n: int, axis_name):
+  """``{name_sum: masked sum}`` of ``state.metrics_fn``'s per-example values."""
+  if state.metrics_fn is None:
+    return {}
+  values = state.metrics_fn(outputs, targets)
+  if not isinstance(values, dict):
+    raise ValueError(f"metrics_fn must return a dict of per-example values, got "
+                     f"{type(values).__name__}")
+  sums = {}
+  for name, value in values.items():
+    if not isinstance(name, str) or not name.isidentifier() or name in _RESERVED:
+      raise ValueError(f"metrics_fn's metric name {name!r} must be an identifier other than "
+                       f"{', '.join(_RESERVED)}")
+    if jnp.shape(value) != (n,):
+      raise ValueError(f"metrics_fn's {name!r} must have shape ({n},) (one value per "
+                       f"example), got {jnp.shape(value)}")
+    sums[f"{name}_sum"] = _psum(weighted_sum(jnp.asarray(value, jnp.float32), weights),
+                                axis_name)
+  return sums

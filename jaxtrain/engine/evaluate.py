@@ -14,7 +14,7 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 
-from jaxtrain.core.metrics import SUM_KEYS, means
+from jaxtrain.core.metrics import is_sum, means
 from jaxtrain.core.state import TrainState
 from jaxtrain.core.step import eval_step
 from jaxtrain.engine.parallel import local_rows
@@ -32,7 +32,7 @@ def evaluate(state: TrainState, arrays: Arrays, batch_size: int, axis_name=None)
   def sums_of(batch):
     batch = jax.tree.map(lambda v: local_rows(v, axis_name), batch)
     sums = eval_step(state, batch, axis_name=axis_name)
-    return {k: sums[k] for k in SUM_KEYS if k in sums}
+    return {k: v for k, v in sums.items() if is_sum(k)}
 
   with_mask = {**arrays, "mask": arrays.get("mask", jnp.ones((n,), jnp.float32))}
   totals = None

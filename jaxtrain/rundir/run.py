@@ -27,7 +27,7 @@ from jaxtrain.rundir.checkpoint import DIRECTORY, CheckpointConfig, Checkpointer
 from jaxtrain.rundir.monitor import RunMonitor
 from jaxtrain.rundir.plots import plot_curves, read_history
 from jaxtrain.rundir.record import check_record, jsonable, write_config
-from jaxtrain.train.config import COLUMNS, FitConfig
+from jaxtrain.train.config import FitConfig, columns
 from jaxtrain.train.fit import FitResult, fit
 
 
@@ -191,7 +191,7 @@ def run(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
     write_config(workdir, dict(record))
     steps_per_epoch = num_batches(len(train["targets"]), config.update_batch_size,
                                   config.drop_remainder)
-    return RunMonitor(workdir, columns=COLUMNS, total_steps=config.epochs * steps_per_epoch,
+    return RunMonitor(workdir, columns=columns(state, config, train, has_val=val is not None), total_steps=config.epochs * steps_per_epoch,
                       steps_per_epoch=steps_per_epoch, progress=config.progress,
                       resume_rows=rows, resume_step_records=step_records)
 

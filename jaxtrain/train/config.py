@@ -196,6 +196,22 @@ def warn_unmasked_batch_norm(state, config: FitConfig, n_train: int) -> None:
         "drop_remainder=True", stacklevel=3)
 
 
+def columns(state, config: FitConfig, train, *, has_val: bool) -> tuple[str, ...]:
+  """metrics.csv's columns for a run: :data:`COLUMNS`, and ``train_<name>`` /
+  ``val_<name>`` after the accuracies for each metric of ``state.metrics_fn``."""
+  if state.metrics_fn is None:
+    return COLUMNS
+  from jaxtrain.core.metrics import mean_name
+  from jaxtrain.core.step import eval_step
+
+  example = {"inputs": train["inputs"][:1], "targets": train["targets"][:1]}
+  sums = jax.eval_shape(eval_step, state, example)
+  own = [mean_name(k) for k in sums if k.endswith("_sum") and k != "loss_sum"]
+  splits = (["train"] if config.evaluate_train else []) + (["val"] if has_val else [])
+  at = COLUMNS.index("train_loss_running")
+  return COLUMNS[:at] + tuple(f"{s}_{n}" for s in splits for n in own) + COLUMNS[at:]
+
+
 def as_arrays(split: Mapping[str, Any] | None, name: str):
   """A split as numpy arrays after checking it (None stays None)."""
   if split is None:

@@ -30,9 +30,9 @@ from jaxtrain.engine.feeds import Feed, fetch
 from jaxtrain.engine.programs import Carry
 from jaxtrain.train.cadence import Boundary, Cadence, Pace
 from jaxtrain.train.config import (
-  COLUMNS,
   FitConfig,
   as_arrays,
+  columns,
   plan_cadence,
   plan_feed,
   validate,
@@ -163,7 +163,8 @@ def fit(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
     best = tree.get("best")
     window = parallel.InFlight(parallel.default_max_in_flight(
         jax.local_devices()[: config.devices]))
-    history = {"epoch": {c: [] for c in COLUMNS}, "step": {}}
+    history = {"epoch": {c: [] for c in columns(state, config, train, has_val=val is not None)},
+               "step": {}}
     for row in position.rows:
       _extend(history["epoch"], row)
     pace, lagged, interrupted, reason = Pace(), None, None, position.stop_reason
