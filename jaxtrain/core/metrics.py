@@ -16,10 +16,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-#: Every sum the built-in evaluation returns, ``count`` included.
-SUM_KEYS = ("loss_sum", "count", "correct")
-
-
 def mean_name(key: str) -> str | None:
   """The mean a sum gives over ``count``: ``correct`` -> ``accuracy``,
   ``<name>_sum`` -> ``<name>``; None for ``count`` and for keys that are not sums.
