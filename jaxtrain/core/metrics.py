@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+
 def mean_name(key: str) -> str | None:
   """The mean a sum gives over ``count``: ``correct`` -> ``accuracy``,
   ``<name>_sum`` -> ``<name>``; None for ``count`` and for keys that are not sums.
