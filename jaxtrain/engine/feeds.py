@@ -76,6 +76,16 @@ class Feed:
     """``{name: sums}`` of every epoch evaluation set, or of ``sets`` (host arrays)."""
     raise NotImplementedError
 
+  def _epoch_end(self, carry: Carry, step: int) -> tuple[Carry, dict | None]:
+    """After one-step call ``step``: at an epoch end, the epoch sets' sums
+    (stacked as one slot) and the carry's best record updated from them."""
+    if (step + 1) % self.spec.steps_per_epoch:
+      return carry, None
+    sums = self.evaluate(carry.state)
+    if sums:
+      carry = self.programs.update_best(carry, sums)
+    return carry, _stack_sums(sums)
+
 
 class DeviceFeed(Feed):
   """Training and evaluation arrays placed once on the device(s).
@@ -99,8 +109,7 @@ class DeviceFeed(Feed):
     chunks, data = [], self.data._replace(epoch_evals={})
     for step in range(first, first + num_steps):
       carry, out = self.programs.train(carry, data, run_key, step, 1, straight=True)
-      ends = (step + 1) % self.spec.steps_per_epoch == 0
-      sums = _stack_sums(self.evaluate(carry.state)) if ends else None
+      carry, sums = self._epoch_end(carry, step)
       chunks.append(Chunk(step, 1, out.steps, sums))
     return carry, chunks
 
@@ -144,8 +153,7 @@ class HostFeed(Feed):
       if step + 1 < first + num_steps:
         # Prepared while the step above runs (dispatch is asynchronous).
         data = self._batch(run_key, step + 1)
-      ends = (step + 1) % self.spec.steps_per_epoch == 0
-      sums = _stack_sums(self.evaluate(carry.state)) if ends else None
+      carry, sums = self._epoch_end(carry, step)
       chunks.append(Chunk(step, 1, out.steps, sums))
     return carry, chunks
 

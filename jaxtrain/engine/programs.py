@@ -38,6 +38,7 @@ from jaxtrain.core.state import TrainState
 from jaxtrain.core.step import accumulate_gradients
 from jaxtrain.data.arrays import gather_rows
 from jaxtrain.data.batching import epoch_indices
+from jaxtrain.engine import best as best_lib
 from jaxtrain.engine.evaluate import evaluate_all, maybe_evaluate
 from jaxtrain.engine.parallel import local_rows
 from jaxtrain.engine.spec import ProgramSpec
@@ -53,10 +54,13 @@ class Carry(NamedTuple):
   Attributes:
     state: the train state.
     halted: set once a non-finite step stopped the run (``nonfinite="stop"``).
+    best: the best epoch's parameters (:mod:`jaxtrain.engine.best`), updated
+      at every epoch end when ``spec.best`` names the rule; else None.
   """
 
   state: TrainState
   halted: jax.Array
+  best: dict | None = None
 
 
 class Data(NamedTuple):
@@ -105,7 +109,7 @@ class Outputs(NamedTuple):
 def _train_step(spec: ProgramSpec, augment, axis_name, carry: Carry, data: Data, run_key,
                 indices, masks, i) -> tuple[Carry, dict]:
   """Step ``i`` of the epoch whose batches are ``indices``/``masks``."""
-  state, halted = carry
+  state, halted = carry.state, carry.halted
   # Indices come from epoch_indices and are in bounds: no out-of-bounds fill.
   batch = gather_rows(data.train, local_rows(indices[i], axis_name),
                       local_rows(masks[i], axis_name),
@@ -133,7 +137,7 @@ def _train_step(spec: ProgramSpec, augment, axis_name, carry: Carry, data: Data,
              "learning_rate": current_learning_rate(state.opt_state, default=float("nan"))}
   if spec.eval_every:
     metrics.update(maybe_evaluate(spec, state, data.step_evals, axis_name))
-  return Carry(state, halted), metrics
+  return carry._replace(state=state, halted=halted), metrics
 
 
 def _epoch_batches(spec: ProgramSpec, run_key, epoch):
@@ -188,6 +192,9 @@ def _train_span(spec: ProgramSpec, augment: Augment | None, axis_name, carry: Ca
           lambda s: jax.tree.map(lambda v: jnp.zeros(v.shape, v.dtype), sums_shapes),
           carry.state)
       sums = jax.tree.map(lambda b, v: b.at[epoch - first_epoch].set(v), sums, epoch_sums)
+      if spec.best is not None and carry.best is not None:
+        carry = carry._replace(best=best_lib.update(spec.best, carry.best, carry.state,
+                                                    epoch_sums, end == spe))
     return carry, steps, sums
 
   carry, steps, sums = jax.lax.fori_loop(
@@ -217,6 +224,11 @@ def _compiled(kind, spec, augment, mesh, donate, members, member_data):
   """
   axis_name = mesh.axis_names[0] if mesh is not None else None
   data_axis = 0 if member_data else None
+  if kind == "best":
+    fn = functools.partial(best_lib.update, spec.best)
+    in_axes, donated = (0, 0, 0, None), donate
+    fn = jax.vmap(fn, in_axes=in_axes) if members else fn
+    return jax.jit(fn, donate_argnums=(0,) if donated else ())
   if kind in ("train", "step"):
     fn = functools.partial(_train_span if kind == "train" else _train_one, spec, augment,
                            axis_name)
@@ -257,6 +269,14 @@ class Programs:
           raise ValueError(f"{name} {size} is not divisible by the {shards} devices")
     self._key = (spec, augment, mesh, donate, members, member_data)
     self.evaluate = _compiled("evaluate", *self._key)
+
+  def update_best(self, carry: Carry, sums) -> Carry:
+    """The carry after an epoch end evaluated outside the programs (a
+    straight-line or host-fed step): its best record updated from ``sums``."""
+    if self.spec.best is None or carry.best is None:
+      return carry
+    fn = _compiled("best", *self._key)
+    return carry._replace(best=fn(carry.best, carry.state, sums, True))
 
   def train(self, carry: Carry, data: Data, run_key, first: int, num_steps: int, *,
             straight: bool = False) -> tuple[Carry, Outputs]:

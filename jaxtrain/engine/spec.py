@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from jaxtrain.data.batching import num_batches
+from jaxtrain.engine.best import BestRule
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,6 +26,8 @@ class ProgramSpec:
       per-step metric buffers, so it is part of the compiled program.
     accumulate: micro-batches per update: each step's ``batch_size`` rows are
       split into this many slices whose gradients are accumulated.
+    best: the rule ranking epochs whose best parameters the carry keeps (see
+      :mod:`jaxtrain.engine.best`), or None.
   """
 
   num_train: int
@@ -36,6 +39,7 @@ class ProgramSpec:
   shuffle: bool = True
   max_steps: int = 0
   accumulate: int = 1
+  best: BestRule | None = None
 
   @property
   def steps_per_epoch(self) -> int:

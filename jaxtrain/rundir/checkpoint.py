@@ -167,7 +167,8 @@ class Checkpointer:
   def restore(self, like_arrays, step: int | None = None):
     """Restores ``(step, arrays, meta)`` from ``step`` or the latest good one.
 
-    ``like_arrays`` is the tree to restore into, or a function from a
+    ``like_arrays`` is the tree to restore into (its top-level entries, e.g.
+    ``{"state": ...}`` alone, are what is read), or a function from a
     checkpoint's saved tree (metadata) to it. A checkpoint that fails to read is
     skipped with a warning (falling back to the previous one) and moved to
     ``checkpoints_damaged/``; one that reads but does not fit raises
@@ -182,13 +183,20 @@ class Checkpointer:
         if saved is None:
           raise OSError("no array metadata")
         like = like_arrays(saved) if callable(like_arrays) else like_arrays
-        check_compatible(saved, like, f"{self.directory / str(candidate)}")
+        check_compatible({k: v for k, v in saved.items() if k in like}, like,
+                         f"{self.directory / str(candidate)}")
         like_arrays = like
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like_arrays)
+        # Parts of the checkpoint not asked for (e.g. the best epoch's
+        # parameters) are read as saved and dropped: Orbax restores whole trees.
+        rest = {k: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), v)
+                for k, v in saved.items() if k not in like}
         restored = self.manager.restore(candidate, args=ocp.args.Composite(
-            arrays=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+            arrays=ocp.args.StandardRestore({**abstract, **rest}),
+            meta=ocp.args.JsonRestore()))
         self._set_aside(damaged)
-        return candidate, restored["arrays"], restored["meta"]
+        arrays = {k: v for k, v in restored["arrays"].items() if k in like}
+        return candidate, arrays, restored["meta"]
       except CheckpointError:
         raise
       except Exception as error:  # noqa: BLE001 - any read failure means damaged
@@ -244,9 +252,11 @@ def load(run_dir: str | os.PathLike, step: int | str | None = None, *,
 
   Args:
     run_dir: a run directory written by an experiment (or :func:`jaxtrain.run.run`).
-    step: a checkpoint step; ``"best"`` for the run's best epoch (the parameters
-      early stopping restores, else the kept checkpoint with the best monitored
-      value); ``None`` for the latest good one.
+    step: a checkpoint step; ``None`` for the latest good one; ``"best"`` for
+      the parameters of the run's best epoch by the monitored metric, whatever
+      the cadence (:func:`best_epoch` says which): the whole checkpoint of that
+      step when one was kept, else the best parameters every checkpoint holds,
+      with the latest checkpoint's step and optimizer state.
     like: a state of the same model and optimizer to restore into.
     build: without ``like``, what rebuilds that state from the run's
       ``config.json`` record: a function ``record -> TrainState`` or an
@@ -271,13 +281,7 @@ def load(run_dir: str | os.PathLike, step: int | str | None = None, *,
   checkpointer = Checkpointer(run_dir, _checkpoint_config(run_dir), read_only=True)
   try:
     if step == "best":
-      restored = checkpointer.restore(tree_like)
-      if restored is not None and "best" in restored[1]:
-        # Early stopping kept the best epoch's variables in every checkpoint.
-        return with_arrays(like, {**restored[1]["state"], **restored[1]["best"]})
-      step = checkpointer.best_step()
-      if step is None:
-        raise CheckpointError(f"run directory {str(run_dir)!r} has no best checkpoint")
+      return _load_best(checkpointer, run_dir, like, tree_like)
     restored = checkpointer.restore(tree_like, step=step)
   finally:
     checkpointer.close()
@@ -286,8 +290,68 @@ def load(run_dir: str | os.PathLike, step: int | str | None = None, *,
   return with_arrays(like, restored[1]["state"])
 
 
+def best_epoch(run_dir: str | os.PathLike) -> dict[str, Any]:
+  """The run's best epoch so far, from its latest good checkpoint:
+  ``{"epoch", "step", "value"}`` (the step at the epoch's end, the monitored
+  value), what ``load(run_dir, step="best")`` returns the parameters of.
+  Reading changes nothing in the run directory."""
+  run_dir = pathlib.Path(run_dir)
+  if not (run_dir / DIRECTORY).is_dir():
+    raise CheckpointError(f"run directory {str(run_dir)!r} holds no checkpoints")
+  checkpointer = Checkpointer(run_dir, _checkpoint_config(run_dir), read_only=True)
+  try:
+    for step in checkpointer.steps()[::-1]:
+      try:
+        meta = checkpointer.manager.restore(step, args=checkpointer._ocp.args.Composite(
+            meta=checkpointer._ocp.args.JsonRestore()))["meta"]
+      except Exception:  # noqa: BLE001 - a damaged checkpoint: try the previous
+        continue
+      return _best_of(meta["position"])
+  finally:
+    checkpointer.close()
+  raise CheckpointError(f"run directory {str(run_dir)!r} holds no readable checkpoint")
+
+
+def _best_of(position: dict) -> dict[str, Any]:
+  best, rows = position["best"], position["rows"]
+  epoch = best["epoch"]
+  step = rows[epoch - 1]["step"] if 0 < epoch <= len(rows) else None
+  return {"epoch": epoch, "step": step, "value": best["value"]}
+
+
+def _load_best(checkpointer: Checkpointer, run_dir, like: TrainState, tree_like) -> TrainState:
+  """The best epoch's parameters: the checkpoint saved at its end when kept
+  (the whole state of that step), else the best parameters every checkpoint of
+  the run holds, in the latest state (its step and optimizer state)."""
+  restored = checkpointer.restore(tree_like)
+  if restored is None:
+    raise CheckpointError(f"run directory {str(run_dir)!r} holds no readable checkpoint")
+  latest, arrays, meta = restored
+  step = _best_of(meta["position"])["step"]
+  if step is not None and step != latest and step in checkpointer.steps():
+    try:
+      return with_arrays(like, checkpointer.restore(tree_like, step=step)[1]["state"])
+    except CheckpointError:
+      pass  # damaged: the latest checkpoint's copy of the best serves
+  if step is not None and step == latest:
+    return with_arrays(like, arrays["state"])
+  if "best" in arrays:
+    return with_arrays(like, {**arrays["state"], **arrays["best"]})
+  # Written before runs kept their best parameters: the kept checkpoint with
+  # the best monitored value.
+  step = checkpointer.best_step()
+  if step is None:
+    raise CheckpointError(f"run directory {str(run_dir)!r} has no best checkpoint")
+  return with_arrays(like, checkpointer.restore(tree_like, step=step)[1]["state"])
+
+
 def _checkpoint_config(run_dir: pathlib.Path) -> CheckpointConfig:
-  record = json.loads((run_dir / "config.json").read_text())
+  """The run's checkpoint config (the default for a directory written by
+  ``fit`` with a Checkpointer of your own, without config.json)."""
+  path = run_dir / "config.json"
+  if not path.exists():
+    return CheckpointConfig()
+  record = json.loads(path.read_text())
   saved = record.get("checkpoint") or {}
   fields = {f.name for f in dataclasses.fields(CheckpointConfig)}
   return CheckpointConfig(**{k: v for k, v in saved.items() if k in fields})

@@ -34,8 +34,10 @@ def check_compatible(saved, wanted, where: str) -> None:
     raise CheckpointError(
         f"checkpoint {where} does not match the requested model: "
         f"missing {missing[:3]}, unexpected {extra[:3]}")
-  # Parameters first: a mismatch there is the one a reader recognises.
-  for path in sorted(wanted_shapes, key=lambda p: ("params" not in p.split("/"), p)):
+  # The state's parameters first: a mismatch there is the one a reader
+  # recognises (the best epoch's copy of them would repeat it).
+  for path in sorted(wanted_shapes, key=lambda p: ("params" not in p.split("/"),
+                                                   not p.startswith("state/"), p)):
     shape = wanted_shapes[path]
     if saved_shapes[path] != shape:
       raise CheckpointError(

@@ -110,6 +110,14 @@ class _RunDirectory:
     self.workdir, self.checkpoint, self.resume = workdir, checkpoint, resume
     self.checkpointer: Checkpointer | None = None
 
+  @property
+  def config(self) -> CheckpointConfig | None:
+    """The checkpoint config (``fit`` reads it before opening the directory)."""
+    return self.checkpoint
+
+  def __call__(self) -> Checkpointer | None:
+    return self.open()
+
   def open(self) -> Checkpointer | None:
     if not self.resume and self.workdir.exists():
       _clear(self.workdir)
@@ -200,7 +208,7 @@ def run(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
   try:
     with stop_on_signals() as should_stop:
       result = fit(state, train, config=config, val=val, test=test, augment=augment,
-                   monitor=make_monitor, checkpointer=directory.open,
+                   monitor=make_monitor, checkpointer=directory,
                    should_stop=should_stop)
   finally:
     directory.close()

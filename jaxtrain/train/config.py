@@ -17,7 +17,7 @@ from jaxtrain.engine import parallel
 from jaxtrain.engine.feeds import Feed, fits_on_device, make_feed
 from jaxtrain.engine.spec import ProgramSpec
 from jaxtrain.train.cadence import Cadence, Every
-from jaxtrain.train.stopping import EarlyStopping
+from jaxtrain.train.stopping import EarlyStopping, Ranking
 
 COLUMNS = ("epoch", "step", "train_loss", "train_accuracy", "val_loss", "val_accuracy",
            "train_loss_running", "learning_rate", "seconds")
@@ -80,7 +80,7 @@ class FitConfig:
     return self.batch_size * self.accumulate_steps
 
 
-def validate(config: FitConfig, n_train: int, *, has_val: bool) -> None:
+def validate(config: FitConfig, n_train: int) -> None:
   """Raises ValueError naming the first bad setting (before anything is written)."""
   def bad(name, value, why):
     raise ValueError(f"{name} {why}, got {value!r}")
@@ -114,17 +114,76 @@ def validate(config: FitConfig, n_train: int, *, has_val: bool) -> None:
     bad("batch_size", config.batch_size, f"must be divisible by the {config.devices} devices")
   if config.drop_remainder and n_train < config.update_batch_size:
     bad("batch_size", config.batch_size, "with drop_remainder leaves no batch")
+
+
+@dataclasses.dataclass(frozen=True)
+class BestPlan:
+  """What a run does about its best epoch (see :func:`rank_epochs`).
+
+  Attributes:
+    ranking: how epochs are ranked (``Position.best`` follows it).
+    keep: whether the run keeps the best epoch's parameters (to restore them,
+      or to checkpoint them for ``checkpoint.load(step="best")``).
+    checkpoint_monitor: the column whose value each epoch-end checkpoint
+      carries (Orbax keeps the best saved one too), or None.
+  """
+
+  ranking: Ranking
+  keep: bool
+  checkpoint_monitor: str | None = None
+
+  def device_rule(self, evaluated):
+    """The rule the compiled programs apply, when the ranked column is an
+    evaluation mean; None leaves the best to the host (every epoch end)."""
+    from jaxtrain.engine.best import BestRule
+
+    if not self.keep:
+      return None
+    r = self.ranking
+    return BestRule.for_column(r.monitor, evaluated, mode=r.mode, min_delta=r.min_delta)
+
+
+def rank_epochs(config: FitConfig, checkpoint, columns, *, has_val: bool) -> BestPlan:
+  """How the run names its best epoch, checking the monitors against the
+  metrics it logs (of metrics.csv's ``columns``: a ValueError names a monitor
+  the run cannot rank by).
+
+  Early stopping's monitor ranks when there is a rule; else the checkpoint's
+  (``checkpoint``: a CheckpointConfig or None), its default ``val_loss``
+  falling back to ``train_loss`` (then ``train_loss_running``) in a run
+  without validation data; else ``val_loss``.
+  """
+  def logs(column):
+    if column in ("epoch", "step", "seconds"):
+      return False
+    if column.startswith("val_"):
+      return has_val
+    return config.evaluate_train or column in ("train_loss_running", "learning_rate")
+
+  logged = {c for c in columns if logs(c)}
   rule = config.early_stopping
+  if rule is not None and rule.monitor not in logged:
+    why = ("needs validation data" if rule.monitor.startswith("val_")
+           and rule.monitor in COLUMNS else
+           f"is not a metric this run logs ({', '.join(sorted(logged))})")
+    raise ValueError(f"early stopping monitor {rule.monitor!r} {why}")
+  monitor = None
+  if checkpoint is not None:
+    monitor = checkpoint.monitor
+    if monitor == "val_loss" and monitor not in logged:
+      monitor = "train_loss" if "train_loss" in logged else "train_loss_running"
+    if monitor not in logged:
+      raise ValueError(f"checkpoint monitor {checkpoint.monitor!r} is not a metric this "
+                       f"run logs ({', '.join(sorted(logged))})")
   if rule is not None:
-    logged = {"train_loss_running", "learning_rate"}
-    if config.evaluate_train:
-      logged |= {"train_loss", "train_accuracy"}
-    if has_val:
-      logged |= {"val_loss", "val_accuracy"}
-    if rule.monitor not in logged:
-      why = ("needs validation data" if rule.monitor in COLUMNS and rule.monitor.startswith("val_")
-             else f"is not a metric this run logs ({', '.join(sorted(logged))})")
-      raise ValueError(f"early stopping monitor {rule.monitor!r} {why}")
+    ranking = rule.ranking
+  elif monitor is not None:
+    ranking = Ranking(monitor, checkpoint.mode)
+  else:
+    ranking = Ranking()
+  keep = bool((rule is not None and rule.restore_best)
+              or (checkpoint is not None and checkpoint.keep_best))
+  return BestPlan(ranking, keep, monitor)
 
 
 def choose_execution(state, config: FitConfig, example_inputs) -> str:
@@ -222,7 +281,7 @@ def as_arrays(split: Mapping[str, Any] | None, name: str):
   return {k: np.asarray(v) for k, v in split.items()}
 
 
-def program_spec(config: FitConfig, n_train: int, eval_sizes=()) -> ProgramSpec:
+def program_spec(config: FitConfig, n_train: int, eval_sizes=(), best=None) -> ProgramSpec:
   """The compiled programs' static description for a run of ``config``."""
   spe = num_batches(n_train, config.update_batch_size, config.drop_remainder)
   return ProgramSpec(
@@ -230,7 +289,7 @@ def program_spec(config: FitConfig, n_train: int, eval_sizes=()) -> ProgramSpec:
       accumulate=config.accumulate_steps,
       eval_batch_size=eval_batch_size(config, [n_train, *eval_sizes]),
       drop_remainder=config.drop_remainder, nonfinite=config.nonfinite,
-      eval_every=config.eval_every_steps,
+      eval_every=config.eval_every_steps, best=best,
       max_steps=config.steps_per_call or spe * max(1, MAX_SPAN_STEPS // spe))
 
 
@@ -243,9 +302,11 @@ def eval_batch_size(config: FitConfig, sizes) -> int:
 
 
 def plan_cadence(config: FitConfig, steps_per_epoch: int, checkpointer=None,
-                 monitor=None) -> Cadence:
+                 monitor=None, *, every_epoch: bool = False) -> Cadence:
   """The run's periodic concerns: checkpoints (by steps, epochs and seconds),
-  weight histograms (with a monitor) and the early-stopping check."""
+  weight histograms (with a monitor) and the early-stopping check;
+  ``every_epoch`` also ends a call at every epoch end (the host keeps the
+  best epoch's parameters)."""
   concerns = {}
   if checkpointer is not None:
     c = checkpointer.config
@@ -254,20 +315,25 @@ def plan_cadence(config: FitConfig, steps_per_epoch: int, checkpointer=None,
     concerns["histograms"] = Every(epochs=config.histogram_every)
   if config.early_stopping is not None:
     concerns["early_stopping"] = Every(epochs=1)
+  if every_epoch:
+    concerns["best"] = Every(epochs=1)
   return Cadence(steps_per_epoch, config.epochs * steps_per_epoch, concerns)
 
 
-def plan_feed(state, train, config: FitConfig, *, val=None, test=None, augment=None) -> Feed:
+def plan_feed(state, train, config: FitConfig, *, val=None, test=None, augment=None,
+              best: BestPlan | None = None) -> Feed:
   """The feed (and so the compiled programs) a run of ``config`` trains through:
   on the device or streamed from the host, over ``config.devices`` devices, in
-  the execution mode :func:`choose_execution` picks."""
+  the execution mode :func:`choose_execution` picks, keeping the best epoch's
+  parameters on the device when ``best`` says so."""
   mesh = (parallel.local_mesh(jax.local_devices()[: config.devices])
           if config.devices > 1 else None)
-  spec = program_spec(config, len(train["targets"]),
-                      [len(s["targets"]) for s in (val, test) if s])
   evals = {"train": train} if config.evaluate_train else {}
   if val is not None:
     evals["val"] = val
+  spec = program_spec(config, len(train["targets"]),
+                      [len(s["targets"]) for s in (val, test) if s],
+                      best=best.device_rule(evals) if best is not None else None)
   on_device = config.data == "device" or (config.data == "auto" and fits_on_device(train, val))
   execution = choose_execution(state, config, train["inputs"][:1])
   warn_per_device_batch_norm(state, config, train["inputs"][:1])

@@ -25,16 +25,19 @@ import numpy as np
 from jaxtrain.core.metrics import means
 from jaxtrain.core.state import TrainState, state_arrays, with_arrays
 from jaxtrain.core.step import compute_gradients
+from jaxtrain.engine import best as best_lib
 from jaxtrain.engine import parallel
 from jaxtrain.engine.feeds import Feed, fetch
 from jaxtrain.engine.programs import Carry
 from jaxtrain.train.cadence import Boundary, Cadence, Pace
 from jaxtrain.train.config import (
+  BestPlan,
   FitConfig,
   as_arrays,
   columns,
   plan_cadence,
   plan_feed,
+  rank_epochs,
   validate,
 )
 from jaxtrain.train.ledger import Advance, Fetched, Position, advance
@@ -52,6 +55,11 @@ class FitResult:
     best: the best epoch by the monitored metric.
     stop_reason: why the run ended early, or ``None``.
     test: test-set metrics when a test set was given.
+    best_step: the global step at the end of the best epoch (None before any).
+    restored_best: whether ``state`` holds the best epoch's parameters (early
+      stopping restored them: then ``state.step`` and ``opt_state`` remain
+      those of the last step trained, ``best_step`` says where the parameters
+      come from).
   """
 
   state: TrainState
@@ -59,6 +67,8 @@ class FitResult:
   best: Best
   stop_reason: str | None = None
   test: dict[str, float] | None = None
+  best_step: int | None = None
+  restored_best: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,11 +83,13 @@ class _Run:
   checkpointer: Any
   monitor: Any
   log: Callable[[str], None]
+  best: BestPlan
 
   @property
-  def keep_best(self) -> bool:
-    rule = self.config.early_stopping
-    return rule is not None and rule.restore_best
+  def host_best(self) -> bool:
+    """Whether the host keeps the best epoch's parameters (the ranked column
+    is not an evaluation mean the programs can rank by)."""
+    return self.best.keep and self.feed.spec.best is None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,31 +152,48 @@ def fit(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
   """
   train, val, test = (as_arrays(s, n) for s, n in ((train, "train"), (val, "val"),
                                                   (test, "test")))
-  validate(config, len(train["targets"]), has_val=val is not None)
-  feed = plan_feed(state, train, config, val=val, test=test, augment=augment)
+  validate(config, len(train["targets"]))
+  logged = columns(state, config, train, has_val=val is not None)
+  plan = rank_epochs(config, getattr(checkpointer, "config", None), logged,
+                     has_val=val is not None)
+  feed = plan_feed(state, train, config, val=val, test=test, augment=augment, best=plan)
   if callable(checkpointer):  # a factory: everything is checked, the run may write now
+    checked = hasattr(checkpointer, "config")
     checkpointer = checkpointer()
+    if checkpointer is not None and not checked:  # a factory that names no config
+      plan = rank_epochs(config, checkpointer.config, logged, has_val=val is not None)
+      if plan.device_rule(feed.evals) != feed.spec.best:
+        feed = plan_feed(state, train, config, val=val, test=test, augment=augment,
+                         best=plan)
+  if checkpointer is None:
+    plan = dataclasses.replace(plan, checkpoint_monitor=None)
   spe = feed.spec.steps_per_epoch
   total = config.epochs * spe
   rule = config.early_stopping
-  keep_best = rule is not None and rule.restore_best
-  tree = {"state": state_arrays(state)}
-  if keep_best:
-    tree["best"] = {"params": state.params, "batch_stats": state.batch_stats}
-  tree = feed.place(tree, copy=True)  # donated below; the caller's state survives
+  tree = feed.place({"state": state_arrays(state)}, copy=True)  # donated below
+  if plan.keep:
+    # Copies: placing one array twice may give one buffer, donated twice.
+    tree["best"] = jax.tree.map(jnp.copy, {k: tree["state"][k]
+                                           for k in ("params", "batch_stats")})
   position, tree = _resume(checkpointer, tree, log or print,
                            Position.at(int(np.asarray(state.step)), spe))
   monitor, owns_monitor = _open_monitor(monitor, position)
   try:
-    run = _Run(config, feed, plan_cadence(config, spe, checkpointer, monitor),
+    run = _Run(config, feed,
+               plan_cadence(config, spe, checkpointer, monitor, every_epoch=plan.keep
+                            and feed.spec.best is None),
                jax.random.key(config.seed), train, checkpointer, monitor,
-               log or (monitor.write if monitor is not None else print))
-    carry = Carry(with_arrays(state, tree["state"]), feed.place(jnp.zeros((), bool)))
+               log or (monitor.write if monitor is not None else print), plan)
     best = tree.get("best")
+    carry = Carry(with_arrays(state, tree["state"]), feed.place(jnp.zeros((), bool)))
+    if feed.spec.best is not None:
+      # The programs keep the best epoch's variables in the carry.
+      carry = carry._replace(best={**best, "value": feed.place(
+          jnp.asarray(position.best.value, jnp.float32))})
+      best = None
     window = parallel.InFlight(parallel.default_max_in_flight(
         jax.local_devices()[: config.devices]))
-    history = {"epoch": {c: [] for c in columns(state, config, train, has_val=val is not None)},
-               "step": {}}
+    history = {"epoch": {c: [] for c in logged}, "step": {}}
     for row in position.rows:
       _extend(history["epoch"], row)
     pace, lagged, interrupted, reason = Pace(), None, None, position.stop_reason
@@ -202,15 +231,15 @@ def fit(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
       if checkpointer is not None and boundary.saves(
           reason=reason, recorded=position.stop_reason is not None):
         row = position.rows[-1] if end % spe == 0 and position.rows else {}
-        metric = row.get(checkpointer.config.monitor, row.get("train_loss", math.nan))
-        _save(run, position, carry.state, best, metric=metric if row else None)
+        metric = row.get(plan.checkpoint_monitor, math.nan)
+        _save(run, position, carry, best, metric=metric if row else None)
     if lagged is not None and reason is None:
       done, pace, best = _absorb(run, lagged, position, pace, carry.state, best, history)
       position, reason = done.position, done.reason
     window.drain()
     if reason and not position.stop_reason and checkpointer is not None:
       # A non-finite stop inside an epoch: record it so a rerun does not retrain.
-      _save(run, dataclasses.replace(position, stop_reason=reason), carry.state, best)
+      _save(run, dataclasses.replace(position, stop_reason=reason), carry, best)
     if interrupted and (reason or position.step(spe) >= total):
       interrupted = None  # the run ended at that very boundary: nothing to resume
     if interrupted:
@@ -218,16 +247,19 @@ def fit(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
     if checkpointer is not None:
       checkpointer.wait()
     state = carry.state
-    if keep_best and best is not None and position.best.epoch:
-      state = state.replace(**best)
-      run.log(f"restored the parameters of epoch {position.best.epoch} "
-              f"({rule.monitor} {position.best.value:.6g})")
+    best_step = position.best.step(spe)
+    restored = bool(rule is not None and rule.restore_best and best_step)
+    if restored:
+      state = state.replace(**(best if best is not None else best_lib.variables(carry.best)))
+      run.log(f"restored the parameters of epoch {position.best.epoch} (step {best_step}, "
+              f"{rule.monitor} {position.best.value:.6g})")
     test_metrics = None
     if test is not None and not interrupted:
       test_sums = jax.device_get(feed.evaluate(state, {"test": test}))
       test_metrics = {k: float(v) for k, v in means(test_sums["test"]).items()}
     return FitResult(state=state, history=history, best=position.best,
-                     stop_reason=reason, test=test_metrics)
+                     stop_reason=reason, test=test_metrics, best_step=best_step,
+                     restored_best=restored)
   finally:
     if owns_monitor:
       monitor.close()
@@ -235,11 +267,20 @@ def fit(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
 
 def _resume(checkpointer, tree, say, start: Position) -> tuple[Position, Any]:
   """The position and arrays of the latest good checkpoint, else ``start``."""
-  restored = checkpointer.restore(tree) if checkpointer is not None else None
+  restored = (checkpointer.restore(lambda saved: {k: v for k, v in tree.items() if k in saved})
+              if checkpointer is not None else None)
   if restored is None:
     return start, tree
-  step, tree, meta = restored
+  step, restored, meta = restored
   position = Position.from_json(meta["position"])
+  if "best" in tree and "best" not in restored:
+    # Written by a run that kept no best parameters (an earlier jaxtrain):
+    # the best is ranked afresh from the resume on.
+    restored["best"] = jax.tree.map(jnp.copy, {k: restored["state"][k]
+                                               for k in ("params", "batch_stats")})
+    position = dataclasses.replace(
+        position, best=dataclasses.replace(position.best, value=math.nan))
+  tree = restored
   say(f"resuming from the checkpoint at step {step} (epoch {position.epoch + 1}, "
       f"batch {position.batch}) in {checkpointer.directory}")
   return position, tree
@@ -271,7 +312,7 @@ def _absorb(run: _Run, call: _Call, position: Position, pace: Pace, state, best,
                          fetched_at=now)
   done = advance(position, Fetched(call.first, steps, epoch_sums, per_step),
                  steps_per_epoch=spe, nonfinite=run.config.nonfinite,
-                 rule=run.config.early_stopping)
+                 rule=run.config.early_stopping, ranking=run.best.ranking)
   _extend(history["step"], {"step": done.steps, **done.metrics})
   if run.monitor is not None:
     run.monitor.log_steps(done.steps, done.metrics)
@@ -283,19 +324,19 @@ def _absorb(run: _Run, call: _Call, position: Position, pace: Pace, state, best,
       run.monitor.log_epoch(row)
       if "histograms" in run.cadence.due(row["step"]):
         run.monitor.log_histograms(row["step"], state.params, _gradients(run, state))
-  if run.keep_best and done.rows and done.position.best.epoch == done.rows[-1]["epoch"]:
+  if run.host_best and done.rows and done.position.best.epoch == done.rows[-1]["epoch"]:
     best = jax.tree.map(jnp.copy, {"params": state.params, "batch_stats": state.batch_stats})
   if done.early_stop:
     run.log(done.early_stop)
   return done, pace, best
 
 
-def _save(run: _Run, position: Position, state, best, *, metric=None) -> None:
+def _save(run: _Run, position: Position, carry: Carry, best, *, metric=None) -> None:
   if run.monitor is not None:
     run.monitor.flush()  # the checkpoint counts these lines as written
-  saved = {"state": state_arrays(state)}
-  if run.keep_best:
-    saved["best"] = best
+  saved = {"state": state_arrays(carry.state)}
+  if run.best.keep:
+    saved["best"] = best if best is not None else best_lib.variables(carry.best)
   meta = {"position": position.to_json(), "seed": run.config.seed,
           "run_key": np.asarray(jax.random.key_data(run.run_key)).tolist()}
   run.checkpointer.save(position.step(run.feed.spec.steps_per_epoch), saved, meta, metric)

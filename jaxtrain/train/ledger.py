@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from jaxtrain.core.metrics import means
-from jaxtrain.train.stopping import Best, EarlyStopping
+from jaxtrain.train.stopping import Best, EarlyStopping, Ranking
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,7 +159,8 @@ def _cut_at_nonfinite(fetched: Fetched, steps_per_epoch: int, nonfinite: str):
 
 
 def advance(position: Position, fetched: Fetched, *, steps_per_epoch: int,
-            nonfinite: str = "stop", rule: EarlyStopping | None = None) -> Advance:
+            nonfinite: str = "stop", rule: EarlyStopping | None = None,
+            ranking: Ranking | None = None) -> Advance:
   """The run after one call: pure, on host values.
 
   Args:
@@ -168,7 +169,8 @@ def advance(position: Position, fetched: Fetched, *, steps_per_epoch: int,
     steps_per_epoch: steps per epoch.
     nonfinite: ``"stop"`` ends the records at the first non-finite step and
       stops the run; ``"skip"`` logs them all.
-    rule: early stopping, or None (the best epoch is still tracked by ``val_loss``).
+    rule: early stopping, or None.
+    ranking: how the best epoch is named (default: the rule's, else ``val_loss``).
 
   Returns:
     An :class:`Advance`.
@@ -181,6 +183,7 @@ def advance(position: Position, fetched: Fetched, *, steps_per_epoch: int,
   (1, 1, [0.25])
   """
   spe = steps_per_epoch
+  ranking = ranking or (rule.ranking if rule else Ranking())
   steps, metrics, message = _cut_at_nonfinite(fetched, spe, nonfinite)
   position = dataclasses.replace(position, step_records=position.step_records + len(steps))
   early_stop, rows = None, []
@@ -203,8 +206,7 @@ def advance(position: Position, fetched: Fetched, *, steps_per_epoch: int,
     row = epoch_row(epoch + 1, upto, fetched.epoch_sums.get(epoch, {}), so_far("loss"),
                     so_far("learning_rate"), seconds)
     rows.append(row)
-    best = position.best.update(row.get(rule.monitor if rule else "val_loss", math.nan),
-                                epoch + 1, rule)
+    best = position.best.update(row.get(ranking.monitor, math.nan), epoch + 1, ranking)
     if best.should_stop(rule):
       early_stop = (
           f"early stopping after epoch {epoch + 1}: {rule.monitor} has not improved "

@@ -108,7 +108,7 @@ def fit_many(states: TrainState, train: Mapping[str, Any], *, config: FitConfig,
   train_, val_, test_ = (as_arrays(s, n) if s is not None else None
                          for s, n in ((train, "train"), (val, "val"), (test, "test")))
   n_train = len(squeeze(train_)["targets"])
-  validate(config, n_train, has_val=val_ is not None)
+  validate(config, n_train)
   if config.early_stopping is not None or config.devices != 1:
     raise ValueError("fit_many supports neither early_stopping nor devices > 1")
   members = len(jax.tree.leaves(states)[0])

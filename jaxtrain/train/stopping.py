@@ -1,9 +1,22 @@
-"""Early stopping on a monitored metric, as a pure value updated once per epoch."""
+"""Early stopping on a monitored metric, as a pure value updated once per epoch,
+and the ranking that names a run's best epoch."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
+
+
+@dataclasses.dataclass(frozen=True)
+class Ranking:
+  """How epochs are ranked to name the best one: by ``monitor`` (a metrics.csv
+  column), lower (``"min"``) or higher (``"max"``) being better by more than
+  ``min_delta``. Early stopping's rule when there is one, else the
+  checkpoint's monitor, else ``val_loss``."""
+
+  monitor: str = "val_loss"
+  mode: str = "min"
+  min_delta: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +49,10 @@ class EarlyStopping:
     if not self.min_delta >= 0:
       raise ValueError(f"early stopping min_delta must be >= 0, got {self.min_delta}")
 
+  @property
+  def ranking(self) -> Ranking:
+    return Ranking(self.monitor, self.mode, self.min_delta)
+
 
 @dataclasses.dataclass(frozen=True)
 class Best:
@@ -45,7 +62,7 @@ class Best:
   epoch: int = 0
   bad_epochs: int = 0
 
-  def update(self, value: float, epoch: int, rule: EarlyStopping | None,
+  def update(self, value: float, epoch: int, rule: EarlyStopping | Ranking | None,
              mode: str = "min", min_delta: float = 0.0) -> Best:
     """Returns the record after ``epoch`` scored ``value``.
 
@@ -66,6 +83,10 @@ class Best:
     if math.isnan(self.value) or sign * (self.value - value) > min_delta:
       return Best(value=value, epoch=epoch, bad_epochs=0)
     return dataclasses.replace(self, bad_epochs=self.bad_epochs + 1)
+
+  def step(self, steps_per_epoch: int) -> int | None:
+    """The global step at the end of the best epoch (None before any)."""
+    return self.epoch * steps_per_epoch if self.epoch else None
 
   def should_stop(self, rule: EarlyStopping | None) -> bool:
     return rule is not None and self.bad_epochs >= rule.patience
