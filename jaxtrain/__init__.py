@@ -11,7 +11,7 @@ state, steps, metrics, losses, optimizers), ``nn`` (models, convolutions),
 checkpoints, logs, plots). Submodules used from research code are attributes
 of the package, imported on first use: ``jaxtrain.checkpoint``, ``jaxtrain.run``,
 ``jaxtrain.many``, ``jaxtrain.monitor``, ``jaxtrain.datasets`` (``jaxtrain.data``),
-``jaxtrain.optim``, ``jaxtrain.conv``, ``jaxtrain.matmul`` and others.
+``jaxtrain.optim``, ``jaxtrain.plateau``, ``jaxtrain.conv``, ``jaxtrain.matmul`` and others.
 """
 
 import importlib
@@ -21,6 +21,7 @@ from jaxtrain.core import losses
 from jaxtrain.core.keys import as_key, key_for
 from jaxtrain.core.metrics import summarize
 from jaxtrain.core.optim import make_optimizer
+from jaxtrain.core.plateau import ReduceLROnPlateau
 from jaxtrain.core.state import TrainState, create_train_state
 from jaxtrain.core.step import compute_gradients, eval_step, train_step
 from jaxtrain.engine import parallel
@@ -44,6 +45,7 @@ _SUBMODULES = {
     "metrics": "jaxtrain.core.metrics",
     "monitor": "jaxtrain.rundir.monitor",
     "optim": "jaxtrain.core.optim",
+    "plateau": "jaxtrain.core.plateau",
     "plots": "jaxtrain.rundir.plots",
     "run": "jaxtrain.rundir.run",
     "state": "jaxtrain.core.state",
@@ -68,6 +70,7 @@ __all__ = [
     "EarlyStopping",
     "FitConfig",
     "FitResult",
+    "ReduceLROnPlateau",
     "TrainState",
     "as_key",
     "compute_gradients",

@@ -43,6 +43,8 @@ class TrainState(struct.PyTreeNode):
       [batch]}``: your own metrics, weighted by the mask and aggregated like
       the loss (train steps log the batch mean ``name``; evaluations return
       ``name_sum`` and the mean ``name``), or None.
+    plateau: a :class:`jaxtrain.plateau.PlateauState` whose ``scale``
+      multiplies every update (ReduceLROnPlateau), or None.
   """
 
   step: jax.Array
@@ -58,6 +60,7 @@ class TrainState(struct.PyTreeNode):
   takes_train: bool | None = struct.field(pytree_node=False, default=None)
   metrics_fn: Callable[[jax.Array, jax.Array], dict[str, jax.Array]] | None = struct.field(
       pytree_node=False, default=None)
+  plateau: Any = None
 
   @property
   def variables(self) -> dict[str, PyTree]:
@@ -93,6 +96,10 @@ class TrainState(struct.PyTreeNode):
   def apply_gradients(self, grads: PyTree, **changes) -> TrainState:
     """Returns the state after one optimizer update with ``grads``."""
     updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
+    if self.plateau is not None:
+      # The learning rate is the last factor of an update: scaling the update
+      # scales it (SGD with momentum, Adam and AdamW keep their moments).
+      updates = jax.tree.map(lambda u: u * self.plateau.scale.astype(u.dtype), updates)
     params = optax.apply_updates(self.params, updates)
     return self.replace(
         step=self.step + 1, params=params, opt_state=opt_state, **changes
@@ -176,8 +183,11 @@ def _keywords(module_type: type) -> frozenset[str]:
 
 def state_arrays(state: TrainState) -> dict[str, Any]:
   """The array part of a TrainState as a plain dict (what checkpoints hold)."""
-  return {"step": state.step, "params": state.params, "batch_stats": state.batch_stats,
-          "opt_state": state.opt_state}
+  arrays = {"step": state.step, "params": state.params, "batch_stats": state.batch_stats,
+            "opt_state": state.opt_state}
+  if state.plateau is not None:
+    arrays["plateau"] = state.plateau
+  return arrays
 
 
 def with_arrays(state: TrainState, arrays: dict[str, Any]) -> TrainState:

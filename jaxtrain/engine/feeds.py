@@ -78,12 +78,13 @@ class Feed:
 
   def _epoch_end(self, carry: Carry, step: int) -> tuple[Carry, dict | None]:
     """After one-step call ``step``: at an epoch end, the epoch sets' sums
-    (stacked as one slot) and the carry's best record updated from them."""
+    (stacked as one slot) and the carry updated from them (best epoch,
+    ReduceLROnPlateau)."""
     if (step + 1) % self.spec.steps_per_epoch:
       return carry, None
     sums = self.evaluate(carry.state)
     if sums:
-      carry = self.programs.update_best(carry, sums)
+      carry = self.programs.epoch_end(carry, sums)
     return carry, _stack_sums(sums)
 
 

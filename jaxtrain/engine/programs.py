@@ -32,7 +32,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxtrain.core import plateau as plateau_lib
 from jaxtrain.core.keys import key_for
+from jaxtrain.core.metrics import means
 from jaxtrain.core.optim import current_learning_rate
 from jaxtrain.core.state import TrainState
 from jaxtrain.core.step import accumulate_gradients
@@ -132,12 +134,31 @@ def _train_step(spec: ProgramSpec, augment, axis_name, carry: Carry, data: Data,
       lambda s: s.apply_gradients(grads, batch_stats=batch_stats), lambda s: s, state)
   if spec.nonfinite == "stop":
     halted = halted | ~finite
-  metrics = {**metrics, "finite": finite,
-             # NaN for an optimizer without an injected learning rate (plain optax).
-             "learning_rate": current_learning_rate(state.opt_state, default=float("nan"))}
+  # NaN for an optimizer without an injected learning rate (plain optax).
+  learning_rate = current_learning_rate(state.opt_state, default=float("nan"))
+  if state.plateau is not None:
+    learning_rate = learning_rate * state.plateau.scale
+  metrics = {**metrics, "finite": finite, "learning_rate": learning_rate}
   if spec.eval_every:
     metrics.update(maybe_evaluate(spec, state, data.step_evals, axis_name))
   return carry._replace(state=state, halted=halted), metrics
+
+
+def epoch_end(spec: ProgramSpec, carry: Carry, sums, ended) -> Carry:
+  """What an epoch's evaluation ``sums`` update once it ``ended`` (traced
+  bool): the best epoch's record, and the ReduceLROnPlateau state."""
+  if spec.best is not None and carry.best is not None:
+    carry = carry._replace(best=best_lib.update(spec.best, carry.best, carry.state, sums,
+                                                ended))
+  if spec.plateau is not None and carry.state.plateau is not None:
+    rule, split, metric = spec.plateau
+    state = carry.state
+    stepped = plateau_lib.step(
+        rule, state.plateau, means(sums[split])[metric],
+        current_learning_rate(state.opt_state, default=float("nan")))
+    plateau = jax.tree.map(lambda new, old: jnp.where(ended, new, old), stepped, state.plateau)
+    carry = carry._replace(state=state.replace(plateau=plateau))
+  return carry
 
 
 def _epoch_batches(spec: ProgramSpec, run_key, epoch):
@@ -192,9 +213,7 @@ def _train_span(spec: ProgramSpec, augment: Augment | None, axis_name, carry: Ca
           lambda s: jax.tree.map(lambda v: jnp.zeros(v.shape, v.dtype), sums_shapes),
           carry.state)
       sums = jax.tree.map(lambda b, v: b.at[epoch - first_epoch].set(v), sums, epoch_sums)
-      if spec.best is not None and carry.best is not None:
-        carry = carry._replace(best=best_lib.update(spec.best, carry.best, carry.state,
-                                                    epoch_sums, end == spe))
+      carry = epoch_end(spec, carry, epoch_sums, end == spe)
     return carry, steps, sums
 
   carry, steps, sums = jax.lax.fori_loop(
@@ -224,11 +243,10 @@ def _compiled(kind, spec, augment, mesh, donate, members, member_data):
   """
   axis_name = mesh.axis_names[0] if mesh is not None else None
   data_axis = 0 if member_data else None
-  if kind == "best":
-    fn = functools.partial(best_lib.update, spec.best)
-    in_axes, donated = (0, 0, 0, None), donate
-    fn = jax.vmap(fn, in_axes=in_axes) if members else fn
-    return jax.jit(fn, donate_argnums=(0,) if donated else ())
+  if kind == "epoch_end":
+    fn = functools.partial(epoch_end, spec)
+    fn = jax.vmap(fn, in_axes=(0, 0, None)) if members else fn
+    return jax.jit(fn, donate_argnums=(0,) if donate else ())
   if kind in ("train", "step"):
     fn = functools.partial(_train_span if kind == "train" else _train_one, spec, augment,
                            axis_name)
@@ -270,13 +288,12 @@ class Programs:
     self._key = (spec, augment, mesh, donate, members, member_data)
     self.evaluate = _compiled("evaluate", *self._key)
 
-  def update_best(self, carry: Carry, sums) -> Carry:
+  def epoch_end(self, carry: Carry, sums) -> Carry:
     """The carry after an epoch end evaluated outside the programs (a
-    straight-line or host-fed step): its best record updated from ``sums``."""
-    if self.spec.best is None or carry.best is None:
+    straight-line or host-fed step): see :func:`epoch_end`."""
+    if self.spec.best is None and self.spec.plateau is None:
       return carry
-    fn = _compiled("best", *self._key)
-    return carry._replace(best=fn(carry.best, carry.state, sums, True))
+    return _compiled("epoch_end", *self._key)(carry, sums, True)
 
   def train(self, carry: Carry, data: Data, run_key, first: int, num_steps: int, *,
             straight: bool = False) -> tuple[Carry, Outputs]:

@@ -28,6 +28,8 @@ class ProgramSpec:
       split into this many slices whose gradients are accumulated.
     best: the rule ranking epochs whose best parameters the carry keeps (see
       :mod:`jaxtrain.engine.best`), or None.
+    plateau: ``(rule, split, metric)``: a ReduceLROnPlateau stepped at every
+      epoch end with the mean ``metric`` of the evaluated ``split``, or None.
   """
 
   num_train: int
@@ -40,6 +42,7 @@ class ProgramSpec:
   max_steps: int = 0
   accumulate: int = 1
   best: BestRule | None = None
+  plateau: tuple | None = None
 
   @property
   def steps_per_epoch(self) -> int:

@@ -12,6 +12,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxtrain.core.plateau import ReduceLROnPlateau
 from jaxtrain.data.batching import check_arrays, num_batches
 from jaxtrain.engine import parallel
 from jaxtrain.engine.feeds import Feed, fits_on_device, make_feed
@@ -55,6 +56,9 @@ class FitConfig:
     accumulate_steps: micro-batches of ``batch_size`` per optimizer update
       (gradient accumulation): an update sees ``batch_size * accumulate_steps``
       examples, and steps, epochs, schedules and cadences count updates.
+    reduce_lr_on_plateau: PyTorch's ReduceLROnPlateau
+      (:class:`jaxtrain.ReduceLROnPlateau`), stepped at every epoch end with
+      its monitored evaluation mean; its state travels in ``state.plateau``.
   """
 
   epochs: int
@@ -73,6 +77,7 @@ class FitConfig:
   histogram_every: int = 5
   progress: bool | None = None
   accumulate_steps: int = 1
+  reduce_lr_on_plateau: ReduceLROnPlateau | None = None
 
   @property
   def update_batch_size(self) -> int:
@@ -186,6 +191,23 @@ def rank_epochs(config: FitConfig, checkpoint, columns, *, has_val: bool) -> Bes
   return BestPlan(ranking, keep, monitor)
 
 
+def plateau_rule(config: FitConfig, evaluated, columns) -> tuple | None:
+  """The ``(rule, split, metric)`` the programs step ReduceLROnPlateau with,
+  or None; a ValueError names a monitor that is no evaluation mean of the run
+  (metrics.csv ``columns``, ``evaluated`` sets)."""
+  rule = config.reduce_lr_on_plateau
+  if rule is None:
+    return None
+  split, _, metric = rule.monitor.partition("_")
+  if rule.monitor not in columns or split not in evaluated or rule.monitor in (
+      "train_loss_running",):
+    means = sorted(c for c in columns if c.partition("_")[0] in evaluated
+                   and c != "train_loss_running")
+    raise ValueError(f"reduce_lr_on_plateau monitor {rule.monitor!r} is not an evaluation "
+                     f"metric of this run ({', '.join(means) or 'no set is evaluated'})")
+  return rule, split, metric
+
+
 def choose_execution(state, config: FitConfig, example_inputs) -> str:
   """``"scan"`` unless measurements say one straight-line step per call is faster.
 
@@ -281,7 +303,8 @@ def as_arrays(split: Mapping[str, Any] | None, name: str):
   return {k: np.asarray(v) for k, v in split.items()}
 
 
-def program_spec(config: FitConfig, n_train: int, eval_sizes=(), best=None) -> ProgramSpec:
+def program_spec(config: FitConfig, n_train: int, eval_sizes=(), best=None,
+                 plateau=None) -> ProgramSpec:
   """The compiled programs' static description for a run of ``config``."""
   spe = num_batches(n_train, config.update_batch_size, config.drop_remainder)
   return ProgramSpec(
@@ -289,7 +312,7 @@ def program_spec(config: FitConfig, n_train: int, eval_sizes=(), best=None) -> P
       accumulate=config.accumulate_steps,
       eval_batch_size=eval_batch_size(config, [n_train, *eval_sizes]),
       drop_remainder=config.drop_remainder, nonfinite=config.nonfinite,
-      eval_every=config.eval_every_steps, best=best,
+      eval_every=config.eval_every_steps, best=best, plateau=plateau,
       max_steps=config.steps_per_call or spe * max(1, MAX_SPAN_STEPS // spe))
 
 
@@ -333,7 +356,9 @@ def plan_feed(state, train, config: FitConfig, *, val=None, test=None, augment=N
     evals["val"] = val
   spec = program_spec(config, len(train["targets"]),
                       [len(s["targets"]) for s in (val, test) if s],
-                      best=best.device_rule(evals) if best is not None else None)
+                      best=best.device_rule(evals) if best is not None else None,
+                      plateau=plateau_rule(config, evals, columns(state, config, train,
+                                                                  has_val=val is not None)))
   on_device = config.data == "device" or (config.data == "auto" and fits_on_device(train, val))
   execution = choose_execution(state, config, train["inputs"][:1])
   warn_per_device_batch_norm(state, config, train["inputs"][:1])

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxtrain.core import plateau as plateau_lib
 from jaxtrain.core.metrics import means
 from jaxtrain.core.state import TrainState, state_arrays, with_arrays
 from jaxtrain.core.step import compute_gradients
@@ -153,6 +154,8 @@ def fit(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
   train, val, test = (as_arrays(s, n) for s, n in ((train, "train"), (val, "val"),
                                                   (test, "test")))
   validate(config, len(train["targets"]))
+  if config.reduce_lr_on_plateau is not None and state.plateau is None:
+    state = state.replace(plateau=plateau_lib.init(config.reduce_lr_on_plateau))
   logged = columns(state, config, train, has_val=val is not None)
   plan = rank_epochs(config, getattr(checkpointer, "config", None), logged,
                      has_val=val is not None)

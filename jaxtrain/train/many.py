@@ -109,8 +109,10 @@ def fit_many(states: TrainState, train: Mapping[str, Any], *, config: FitConfig,
                          for s, n in ((train, "train"), (val, "val"), (test, "test")))
   n_train = len(squeeze(train_)["targets"])
   validate(config, n_train)
-  if config.early_stopping is not None or config.devices != 1:
-    raise ValueError("fit_many supports neither early_stopping nor devices > 1")
+  if (config.early_stopping is not None or config.reduce_lr_on_plateau is not None
+      or config.devices != 1):
+    raise ValueError("fit_many supports neither early_stopping, reduce_lr_on_plateau "
+                     "nor devices > 1")
   members = len(jax.tree.leaves(states)[0])
   if len(seeds) != members:
     raise ValueError(f"seeds has {len(seeds)} entries for {members} stacked states")
