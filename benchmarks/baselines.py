@@ -10,12 +10,14 @@ into batches once per run (what a careful Flax user does; it only helps the
 baseline). This is what a user writes by hand: the baseline loop and its models
 use nothing from jaxtrain. (``IssueCNN(impl="matmul")``, the issue's net built
 the way :mod:`jaxtrain.conv` builds convolutions, is what the *jaxtrain* rows of
-that table train; it takes its product from :func:`jaxtrain.matmul.matmul`.)
+that table train; it computes its convolutions with :func:`jaxtrain.conv.conv_matmul`.)
+``FlaxExampleCNN`` is the Flax MNIST example's model as published.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -26,7 +28,7 @@ import numpy as np
 import optax
 from flax.training import train_state
 
-from jaxtrain.nn.matmul import matmul
+from jaxtrain.nn.conv import conv_matmul
 
 
 class TrainState(train_state.TrainState):
@@ -71,16 +73,6 @@ class CNN(nn.Module):
     return nn.Dense(self.outputs)(x)
 
 
-def _conv3x3_valid_matmul(x, kernel):
-  """A 'VALID' 3x3 convolution as nine shifted slices and one matmul (im2col),
-  the product through :func:`jaxtrain.matmul.matmul` as in :mod:`jaxtrain.conv`."""
-  _, height, width, channels = x.shape
-  patches = jnp.concatenate(
-      [x[:, i : i + height - 2, j : j + width - 2, :] for i in range(3) for j in range(3)],
-      axis=-1)
-  return matmul(patches, kernel.reshape(9 * channels, kernel.shape[-1]))
-
-
 class ValidConv3x3(nn.Module):
   """``nn.Conv(features, (3, 3), padding="VALID")`` with a choice of implementation."""
 
@@ -93,11 +85,36 @@ class ValidConv3x3(nn.Module):
                         (3, 3, x.shape[-1], self.features))
     bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
     if self.impl == "matmul":
-      y = _conv3x3_valid_matmul(x, kernel)
+      y = conv_matmul(x, kernel, "VALID")
     else:
       y = jax.lax.conv_general_dilated(x, kernel, (1, 1), "VALID",
                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
     return y + bias
+
+
+class FlaxExampleCNN(nn.Module):
+  """A simple CNN model (flax examples/mnist/train.py, unchanged)."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Conv(features=32, kernel_size=(3, 3))(x)
+    x = nn.relu(x)
+    x = nn.avg_pool(x, window_shape=(2, 2), strides=(2, 2))
+    x = nn.Conv(features=64, kernel_size=(3, 3))(x)
+    x = nn.relu(x)
+    x = nn.avg_pool(x, window_shape=(2, 2), strides=(2, 2))
+    x = x.reshape((x.shape[0], -1))  # flatten
+    x = nn.Dense(features=256)(x)
+    x = nn.relu(x)
+    x = nn.Dense(features=10)(x)
+    return x
+
+
+def _train_kwargs(apply_fn, train: bool) -> dict:
+  """``train=`` for models that take it (the Flax example's CNN does not)."""
+  module = getattr(apply_fn, "__self__", None)
+  takes = module is None or "train" in inspect.signature(type(module).__call__).parameters
+  return {"train": train} if takes else {}
 
 
 class IssueCNN(nn.Module):
@@ -128,7 +145,8 @@ class IssueCNN(nn.Module):
 
 def create_state(model: nn.Module, tx: optax.GradientTransformation, seed: int,
                  example_inputs) -> TrainState:
-  variables = model.init(jax.random.key(seed), jnp.asarray(example_inputs), train=False)
+  variables = model.init(jax.random.key(seed), jnp.asarray(example_inputs),
+                         **_train_kwargs(model.apply, False))
   return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
                            batch_stats=variables.get("batch_stats"))
 
@@ -156,7 +174,8 @@ def make_steps(loss: str):
             {"params": params, "batch_stats": state.batch_stats}, batch["inputs"],
             train=True, mutable=["batch_stats"])
       else:
-        logits, updates = state.apply_fn({"params": params}, batch["inputs"], train=True), {}
+        logits, updates = state.apply_fn({"params": params}, batch["inputs"],
+                                         **_train_kwargs(state.apply_fn, True)), {}
       losses, correct = _loss_and_correct(loss, logits, batch["targets"])
       return losses.mean(), (correct, updates)
 
@@ -172,7 +191,7 @@ def make_steps(loss: str):
     variables = {"params": state.params}
     if state.batch_stats is not None:
       variables["batch_stats"] = state.batch_stats
-    logits = state.apply_fn(variables, batch["inputs"], train=False)
+    logits = state.apply_fn(variables, batch["inputs"], **_train_kwargs(state.apply_fn, False))
     losses, correct = _loss_and_correct(loss, logits, batch["targets"])
     return {"loss_sum": losses.sum(), "correct": correct.sum(),
             "count": jnp.asarray(losses.shape[0], jnp.float32)}

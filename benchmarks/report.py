@@ -148,7 +148,7 @@ def _verdicts(workload: Workload, results) -> list[str]:
       share = r["gflops"] / r["peak_gflops"]
       verdict(share >= 0.85, f"default fit {r['gflops']:.0f} GFLOP/s = {100 * share:.0f}% "
               f"of {r['peak_gflops']:.0f}")
-  elif name in ("cnn", "cnn_issue"):
+  elif name in ("cnn", "cnn_issue", "flax_cnn"):
     # Rows may time different numbers of steps per run: compare steps/s.
     def rate(key):
       r = results.get(key, {})

@@ -83,6 +83,24 @@ class IssueNet(nn.Module):
     return self.fc2(x)
 
 
+class FlaxExampleNet(nn.Module):
+  """The Flax MNIST example's CNN: 3x3 'same' conv 32 / ReLU / 2x2 average pool,
+  conv 64 / ReLU / average pool, dense 256 / ReLU, dense 10."""
+
+  def __init__(self):
+    super().__init__()
+    self.conv1 = nn.Conv2d(1, 32, 3, padding=1)
+    self.conv2 = nn.Conv2d(32, 64, 3, padding=1)
+    self.fc1 = nn.Linear(7 * 7 * 64, 256)
+    self.fc2 = nn.Linear(256, 10)
+
+  def forward(self, x):
+    x = F.avg_pool2d(F.relu(self.conv1(x)), 2)
+    x = F.avg_pool2d(F.relu(self.conv2(x)), 2)
+    x = torch.flatten(x, 1)
+    return self.fc2(F.relu(self.fc1(x)))
+
+
 def _bce(out, y):
   return F.binary_cross_entropy_with_logits(out, y)
 
@@ -155,6 +173,8 @@ WORKLOADS = {
                 evaluate=False, image=True),
     "cnn_issue": dict(model=IssueNet, opt=("sgd", 0.01), loss="ce", epochs=1,
                       batch_size=128, evaluate=False, image=True),
+    "flax_cnn": dict(model=FlaxExampleNet, opt=("sgd", 0.1), loss="ce", epochs=1,
+                     batch_size=128, evaluate=False, image=True),
 }
 
 

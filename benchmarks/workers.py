@@ -104,6 +104,8 @@ def work_baseline(workload: str, row: Row, repeats: int) -> dict:
     model = baselines.MLP((1024, 1024, 10))
   elif workload == "cnn":
     model = baselines.CNN()
+  elif workload == "flax_cnn":
+    model = baselines.FlaxExampleCNN()
   else:
     model = baselines.IssueCNN("xla")
   kind, lr = s["opt"]

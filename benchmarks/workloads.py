@@ -141,6 +141,21 @@ WORKLOADS = {w.name: w for w in (
         "jaxtrain >= 1.0x PyTorch steps/s",
         "PyTorch 18.3 steps/s / per-step jit 5.1 / scan 0.57 (5.2 unrolled)"),
     Workload(
+        "flax_cnn", "CNN, batch 128: the Flax MNIST example's model, unchanged",
+        f"flax examples/mnist CNN as published (nn.Conv 32 / avg-pool / nn.Conv 64 / "
+        f"avg-pool / dense 256 / dense 10; 3x3 SAME convs with bias, no batch norm, no "
+        f"train argument), SGD 0.1 momentum 0.9 as in the example, {CNN_STEPS} steps of "
+        "28x28x1 synthetic images per run, no evaluation. jaxtrain trains the model "
+        "object unchanged; by default fit computes its nn.Conv layers as shifted-slice "
+        "matmuls on CPU (FitConfig.conv_impl) and loops (execution auto -> scan).",
+        (_fit("fit", "jaxtrain fit (default: nn.Conv as matmuls, scan)", model="flax"),
+         _fit("fit_xla_step", "jaxtrain fit, conv_impl=\"xla\", execution=\"step\"",
+              model="flax", conv="xla", execution="step"),
+         Row("jit", "the Flax example's per-step jax.jit loop (lax.conv)", "baseline",
+             (("model", "flax"),)),
+         _torch(threads=2), _torch("torch1", threads=1)),
+        "jaxtrain >= 1.0x PyTorch steps/s, the model unchanged", ""),
+    Workload(
         "seeds", f"{SEEDS} seeds of two moons in one vmapped program",
         f"two moons as above (each seed its own data, init and shuffle, as "
         f"`experiments.two_moons --seeds {SEEDS}`), 100 epochs, eval every epoch. "
@@ -173,7 +188,7 @@ def num_train(workload: str, row: Row | None = None) -> int:
     return 1024
   if workload == "mlp":
     return 256 * MLP_STEPS
-  default = CNN_STEPS if workload == "cnn" else CNN_ISSUE_STEPS
+  default = CNN_STEPS if workload in ("cnn", "flax_cnn") else CNN_ISSUE_STEPS
   return 128 * ((row.opt("steps") if row is not None else None) or default)
 
 
@@ -222,6 +237,7 @@ SETTINGS = {
     "mlp": dict(epochs=1, batch=256, opt=("adamw", 1e-3), loss="ce"),
     "cnn": dict(epochs=1, batch=128, opt=("sgd", 0.01), loss="ce"),
     "cnn_issue": dict(epochs=1, batch=128, opt=("sgd", 0.01), loss="ce"),
+    "flax_cnn": dict(epochs=1, batch=128, opt=("sgd", 0.1), loss="ce"),
 }
 
 
@@ -235,6 +251,8 @@ def jaxtrain_model(workload: str, row: Row):
     return models.Pigeon(30, init_style="torch")
   if workload == "mlp":
     return models.MLP(hidden_sizes=(1024, 1024), outputs=10)
+  if row.opt("model") == "flax":
+    return baselines.FlaxExampleCNN()
   if row.opt("model") == "issue":
     return baselines.IssueCNN(impl=row.opt("conv", "xla"))
   return models.CNN(features=(32, 64), dense=128, conv_impl=row.opt("conv", "auto"))
@@ -255,4 +273,5 @@ def fit_config(workload: str, row: Row, **changes):
   return jaxtrain.FitConfig(
       epochs=s["epochs"], batch_size=s["batch"], execution=row.opt("execution", "auto"),
       eval_every_steps=row.opt("eval_every", 0), evaluate_train=workload not in (
-          "mlp", "cnn", "cnn_issue"), progress=False, **changes)
+          "mlp", "cnn", "cnn_issue", "flax_cnn"), conv_impl=row.opt("conv", "auto")
+      if row.opt("model") == "flax" else "auto", progress=False, **changes)

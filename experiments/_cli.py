@@ -98,6 +98,8 @@ def to_record(config) -> dict:
   out = {}
   for field in dataclasses.fields(config):
     value = getattr(config, field.name)
+    if field.metadata.get("recorded_when_set") and value == field.default:
+      continue  # a flag added later: at its default, older runs are the same run
     flat = tyro.conf.OmitArgPrefixes in getattr(hints[field.name], "__metadata__", ())
     if dataclasses.is_dataclass(value) and flat:
       out.update(to_record(value))
@@ -106,6 +108,14 @@ def to_record(config) -> dict:
     else:
       out[field.name] = value
   return out
+
+
+def added_flag(default, **kwargs):
+  """A config field added after runs were recorded without it: config.json
+  names it only when it is set, so those run directories stay the same run."""
+  import dataclasses
+
+  return dataclasses.field(default=default, metadata={"recorded_when_set": True}, **kwargs)
 
 
 def from_record(config_type: type[T], values: dict, defaults: T | None = None) -> T:

@@ -51,6 +51,8 @@ class Config:
   shift: int = 2  # Random shifts of up to this many pixels (0: no augmentation).
   epochs: int = 8  # Passes over the training set.
   batch_size: int = 128  # Global mini-batch size (divisible by the devices).
+  # Micro-batches of --batch-size per optimizer update (gradient accumulation).
+  accumulate_steps: int = _cli.added_flag(1)
   # The optimizer (its flags take no "optim." prefix; the learning rate is the peak,
   # after the warmup); weight decay skips biases and batch-norm parameters.
   optim: Annotated[OptimizerConfig, tyro.conf.OmitArgPrefixes] = OptimizerConfig(
@@ -146,7 +148,8 @@ def main(config: Config) -> None:
   # last batch, and on several devices flax's masked BatchNorm averages the
   # per-device means, so a device whose shard is all padding gives NaN statistics.
   fit_config = jaxtrain.FitConfig(epochs=config.epochs, batch_size=config.batch_size,
-                                  seed=config.seed, devices=devices, drop_remainder=True)
+                                  seed=config.seed, devices=devices, drop_remainder=True,
+                                  accumulate_steps=config.accumulate_steps)
   record = {"experiment": "mnist_cnn", "config": _cli.to_record(config),
             "fit": dataclasses.asdict(fit_config),
             "sizes": {"train": len(train_set["targets"]), "val": len(val_set["targets"]),

@@ -50,6 +50,8 @@ class Config:
   dropout: float = 0.0  # Dropout rate after the hidden layer.
   epochs: int = 15  # Passes over the training set.
   batch_size: int = 32  # Mini-batch size.
+  # Micro-batches of --batch-size per optimizer update (gradient accumulation).
+  accumulate_steps: int = _cli.added_flag(1)
   # The optimizer (its flags take no "optim." prefix).
   optim: Annotated[OptimizerConfig, tyro.conf.OmitArgPrefixes] = OptimizerConfig(
       "sgd", learning_rate=0.005, momentum=0.9)
@@ -100,7 +102,8 @@ def main(config: Config) -> None:
   state = create_state(config)
   fit_config = jaxtrain.FitConfig(epochs=config.epochs, batch_size=config.batch_size,
                                   seed=config.seed, devices=config.devices,
-                                  eval_every_steps=config.eval_every_steps)
+                                  eval_every_steps=config.eval_every_steps,
+                                  accumulate_steps=config.accumulate_steps)
   record = {"experiment": "mnist_pigeon", "config": _cli.to_record(config),
             "fit": dataclasses.asdict(fit_config)}
   result = run(state, train_set, config=fit_config, workdir=config.workdir, record=record,

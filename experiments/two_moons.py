@@ -41,6 +41,8 @@ class Config:
   dropout: float = 0.0  # Dropout rate after each hidden layer.
   epochs: int = 100  # Passes over the training set.
   batch_size: int = 32  # Mini-batch size.
+  # Micro-batches of --batch-size per optimizer update (gradient accumulation).
+  accumulate_steps: int = _cli.added_flag(1)
   # The optimizer (its flags take no "optim." prefix).
   optim: Annotated[OptimizerConfig, tyro.conf.OmitArgPrefixes] = OptimizerConfig(
       "sgd", learning_rate=0.1, momentum=0.9)
@@ -90,7 +92,8 @@ def train(config: Config, *, batch_size: int, workdir: pathlib.Path, extra=None)
   train_set, test_set = load_data(config)
   state = create_state(config)
   fit_config = jaxtrain.FitConfig(epochs=config.epochs, batch_size=batch_size,
-                                  seed=config.seed, devices=config.devices)
+                                  seed=config.seed, devices=config.devices,
+                                  accumulate_steps=config.accumulate_steps)
   record = {"experiment": "two_moons", "config": _cli.to_record(config),
             "fit": dataclasses.asdict(fit_config)}
   return run(state, train_set, config=fit_config, workdir=workdir, record=record,
@@ -112,7 +115,8 @@ def train_seeds(config: Config) -> None:
   splits = [load_data(c) for c in configs]
   train_set = many.stack([s[0] for s in splits])
   test_set = many.stack([s[1] for s in splits])
-  fit_config = jaxtrain.FitConfig(epochs=config.epochs, batch_size=config.batch_size)
+  fit_config = jaxtrain.FitConfig(epochs=config.epochs, batch_size=config.batch_size,
+                                  accumulate_steps=config.accumulate_steps)
   check_workdir(config.workdir, None, overwrite=config.overwrite)
   result = many.fit_many(many.stack(create_states(config, seeds)), train_set,
                          val=test_set, test=test_set, seeds=seeds, member_data=True,

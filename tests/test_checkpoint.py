@@ -527,6 +527,26 @@ def test_different_config_is_refused_and_nothing_changes(tmp_path, capsys):
   assert "resuming" not in capsys.readouterr().out
 
 
+def test_a_run_written_before_new_fit_fields_resumes(tmp_path, capsys):
+  """FitConfig fields added later (at their defaults) are not a different config;
+  one set to another value is."""
+  two = [a if a != "60" else "2" for a in MOONS_LONG]
+  moons_cli(tmp_path, *two)
+  path = tmp_path / "config.json"
+  record = json.loads(path.read_text())
+  for name in ("conv_impl", "reduce_lr_on_plateau", "accumulate_steps"):
+    del record["fit"][name]  # as an older jaxtrain wrote it
+  path.write_text(json.dumps(record))
+  capsys.readouterr()
+  moons_cli(tmp_path, *[a if a != "2" else "3" for a in two])
+  assert "resuming" in capsys.readouterr().out
+  record["fit"]["accumulate_steps"] = 2
+  path.write_text(json.dumps(record))
+  with pytest.raises(SystemExit):
+    moons_cli(tmp_path, *two)
+  assert "fit.accumulate_steps: 2 there, 1 now" in capsys.readouterr().err
+
+
 def assert_names_a_shape_mismatch(message: str, hidden_saved=(8,), hidden_wanted=(5,)):
   """The message names one array path whose shapes differ, with both true shapes."""
   match = re.search(r"(\S+) has shape (\(.*?\)) in the checkpoint but (\(.*?\)) in the "

@@ -198,6 +198,22 @@ def test_help_lists_every_option_with_its_default():
     assert f"(default: {default})" in section, (flag, section)
 
 
+def test_accumulate_steps_counts_updates_and_is_recorded_only_when_set(tiny_run, tmp_path):
+  workdir = tmp_path / "run"
+  code, _, err = cli(*TINY, "--workdir", workdir, "--accumulate-steps", "2")
+  assert code == 0, err
+  plain = read_csv(tiny_run[0] / "metrics.csv")
+  accumulated = read_csv(workdir / "metrics.csv")
+  # Steps count optimizer updates: half as many, each of two micro-batches.
+  steps_per_epoch = int(plain[0]["step"])  # 5 batches of 32
+  assert [int(r["step"]) for r in accumulated] == [
+      int(r["epoch"]) * -(-steps_per_epoch // 2) for r in plain]
+  assert json.loads((workdir / "config.json").read_text())["config"]["accumulate_steps"] == 2
+  assert json.loads((workdir / "config.json").read_text())["fit"]["accumulate_steps"] == 2
+  assert "accumulate_steps" not in json.loads(
+      (tiny_run[0] / "config.json").read_text())["config"]
+
+
 # -------------------------------------------------------------------- bad input
 
 BAD_INPUT = [
@@ -211,6 +227,8 @@ BAD_INPUT = [
     (["--momentum", "1.5"], r"momentum", r"1\.5"),
     (["--dropout", "1.0"], r"dropout", r"1(\.0)?"),
     (["--clip-norm", "0"], r"clip[_-]norm", r"0(\.0)?"),
+    (["--accumulate-steps", "0"], r"accumulate[_-]steps", r"0"),
+    (["--accumulate-steps", "1000"], r"accumulate[_-]steps", r"1000"),
 ]
 
 

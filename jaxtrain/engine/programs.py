@@ -44,6 +44,7 @@ from jaxtrain.engine import best as best_lib
 from jaxtrain.engine.evaluate import evaluate_all, maybe_evaluate
 from jaxtrain.engine.parallel import local_rows
 from jaxtrain.engine.spec import ProgramSpec
+from jaxtrain.nn.conv import flax_convs
 
 Arrays = Mapping[str, jax.Array]
 # augment(key, one_example_inputs) -> augmented inputs of the same shape.
@@ -233,6 +234,24 @@ def _train_one(spec: ProgramSpec, augment: Augment | None, axis_name, carry: Car
   return carry, Outputs(jax.tree.map(lambda m: m[None], metrics), None)
 
 
+def _program(kind, spec, augment, axis_name):
+  if kind == "train":
+    return functools.partial(_train_span, spec, augment, axis_name)
+  if kind == "step":
+    return functools.partial(_train_one, spec, augment, axis_name)
+  return functools.partial(evaluate_all, spec, axis_name)
+
+
+def _traced_with_convs(fn, impl: str):
+  """``fn`` traced with plain ``nn.Conv`` layers computed as ``impl`` says:
+  the user's model is unchanged, only the primitive its convolutions call."""
+  @functools.wraps(fn)
+  def traced(*args):
+    with flax_convs(impl):
+      return fn(*args)
+  return traced
+
+
 @functools.lru_cache(maxsize=128)
 def _compiled(kind, spec, augment, mesh, donate, members, member_data):
   """One jitted program per configuration, shared by every run that needs it.
@@ -247,12 +266,10 @@ def _compiled(kind, spec, augment, mesh, donate, members, member_data):
     fn = functools.partial(epoch_end, spec)
     fn = jax.vmap(fn, in_axes=(0, 0, None)) if members else fn
     return jax.jit(fn, donate_argnums=(0,) if donate else ())
+  fn = _traced_with_convs(_program(kind, spec, augment, axis_name), spec.conv_impl)
   if kind in ("train", "step"):
-    fn = functools.partial(_train_span if kind == "train" else _train_one, spec, augment,
-                           axis_name)
     in_axes, donated = (0, data_axis, Span(0, None, None)), donate
   else:
-    fn = functools.partial(evaluate_all, spec, axis_name)
     in_axes, donated = (0, data_axis), False
   if members:
     fn = jax.vmap(fn, in_axes=in_axes)

@@ -30,6 +30,8 @@ class ProgramSpec:
       :mod:`jaxtrain.engine.best`), or None.
     plateau: ``(rule, split, metric)``: a ReduceLROnPlateau stepped at every
       epoch end with the mean ``metric`` of the evaluated ``split``, or None.
+    conv_impl: how the programs trace plain ``flax.linen.Conv`` layers (see
+      :func:`jaxtrain.conv.flax_convs`).
   """
 
   num_train: int
@@ -43,6 +45,7 @@ class ProgramSpec:
   accumulate: int = 1
   best: BestRule | None = None
   plateau: tuple | None = None
+  conv_impl: str = "auto"
 
   @property
   def steps_per_epoch(self) -> int:

@@ -13,6 +13,8 @@ between backends, and agree within float tolerance.
 
 from __future__ import annotations
 
+import contextlib
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -51,6 +53,102 @@ def conv3x3_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
       axis=-1,
   )
   return _matmul.matmul(patches, kernel.reshape(9 * channels, kernel.shape[-1]))
+
+
+def conv_matmul(x: jax.Array, kernel: jax.Array, padding="SAME") -> jax.Array:
+  """A stride-1 2-D convolution (NHWC, HWIO kernel of any small size) as
+  shifted slices and one matmul. ``padding``: ``"SAME"``, ``"VALID"`` or
+  ``((low, high), (low, high))``.
+
+  >>> x = jax.random.normal(jax.random.key(0), (2, 6, 5, 3))
+  >>> k = jax.random.normal(jax.random.key(1), (5, 3, 3, 4))
+  >>> ref = jax.lax.conv_general_dilated(x, k, (1, 1), "VALID",
+  ...     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  >>> bool(jnp.allclose(conv_matmul(x, k, "VALID"), ref, atol=1e-4))
+  True
+  """
+  kh, kw, channels, features = kernel.shape
+  if padding == "SAME":
+    pads = [((k - 1) // 2, k - 1 - (k - 1) // 2) for k in (kh, kw)]
+  elif padding == "VALID":
+    pads = [(0, 0), (0, 0)]
+  else:
+    pads = [tuple(p) for p in padding]
+  padded = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
+  height, width = padded.shape[1] - kh + 1, padded.shape[2] - kw + 1
+  # Channel-last concatenation in (row, column, channel) order matches the
+  # row-major reshape of the HWIO kernel.
+  patches = jnp.concatenate(
+      [padded[:, i : i + height, j : j + width, :] for i in range(kh) for j in range(kw)],
+      axis=-1)
+  return _matmul.matmul(patches, kernel.reshape(kh * kw * channels, features))
+
+
+def _matmul_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                                 rhs_dilation=None, dimension_numbers=None,
+                                 feature_group_count=1, precision=None, **kwargs):
+  """``lax.conv_general_dilated`` for ``nn.Conv``: the cases :func:`conv_matmul`
+  computes (2-D, NHWC/HWIO, stride 1, no dilation, one group, small kernel)
+  as a matmul, every other one by ``lax``."""
+  ones = (1,) * (lhs.ndim - 2)
+  simple = (
+      lhs.ndim == 4 and tuple(window_strides) == ones
+      and tuple(lhs_dilation or ones) == ones and tuple(rhs_dilation or ones) == ones
+      and feature_group_count == 1 and precision is None and not kwargs
+      and tuple(dimension_numbers) == _FLAX_NHWC
+      and rhs.shape[0] * rhs.shape[1] <= MAX_KERNEL_TAPS
+      and (padding in ("SAME", "VALID") or (
+          not isinstance(padding, str) and all(lo >= 0 and hi >= 0 for lo, hi in padding))))
+  if not simple:
+    return jax.lax.conv_general_dilated(
+        lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+        feature_group_count=feature_group_count, precision=precision, **kwargs)
+  return conv_matmul(lhs, rhs, padding)
+
+
+# nn.Conv's dimension numbers for NHWC inputs (lhs, rhs, out specs).
+_FLAX_NHWC = ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
+MAX_KERNEL_TAPS = 49  # up to 7x7: the patches hold kh*kw copies of the input
+
+
+def _swap_conv(next_fun, args, kwargs, context):
+  module = context.module
+  if (context.method_name != "__call__" or type(module) is not nn.Conv
+      or module.conv_general_dilated is not None or module.conv_general_dilated_cls
+      is not None):
+    return next_fun(*args, **kwargs)
+  # The module keeps its own code (parameters, padding modes, dtypes, bias);
+  # only the primitive it calls changes, for this call.
+  object.__setattr__(module, "conv_general_dilated", _matmul_conv_general_dilated)
+  try:
+    return next_fun(*args, **kwargs)
+  finally:
+    object.__setattr__(module, "conv_general_dilated", None)
+
+
+@contextlib.contextmanager
+def flax_convs(impl: str = "auto"):
+  """Within this context, every plain ``flax.linen.Conv`` traced runs as
+  :func:`conv_matmul` where it can (``impl="auto"``: on CPU; ``"matmul"``:
+  always; ``"xla"``: never): the model is unchanged, its parameters the same.
+  ``fit`` traces its programs inside it, so your own ``nn.Conv`` models train
+  at the speed of :class:`Conv3x3` on CPU and loop (``execution="scan"``).
+
+  >>> import numpy as np
+  >>> conv = nn.Conv(4, (3, 3))
+  >>> x = jnp.ones((2, 5, 5, 3))
+  >>> variables = conv.init(jax.random.key(0), x)
+  >>> with flax_convs("matmul"):
+  ...   fast = jax.jit(conv.apply)(variables, x)
+  >>> bool(np.allclose(fast, conv.apply(variables, x), atol=1e-5))
+  True
+  """
+  if resolve_impl(impl) == "xla":
+    yield
+    return
+  with nn.intercept_methods(_swap_conv):
+    yield
 
 
 def conv3x3_xla(x: jax.Array, kernel: jax.Array) -> jax.Array:

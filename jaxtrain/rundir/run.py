@@ -12,6 +12,7 @@ the run cleanly. Nothing is written before all input has been checked.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import pathlib
@@ -92,8 +93,13 @@ def check_workdir(workdir: str | os.PathLike, record: Mapping[str, Any] | None =
   except (OSError, ValueError) as error:
     raise RunDirError(f"{str(config_path)!r} cannot be read ({error}); {hint}") from error
   wanted = _identity(json.loads(json.dumps(jsonable(dict(record)))))
+  # A FitConfig field added since the run was written, at its default, is the
+  # behaviour the run had: not a difference.
+  added = {f"fit.{f.name}": jsonable(f.default) for f in dataclasses.fields(FitConfig)
+           if f.default is not dataclasses.MISSING}
   differences = [f"{key}: {saved.get(key)!r} there, {wanted.get(key)!r} now"
-                 for key in sorted(set(saved) | set(wanted)) if saved.get(key) != wanted.get(key)]
+                 for key in sorted(set(saved) | set(wanted)) if saved.get(key) != wanted.get(key)
+                 and not (key not in saved and key in added and wanted[key] == added[key])]
   if differences:
     shown = "; ".join(differences[:3]) + ("; ..." if len(differences) > 3 else "")
     raise RunDirError(f"workdir {str(workdir)!r} holds a run with a different config "

@@ -17,6 +17,7 @@ from jaxtrain.data.batching import check_arrays, num_batches
 from jaxtrain.engine import parallel
 from jaxtrain.engine.feeds import Feed, fits_on_device, make_feed
 from jaxtrain.engine.spec import ProgramSpec
+from jaxtrain.nn import conv
 from jaxtrain.train.cadence import Cadence, Every
 from jaxtrain.train.stopping import EarlyStopping, Ranking
 
@@ -56,6 +57,11 @@ class FitConfig:
     accumulate_steps: micro-batches of ``batch_size`` per optimizer update
       (gradient accumulation): an update sees ``batch_size * accumulate_steps``
       examples, and steps, epochs, schedules and cadences count updates.
+    conv_impl: how plain ``flax.linen.Conv`` layers of your model are computed:
+      ``"auto"`` (as shifted-slice matmuls on CPU, which also loop fast, and
+      ``lax.conv`` elsewhere), ``"matmul"`` or ``"xla"`` (see
+      :func:`jaxtrain.conv.flax_convs`). The model and its parameters are
+      unchanged either way.
     reduce_lr_on_plateau: PyTorch's ReduceLROnPlateau
       (:class:`jaxtrain.ReduceLROnPlateau`), stepped at every epoch end with
       its monitored evaluation mean; its state travels in ``state.plateau``.
@@ -78,6 +84,7 @@ class FitConfig:
   progress: bool | None = None
   accumulate_steps: int = 1
   reduce_lr_on_plateau: ReduceLROnPlateau | None = None
+  conv_impl: str = "auto"
 
   @property
   def update_batch_size(self) -> int:
@@ -113,6 +120,8 @@ def validate(config: FitConfig, n_train: int) -> None:
     bad("data", config.data, "must be 'auto', 'device' or 'host'")
   if config.execution not in EXECUTIONS:
     bad("execution", config.execution, f"must be one of {EXECUTIONS}")
+  if config.conv_impl not in conv.IMPLS:
+    bad("conv_impl", config.conv_impl, f"must be one of {conv.IMPLS}")
   if not 1 <= config.devices <= jax.local_device_count():
     bad("devices", config.devices, f"must be in 1..{jax.local_device_count()} (local devices)")
   if config.batch_size % config.devices:
@@ -215,8 +224,10 @@ def choose_execution(state, config: FitConfig, example_inputs) -> str:
   straight-line program (jax#12868; 1.03 s against 0.17 s a step in
   BENCHMARKS.md), so on CPU a model whose forward pass runs a convolution
   primitive steps one call at a time. The decision reads what the model runs
-  (its traced forward pass on ``example_inputs``), not its attributes: our
-  models compute their convolutions as matmuls on CPU and loop fast.
+  (its forward pass on ``example_inputs``, traced as the programs trace it),
+  not its attributes: jaxtrain's models, and plain ``nn.Conv`` layers under
+  ``conv_impl="auto"``, compute their convolutions as matmuls on CPU and loop
+  fast.
   """
   if config.execution != "auto":
     return config.execution
@@ -224,9 +235,10 @@ def choose_execution(state, config: FitConfig, example_inputs) -> str:
     return "scan"
   if not any(np.ndim(p) == 4 for p in jax.tree.leaves(state.params)):
     return "scan"  # no convolution kernel: skip tracing the model
-  jaxpr = jax.make_jaxpr(
-      lambda variables, x: state.apply_fn(variables, x, **state.call_kwargs(train=False)))(
-      state.variables, example_inputs)
+  with conv.flax_convs(config.conv_impl):
+    jaxpr = jax.make_jaxpr(
+        lambda variables, x: state.apply_fn(variables, x, **state.call_kwargs(train=False)))(
+        state.variables, example_inputs)
   return "step" if _runs_primitive(jaxpr.jaxpr, "conv_general_dilated") else "scan"
 
 
@@ -313,6 +325,7 @@ def program_spec(config: FitConfig, n_train: int, eval_sizes=(), best=None,
       eval_batch_size=eval_batch_size(config, [n_train, *eval_sizes]),
       drop_remainder=config.drop_remainder, nonfinite=config.nonfinite,
       eval_every=config.eval_every_steps, best=best, plateau=plateau,
+      conv_impl=config.conv_impl,
       max_steps=config.steps_per_call or spe * max(1, MAX_SPAN_STEPS // spe))
 
 
