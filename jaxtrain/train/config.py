@@ -131,8 +131,8 @@ def validate(config: FitConfig, n_train: int) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
-class BestPlan:
-  """What a run does about its best epoch (see :func:`rank_epochs`).
+class EpochPlan:
+  """What a run does with each epoch's metrics (see :func:`plan_epochs`).
 
   Attributes:
     ranking: how epochs are ranked (``Position.best`` follows it).
@@ -140,11 +140,13 @@ class BestPlan:
       or to checkpoint them for ``checkpoint.load(step="best")``).
     checkpoint_monitor: the column whose value each epoch-end checkpoint
       carries (Orbax keeps the best saved one too), or None.
+    plateau: ``(rule, split, metric)`` of ReduceLROnPlateau, or None.
   """
 
   ranking: Ranking
   keep: bool
   checkpoint_monitor: str | None = None
+  plateau: tuple | None = None
 
   def device_rule(self, evaluated):
     """The rule the compiled programs apply, when the ranked column is an
@@ -157,10 +159,10 @@ class BestPlan:
     return BestRule.for_column(r.monitor, evaluated, mode=r.mode, min_delta=r.min_delta)
 
 
-def rank_epochs(config: FitConfig, checkpoint, columns, *, has_val: bool) -> BestPlan:
-  """How the run names its best epoch, checking the monitors against the
-  metrics it logs (of metrics.csv's ``columns``: a ValueError names a monitor
-  the run cannot rank by).
+def plan_epochs(config: FitConfig, checkpoint, columns, *, has_val: bool) -> EpochPlan:
+  """How the run names its best epoch and steps ReduceLROnPlateau, checking
+  the monitors against the metrics it logs (of metrics.csv's ``columns``: a
+  ValueError names a monitor the run cannot rank or step by).
 
   Early stopping's monitor ranks when there is a rule; else the checkpoint's
   (``checkpoint``: a CheckpointConfig or None), its default ``val_loss``
@@ -197,7 +199,8 @@ def rank_epochs(config: FitConfig, checkpoint, columns, *, has_val: bool) -> Bes
     ranking = Ranking()
   keep = bool((rule is not None and rule.restore_best)
               or (checkpoint is not None and checkpoint.keep_best))
-  return BestPlan(ranking, keep, monitor)
+  evaluated = (["train"] if config.evaluate_train else []) + (["val"] if has_val else [])
+  return EpochPlan(ranking, keep, monitor, plateau_rule(config, evaluated, columns))
 
 
 def plateau_rule(config: FitConfig, evaluated, columns) -> tuple | None:
@@ -357,11 +360,11 @@ def plan_cadence(config: FitConfig, steps_per_epoch: int, checkpointer=None,
 
 
 def plan_feed(state, train, config: FitConfig, *, val=None, test=None, augment=None,
-              best: BestPlan | None = None) -> Feed:
+              epochs: EpochPlan | None = None) -> Feed:
   """The feed (and so the compiled programs) a run of ``config`` trains through:
   on the device or streamed from the host, over ``config.devices`` devices, in
-  the execution mode :func:`choose_execution` picks, keeping the best epoch's
-  parameters on the device when ``best`` says so."""
+  the execution mode :func:`choose_execution` picks, with the epoch-end work
+  ``epochs`` plans (the best epoch's parameters, ReduceLROnPlateau) on the device."""
   mesh = (parallel.local_mesh(jax.local_devices()[: config.devices])
           if config.devices > 1 else None)
   evals = {"train": train} if config.evaluate_train else {}
@@ -369,9 +372,8 @@ def plan_feed(state, train, config: FitConfig, *, val=None, test=None, augment=N
     evals["val"] = val
   spec = program_spec(config, len(train["targets"]),
                       [len(s["targets"]) for s in (val, test) if s],
-                      best=best.device_rule(evals) if best is not None else None,
-                      plateau=plateau_rule(config, evals, columns(state, config, train,
-                                                                  has_val=val is not None)))
+                      best=epochs.device_rule(evals) if epochs is not None else None,
+                      plateau=epochs.plateau if epochs is not None else None)
   on_device = config.data == "device" or (config.data == "auto" and fits_on_device(train, val))
   execution = choose_execution(state, config, train["inputs"][:1])
   warn_per_device_batch_norm(state, config, train["inputs"][:1])

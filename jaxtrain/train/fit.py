@@ -32,13 +32,13 @@ from jaxtrain.engine.feeds import Feed, fetch
 from jaxtrain.engine.programs import Carry
 from jaxtrain.train.cadence import Boundary, Cadence, Pace
 from jaxtrain.train.config import (
-  BestPlan,
+  EpochPlan,
   FitConfig,
   as_arrays,
   columns,
   plan_cadence,
+  plan_epochs,
   plan_feed,
-  rank_epochs,
   validate,
 )
 from jaxtrain.train.ledger import Advance, Fetched, Position, advance
@@ -84,13 +84,13 @@ class _Run:
   checkpointer: Any
   monitor: Any
   log: Callable[[str], None]
-  best: BestPlan
+  plan: EpochPlan
 
   @property
   def host_best(self) -> bool:
     """Whether the host keeps the best epoch's parameters (the ranked column
     is not an evaluation mean the programs can rank by)."""
-    return self.best.keep and self.feed.spec.best is None
+    return self.plan.keep and self.feed.spec.best is None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,17 +157,17 @@ def fit(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
   if config.reduce_lr_on_plateau is not None and state.plateau is None:
     state = state.replace(plateau=plateau_lib.init(config.reduce_lr_on_plateau))
   logged = columns(state, config, train, has_val=val is not None)
-  plan = rank_epochs(config, getattr(checkpointer, "config", None), logged,
+  plan = plan_epochs(config, getattr(checkpointer, "config", None), logged,
                      has_val=val is not None)
-  feed = plan_feed(state, train, config, val=val, test=test, augment=augment, best=plan)
+  feed = plan_feed(state, train, config, val=val, test=test, augment=augment, epochs=plan)
   if callable(checkpointer):  # a factory: everything is checked, the run may write now
     checked = hasattr(checkpointer, "config")
     checkpointer = checkpointer()
     if checkpointer is not None and not checked:  # a factory that names no config
-      plan = rank_epochs(config, checkpointer.config, logged, has_val=val is not None)
+      plan = plan_epochs(config, checkpointer.config, logged, has_val=val is not None)
       if plan.device_rule(feed.evals) != feed.spec.best:
         feed = plan_feed(state, train, config, val=val, test=test, augment=augment,
-                         best=plan)
+                         epochs=plan)
   if checkpointer is None:
     plan = dataclasses.replace(plan, checkpoint_monitor=None)
   spe = feed.spec.steps_per_epoch
@@ -315,7 +315,7 @@ def _absorb(run: _Run, call: _Call, position: Position, pace: Pace, state, best,
                          fetched_at=now)
   done = advance(position, Fetched(call.first, steps, epoch_sums, per_step),
                  steps_per_epoch=spe, nonfinite=run.config.nonfinite,
-                 rule=run.config.early_stopping, ranking=run.best.ranking)
+                 rule=run.config.early_stopping, ranking=run.plan.ranking)
   _extend(history["step"], {"step": done.steps, **done.metrics})
   if run.monitor is not None:
     run.monitor.log_steps(done.steps, done.metrics)
@@ -338,7 +338,7 @@ def _save(run: _Run, position: Position, carry: Carry, best, *, metric=None) -> 
   if run.monitor is not None:
     run.monitor.flush()  # the checkpoint counts these lines as written
   saved = {"state": state_arrays(carry.state)}
-  if run.best.keep:
+  if run.plan.keep:
     saved["best"] = best if best is not None else best_lib.variables(carry.best)
   meta = {"position": position.to_json(), "seed": run.config.seed,
           "run_key": np.asarray(jax.random.key_data(run.run_key)).tolist()}
