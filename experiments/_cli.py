@@ -59,8 +59,11 @@ def main(config_type: type[T], run: Callable[[T], object], args: list[str] | Non
   """Parses the flags and runs; a ``ValueError`` (bad input) exits 2 in one line."""
   config = parse(config_type, args)
   try:
+    from jaxtrain.engine import distributed
     from jaxtrain.engine.cache import enable_compilation_cache
 
+    if getattr(config, "distributed", None) is not None:
+      distributed.initialize(config.distributed)  # before any JAX computation
     enable_compilation_cache()  # a second run starts compiled ($JAXTRAIN_CACHE_DIR)
     run(config)
   except (ValueError, FileNotFoundError, NotADirectoryError) as error:

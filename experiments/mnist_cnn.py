@@ -32,6 +32,7 @@ import jaxtrain
 from experiments import _cli
 from jaxtrain import data, losses, models, parallel
 from jaxtrain.core.optim import OptimizerConfig, no_bias_norm_mask
+from jaxtrain.engine.distributed import DistributedConfig
 from jaxtrain.rundir.checkpoint import CheckpointConfig
 from jaxtrain.rundir.run import run
 
@@ -58,9 +59,11 @@ class Config:
   optim: Annotated[OptimizerConfig, tyro.conf.OmitArgPrefixes] = OptimizerConfig(
       "adamw", learning_rate=3e-3, weight_decay=0.01, clip_norm=1.0)
   warmup_epochs: float = 1.0  # Linear warmup from 0, then cosine decay to 0.
-  devices: int = 0  # Data-parallel devices (0: all local devices).
+  devices: int = 0  # Data-parallel devices (0: all devices of every process).
   overwrite: bool = False  # Replace a different run already in --workdir.
   checkpoint: CheckpointConfig = CheckpointConfig()  # When to save; a rerun resumes.
+  # Join a multi-process run (jax.distributed); unset: one process.
+  distributed: DistributedConfig = DistributedConfig()
 
 
 def load_data(config: Config):
@@ -97,7 +100,7 @@ def make_augment(shift: int):
 def num_devices(config: Config) -> int:
   if config.devices < 0:
     raise ValueError(f"--devices must be >= 0, got {config.devices}")
-  return config.devices or jax.local_device_count()
+  return config.devices or jax.device_count()
 
 
 def make_schedule(config: Config, num_train: int) -> optax.Schedule:

@@ -32,6 +32,7 @@ import jaxtrain
 from experiments import _cli
 from jaxtrain import data, losses, models
 from jaxtrain.core.optim import OptimizerConfig
+from jaxtrain.engine.distributed import DistributedConfig
 from jaxtrain.rundir.checkpoint import CheckpointConfig
 from jaxtrain.rundir.run import run
 
@@ -59,6 +60,8 @@ class Config:
   devices: int = 1  # Data-parallel devices.
   overwrite: bool = False  # Replace a different run already in --workdir.
   checkpoint: CheckpointConfig = CheckpointConfig()  # When to save; a rerun resumes.
+  # Join a multi-process run (jax.distributed); unset: one process.
+  distributed: DistributedConfig = DistributedConfig()
 
 
 def load_data(config: Config):

@@ -33,6 +33,27 @@ def local_mesh(devices: Sequence[jax.Device] | None = None, axis: str = AXIS) ->
   return Mesh(np.asarray(devices), (axis,))
 
 
+def run_devices(count: int) -> list[jax.Device]:
+  """The ``count`` devices a data-parallel run trains on, across every process:
+  the first ``count`` local devices in one process; with several processes
+  (``jax.distributed``) the first ``count / process_count`` devices of each,
+  process by process, so every process feeds its own devices.
+
+  >>> run_devices(1) == jax.local_devices()[:1]
+  True
+  """
+  processes = jax.process_count()
+  if processes == 1:
+    return jax.local_devices()[:count]
+  per, rest = divmod(count, processes)
+  if rest or not per:
+    raise ValueError(f"devices must be a multiple of the {processes} processes, got {count}")
+  by_process = {}
+  for device in jax.devices():
+    by_process.setdefault(device.process_index, []).append(device)
+  return [d for p in sorted(by_process) for d in by_process[p][:per]]
+
+
 def local_rows(rows: jax.Array, axis_name: str | None) -> jax.Array:
   """This device's contiguous slice of a global batch's leading axis (inside a
   ``shard_map`` over ``axis_name``; the whole batch when it is None)."""

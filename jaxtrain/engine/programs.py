@@ -333,4 +333,12 @@ class Programs:
     program donates the carry, and the caller's arrays must survive it.
     """
     target = None if self.mesh is None else NamedSharding(self.mesh, P())
+    if target is not None and jax.process_count() > 1:
+      # Every process holds the same values: each builds its own devices'
+      # copies (device_put would first compare the values across processes,
+      # gathering them, and NaN never equals itself).
+      def build(leaf):
+        host = np.asarray(leaf)
+        return jax.make_array_from_callback(host.shape, target, lambda index: host[index])
+      return jax.tree.map(build, tree)
     return jax.device_put(tree, target, may_alias=False if copy else None)

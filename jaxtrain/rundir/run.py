@@ -24,6 +24,7 @@ from typing import Any
 
 from jaxtrain.core.state import TrainState
 from jaxtrain.data.batching import num_batches
+from jaxtrain.engine import distributed
 from jaxtrain.rundir.checkpoint import DIRECTORY, CheckpointConfig, Checkpointer
 from jaxtrain.rundir.monitor import RunMonitor
 from jaxtrain.rundir.plots import plot_curves, read_history
@@ -42,7 +43,7 @@ RUN_FILES = ("config.json", "metrics.csv", "steps.jsonl", "curves.png", "tensorb
 # Settings that may change between a run and its resumption.
 _NOT_IDENTITY = {"epochs", "overwrite", "workdir", "progress", "checkpoint", "versions",
                  "backend", "devices_info", "every_epochs", "every_steps", "every_seconds",
-                 "build"}
+                 "build", "distributed"}
 _ENVIRONMENT = {"versions", "backend", "devices"}
 
 
@@ -125,9 +126,11 @@ class _RunDirectory:
     return self.open()
 
   def open(self) -> Checkpointer | None:
-    if not self.resume and self.workdir.exists():
-      _clear(self.workdir)
-    self.workdir.mkdir(parents=True, exist_ok=True)
+    if distributed.is_primary():
+      if not self.resume and self.workdir.exists():
+        _clear(self.workdir)
+      self.workdir.mkdir(parents=True, exist_ok=True)
+    _wait_for_every_process("jaxtrain: run directory ready")
     if self.checkpoint is not None:
       self.checkpointer = Checkpointer(self.workdir, self.checkpoint)
     return self.checkpointer
@@ -135,6 +138,15 @@ class _RunDirectory:
   def close(self) -> None:
     if self.checkpointer is not None:
       self.checkpointer.close()
+
+
+def _wait_for_every_process(name: str) -> None:
+  import jax
+
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)
 
 
 def _clear(workdir: pathlib.Path) -> None:
@@ -200,8 +212,13 @@ def run(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
   resume = check_workdir(workdir, record, overwrite=overwrite) and checkpoint is not None
   directory = _RunDirectory(workdir, checkpoint, resume=resume)
 
+  primary = distributed.is_primary()
+
   def make_monitor(rows, step_records):
-    # Called by fit once the checkpoint (if any) is read and checked.
+    # Called by fit once the checkpoint (if any) is read and checked. Only
+    # process 0 writes the run's files; every process checkpoints.
+    if not primary:
+      return None
     write_config(workdir, dict(record))
     steps_per_epoch = num_batches(len(train["targets"]), config.update_batch_size,
                                   config.drop_remainder)
@@ -215,9 +232,14 @@ def run(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
     with stop_on_signals() as should_stop:
       result = fit(state, train, config=config, val=val, test=test, augment=augment,
                    monitor=make_monitor, checkpointer=directory,
-                   should_stop=should_stop)
+                   should_stop=should_stop, log=None if primary else _quiet)
   finally:
     directory.close()
-  result.history = read_history(workdir)
-  plot_curves(result.history, workdir / "curves.png", extra=extra_curves)
+  if primary:
+    result.history = read_history(workdir)
+    plot_curves(result.history, workdir / "curves.png", extra=extra_curves)
   return result
+
+
+def _quiet(message: str) -> None:
+  """The log of processes other than 0: process 0 says it."""

@@ -122,8 +122,12 @@ def validate(config: FitConfig, n_train: int) -> None:
     bad("execution", config.execution, f"must be one of {EXECUTIONS}")
   if config.conv_impl not in conv.IMPLS:
     bad("conv_impl", config.conv_impl, f"must be one of {conv.IMPLS}")
-  if not 1 <= config.devices <= jax.local_device_count():
-    bad("devices", config.devices, f"must be in 1..{jax.local_device_count()} (local devices)")
+  if not 1 <= config.devices <= jax.device_count():
+    where = ("local devices" if jax.process_count() == 1 else
+             f"devices of {jax.process_count()} processes")
+    bad("devices", config.devices, f"must be in 1..{jax.device_count()} ({where})")
+  if jax.process_count() > 1 and config.devices % jax.process_count():
+    bad("devices", config.devices, f"must be a multiple of the {jax.process_count()} processes")
   if config.batch_size % config.devices:
     bad("batch_size", config.batch_size, f"must be divisible by the {config.devices} devices")
   if config.drop_remainder and n_train < config.update_batch_size:
@@ -365,7 +369,7 @@ def plan_feed(state, train, config: FitConfig, *, val=None, test=None, augment=N
   on the device or streamed from the host, over ``config.devices`` devices, in
   the execution mode :func:`choose_execution` picks, with the epoch-end work
   ``epochs`` plans (the best epoch's parameters, ReduceLROnPlateau) on the device."""
-  mesh = (parallel.local_mesh(jax.local_devices()[: config.devices])
+  mesh = (parallel.local_mesh(parallel.run_devices(config.devices))
           if config.devices > 1 else None)
   evals = {"train": train} if config.evaluate_train else {}
   if val is not None:

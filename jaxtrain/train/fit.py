@@ -27,7 +27,7 @@ from jaxtrain.core.metrics import means
 from jaxtrain.core.state import TrainState, state_arrays, with_arrays
 from jaxtrain.core.step import compute_gradients
 from jaxtrain.engine import best as best_lib
-from jaxtrain.engine import parallel
+from jaxtrain.engine import distributed, parallel
 from jaxtrain.engine.feeds import Feed, fetch
 from jaxtrain.engine.programs import Carry
 from jaxtrain.train.cadence import Boundary, Cadence, Pace
@@ -205,6 +205,9 @@ def fit(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
     while reason is None and interrupted is None and first < total:
       end = min(run.cadence.next_stop(first),
                 pace.limit(first, steps_per_epoch=spe, max_steps=feed.max_steps))
+      # Every process calls the same programs: the call sizes (timed per
+      # process) are agreed on. Free in one process.
+      end = int(distributed.agree([end], "min")[0])
       started = time.perf_counter()
       carry, chunks = feed.train(carry, run.run_key, first, end - first)
       call = _Call(first, end, chunks, started)
@@ -223,8 +226,7 @@ def fit(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
         if reason:
           break
       first = end
-      idle = {"checkpoint": checkpointer.seconds_since_save()} if checkpointer else None
-      boundary = Boundary(run.cadence.due(end, idle), should_stop() if should_stop else None)
+      boundary = _agreed_boundary(run, end, should_stop)
       interrupted = boundary.signal
       if not boundary.fetch_now:
         lagged = call
@@ -268,6 +270,28 @@ def fit(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
       monitor.close()
 
 
+_SIGNALS = (None, "SIGTERM", "SIGINT")
+
+
+def _agreed_boundary(run: _Run, end: int, should_stop) -> Boundary:
+  """The boundary at step ``end``, the same in every process: the longest time
+  since a save, a signal received by any process (it stops them all), and a
+  fetch where any process needs one (process 0's histograms), so that every
+  process sees a stop at the same call. Free in one process."""
+  checkpointer = run.checkpointer
+  idle = checkpointer.seconds_since_save() if checkpointer else 0.0
+  signal = should_stop() if should_stop else None
+  code = _SIGNALS.index(signal) if signal in _SIGNALS else len(_SIGNALS)
+  idle, code = distributed.agree([idle, code], "max")
+  if signal is None and code:
+    signal = _SIGNALS[int(code)] if code < len(_SIGNALS) else "a stop request"
+  due = run.cadence.due(end, {"checkpoint": idle} if checkpointer else None)
+  boundary = Boundary(due, signal)
+  if distributed.agree([boundary.fetch_now], "max")[0] and not boundary.fetch_now:
+    boundary = Boundary(due | {"fetch"}, signal)
+  return boundary
+
+
 def _resume(checkpointer, tree, say, start: Position) -> tuple[Position, Any]:
   """The position and arrays of the latest good checkpoint, else ``start``."""
   restored = (checkpointer.restore(lambda saved: {k: v for k, v in tree.items() if k in saved})
@@ -295,7 +319,8 @@ def _open_monitor(monitor, position: Position):
   if monitor is None or hasattr(monitor, "log_steps"):
     return monitor, False
   fresh = position.epoch == 0 and position.batch == 0
-  return monitor(position.rows, None if fresh else position.step_records), True
+  made = monitor(position.rows, None if fresh else position.step_records)
+  return made, made is not None
 
 
 def _absorb(run: _Run, call: _Call, position: Position, pace: Pace, state, best, history
