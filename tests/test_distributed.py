@@ -13,6 +13,7 @@ import csv
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -136,6 +137,40 @@ def test_sigterm_to_rank_1_alone_saves_once_and_both_exit_0(two_process_run, tmp
   code, out, err = launch(workdir)
   assert code == 0, err[-3000:]
   assert rows(workdir) == rows(two_process_run[0])
+
+
+def test_a_lost_rank_ends_the_other_within_the_heartbeat_naming_it(tmp_path):
+  """Without a launcher (a host gone): the survivor exits non-zero once the
+  lost rank misses its heartbeats, and JAX's error names the task."""
+  from jaxtrain.launch import free_port
+
+  address = f"127.0.0.1:{free_port()}"
+  common = [sys.executable, "-m", "experiments.two_moons", "--workdir", str(tmp_path / "run"),
+            *RUN, "--epochs", "1000", "--distributed.coordinator", address,
+            "--distributed.num-processes", "2", "--distributed.heartbeat-seconds", "3"]
+  ranks = [subprocess.Popen(common + ["--distributed.process-id", str(rank)], cwd=REPO,
+                            env={**env(), "XLA_FLAGS":
+                                 "--xla_force_host_platform_device_count=2"},
+                            stdout=subprocess.DEVNULL, stderr=open(tmp_path / f"{rank}.err", "w"))
+           for rank in (0, 1)]
+  checkpoints = tmp_path / "run" / "checkpoints"
+  deadline = time.monotonic() + 120
+  while not (checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir())):
+    assert time.monotonic() < deadline and ranks[0].poll() is None, "no checkpoint"
+    time.sleep(0.05)
+  ranks[1].kill()
+  lost = time.monotonic()
+  try:
+    code = ranks[0].wait(timeout=60)
+  finally:
+    for rank in ranks:
+      rank.kill()
+  assert code != 0
+  assert time.monotonic() - lost < 30
+  # JAX names the lost task: "... unhealthy (stopped sending heartbeats):\n1"
+  # or "Task 1 heartbeat timeout", depending on where the survivor waited.
+  text = (tmp_path / "0.err").read_text()
+  assert re.search(r"stopped sending heartbeats\):\s+1\b|Task 1 heartbeat timeout", text), text[-2000:]
 
 
 # -- set-up errors (no processes started) -----------------------------------------
