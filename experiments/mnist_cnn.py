@@ -161,8 +161,9 @@ def main(config: Config) -> None:
   result = run(state, train_set, config=fit_config, workdir=config.workdir, record=record,
                val=val_set, test=test_set, augment=augment, overwrite=config.overwrite,
                checkpoint=config.checkpoint, build=_cli.builder(globals(), "state_from_record"))
-  print(f"test accuracy {result.test['accuracy']:.4f}  loss {result.test['loss']:.4f}"
-        f"  ({len(test_set['targets'])} images)  ->  {config.workdir}")
+  if result.test is not None:  # None when a signal stopped the run (it said so)
+    print(f"test accuracy {result.test['accuracy']:.4f}  loss {result.test['loss']:.4f}"
+          f"  ({len(test_set['targets'])} images)  ->  {config.workdir}")
 
 
 if __name__ == "__main__":

@@ -142,6 +142,8 @@ def main(config: Config) -> None:
   if config.full_batch:
     n_train = round(config.samples * (1 - config.test_fraction))
     gd = train(config, batch_size=n_train, workdir=config.workdir / "full_batch")
+    if gd.test is None:  # a signal stopped it (it said so): the rerun resumes it
+      return
     extra = {"full batch": gd.history}
     print(f"full-batch GD: held-out accuracy {gd.test['accuracy']:.4f}")
   result = train(config, batch_size=config.batch_size, workdir=config.workdir, extra=extra)

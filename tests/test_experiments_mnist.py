@@ -11,8 +11,10 @@ import json
 import math
 import os
 import pathlib
+import signal
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -259,3 +261,28 @@ def test_pigeon_bad_sizes_exit_2(args, named, mnist_path, tmp_path, capsys):
   assert exit_.value.code == 2
   err = capsys.readouterr().err
   assert len(err.splitlines()) == 1 and named in err, err
+
+
+def test_cnn_sigterm_saves_says_so_and_exits_0(mnist_path, tmp_path):
+  """A signal mid-run: one line saying where it saved, exit 0, no traceback
+  (it used to fail on the missing test metrics), and a rerun finishes the run."""
+  workdir = tmp_path / "run"
+  args = [sys.executable, "-m", "experiments.mnist_cnn", "--data-dir", str(mnist_path),
+          "--workdir", str(workdir), *TINY["mnist_cnn"], "--epochs", "200",
+          "--checkpoint.every-epochs", "1"]
+  env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+  proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  checkpoints = workdir / "checkpoints"
+  deadline = time.monotonic() + 120
+  while not (checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir())):
+    assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0, err[-2000:]
+  assert "Traceback" not in out + err
+  assert "SIGTERM: saved a checkpoint" in out and "test accuracy" not in out, out[-2000:]
+  done = subprocess.run(args[:-4] + ["--epochs", "2", "--checkpoint.every-epochs", "1"],
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+  assert done.returncode == 0 and "test accuracy" in done.stdout, done.stderr[-2000:]
