@@ -16,6 +16,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 
+from jaxtrain.engine import distributed
+
 CALL_SECONDS = 1.0  # the wall time one compiled call aims for
 
 
@@ -151,3 +153,24 @@ class Pace:
   def limit(self, step: int, *, steps_per_epoch: int, max_steps: int) -> int:
     """Where a call starting at ``step`` ends at the latest."""
     return step + min(max_steps, self.call_epochs * steps_per_epoch)
+
+
+_SIGNALS = (None, "SIGTERM", "SIGINT")
+
+
+def agreed_boundary(cadence: Cadence, end: int, checkpointer, should_stop) -> Boundary:
+  """The boundary at step ``end``, the same in every process of a run: the
+  longest time since a save, a signal received by any process (it stops them
+  all), and a fetch where any process needs one (process 0's histograms), so
+  that every process sees a stop at the same call. Free in one process."""
+  idle = checkpointer.seconds_since_save() if checkpointer else 0.0
+  signal = should_stop() if should_stop else None
+  code = _SIGNALS.index(signal) if signal in _SIGNALS else len(_SIGNALS)
+  idle, code = distributed.agree([idle, code], "max")
+  if signal is None and code:
+    signal = _SIGNALS[int(code)] if code < len(_SIGNALS) else "a stop request"
+  due = cadence.due(end, {"checkpoint": idle} if checkpointer else None)
+  boundary = Boundary(due, signal)
+  if distributed.agree([boundary.fetch_now], "max")[0] and not boundary.fetch_now:
+    boundary = Boundary(due | {"fetch"}, signal)
+  return boundary

@@ -30,7 +30,7 @@ from jaxtrain.engine import best as best_lib
 from jaxtrain.engine import distributed, parallel
 from jaxtrain.engine.feeds import Feed, fetch
 from jaxtrain.engine.programs import Carry
-from jaxtrain.train.cadence import Boundary, Cadence, Pace
+from jaxtrain.train.cadence import Cadence, Pace, agreed_boundary
 from jaxtrain.train.config import (
   EpochPlan,
   FitConfig,
@@ -226,7 +226,7 @@ def fit(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
         if reason:
           break
       first = end
-      boundary = _agreed_boundary(run, end, should_stop)
+      boundary = agreed_boundary(run.cadence, end, checkpointer, should_stop)
       interrupted = boundary.signal
       if not boundary.fetch_now:
         lagged = call
@@ -268,28 +268,6 @@ def fit(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
   finally:
     if owns_monitor:
       monitor.close()
-
-
-_SIGNALS = (None, "SIGTERM", "SIGINT")
-
-
-def _agreed_boundary(run: _Run, end: int, should_stop) -> Boundary:
-  """The boundary at step ``end``, the same in every process: the longest time
-  since a save, a signal received by any process (it stops them all), and a
-  fetch where any process needs one (process 0's histograms), so that every
-  process sees a stop at the same call. Free in one process."""
-  checkpointer = run.checkpointer
-  idle = checkpointer.seconds_since_save() if checkpointer else 0.0
-  signal = should_stop() if should_stop else None
-  code = _SIGNALS.index(signal) if signal in _SIGNALS else len(_SIGNALS)
-  idle, code = distributed.agree([idle, code], "max")
-  if signal is None and code:
-    signal = _SIGNALS[int(code)] if code < len(_SIGNALS) else "a stop request"
-  due = run.cadence.due(end, {"checkpoint": idle} if checkpointer else None)
-  boundary = Boundary(due, signal)
-  if distributed.agree([boundary.fetch_now], "max")[0] and not boundary.fetch_now:
-    boundary = Boundary(due | {"fetch"}, signal)
-  return boundary
 
 
 def _resume(checkpointer, tree, say, start: Position) -> tuple[Position, Any]:
