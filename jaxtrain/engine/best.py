@@ -13,7 +13,6 @@ means, so both name the same epoch.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping
 
 import jax
@@ -54,14 +53,6 @@ class BestRule:
     if split not in evaluated or not metric or column == "train_loss_running":
       return None
     return cls(split, metric, mode, float(min_delta))
-
-
-def init(state, value: float = math.nan) -> dict:
-  """The record before any epoch (or at a resume, the checkpointed best's
-  ``value``): the state's parameters and batch statistics, copied."""
-  return {"params": jax.tree.map(jnp.copy, state.params),
-          "batch_stats": jax.tree.map(jnp.copy, state.batch_stats),
-          "value": jnp.asarray(value, jnp.float32)}
 
 
 def improves(rule: BestRule, value, best):
