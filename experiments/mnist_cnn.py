@@ -12,15 +12,21 @@ batch norm, dropout, cross-entropy, AdamW with a linear warmup and a cosine
 decay of the learning rate over ``--epochs`` (so a larger ``--epochs`` on a
 finished run continues on the longer schedule), gradient clipping; full batches
 only; data-parallel over all local devices by default, with cross-replica batch
-norm. Without ``--data-dir`` MNIST comes from tensorflow-datasets (prepared as
-array_record in its default data dir).
+norm. Without an IDX folder in ``--data-dir`` the images come from
+tensorflow-datasets (``--dataset``, prepared as array_record in ``--data-dir`` or
+tfds's default data dir). ``--data stream`` reads each step's images by index
+while the device trains (from tfds's array_record files, decoded on demand), for
+datasets bigger than memory; the run is the same, bit for bit.
+
+    uv run python -m experiments.mnist_cnn --dataset fashion_mnist \\
+        --data-dir ~/tensorflow_datasets --data stream
 """
 
 from __future__ import annotations
 
 import dataclasses
 import pathlib
-from typing import Annotated
+from typing import Annotated, Literal
 
 import jax
 import jax.numpy as jnp
@@ -43,7 +49,13 @@ class Config:
 
   workdir: pathlib.Path = pathlib.Path("runs/mnist_cnn")  # Run directory.
   seed: int = 0  # Seeds the validation split, init, shuffling, dropout, augmentation.
-  data_dir: pathlib.Path | None = None  # MNIST IDX folder; default: tensorflow-datasets.
+  data_dir: pathlib.Path | None = None  # IDX folder, or a tfds data dir; default: tfds's own.
+  # A tensorflow-datasets image dataset, prepared as array_record (an IDX folder
+  # in --data-dir is read instead when it holds one).
+  dataset: Literal["mnist", "fashion_mnist", "cifar10"] = _cli.added_flag("mnist")
+  # Where the images live while training: resident on the device, or streamed
+  # (read by index step by step, tfds's files on demand); auto: by size.
+  data: Literal["auto", "device", "stream"] = _cli.added_flag("auto")
   val_fraction: float = 0.1  # Share of the training images held out for validation.
   limit: int = 0  # Use only the first N training and N test images (0: all; quick checks).
   features: tuple[int, ...] = (32, 64)  # Channels of each conv block.
@@ -67,19 +79,37 @@ class Config:
 
 
 def load_data(config: Config):
-  """Train, validation (a seeded ``val_fraction`` of train) and test arrays in [0, 1]."""
+  """Train, validation (a seeded ``val_fraction`` of train) and test sets in
+  [0, 1]: arrays, or with ``--data stream`` and a tfds dataset, sources that
+  read (and decode and scale) images only when a step needs them."""
   if config.limit < 0:
     raise ValueError(f"--limit must be >= 0, got {config.limit}")
   if not 0.0 < config.val_fraction < 1.0:
     raise ValueError(f"--val-fraction must be in (0, 1), got {config.val_fraction}")
-  parts = data.load_mnist(config.data_dir, arg="--data-dir")
+  idx = data.mnist.has_idx_files(config.data_dir)
+  if config.data_dir is not None and not idx:
+    if not config.data_dir.is_dir():
+      raise ValueError(f"--data-dir {str(config.data_dir)!r}: not an existing directory")
+    if not (config.data_dir / config.dataset).is_dir():
+      wanted = ", ".join(f"{f}[.gz]" for pair in data.IDX_FILES.values() for f in pair)
+      raise ValueError(f"--data-dir {config.data_dir} holds neither MNIST IDX files (looked "
+                       f"for {wanted}) nor a prepared tensorflow-datasets {config.dataset!r} "
+                       "folder")
+  if idx:
+    parts = data.load_mnist(config.data_dir, arg="--data-dir")
+  elif config.data == "stream":
+    parts = {s: data.tfds_source(config.dataset, s, data_dir=config.data_dir)
+             for s in ("train", "test")}
+  else:
+    parts = data.load_tfds(config.dataset, data_dir=config.data_dir)
   if config.limit:
-    parts = {k: data.take(v, 0, min(config.limit, len(v["targets"])))
-             for k, v in parts.items()}
-  parts = {k: {**v, "inputs": data.normalize_images(v["inputs"])} for k, v in parts.items()}
+    parts = {k: data.take(v, 0, min(config.limit, data.length(v))) for k, v in parts.items()}
+  def scale(rows):
+    return {**rows, "inputs": data.normalize_images(rows["inputs"])}
+  parts = {k: v.map(scale) if isinstance(v, data.Source) else scale(v) for k, v in parts.items()}
   data_key = jaxtrain.key_for(jax.random.key(config.seed), "data")
   train, val = data.split(parts["train"], data_key,
-                              (1 - config.val_fraction, config.val_fraction))
+                          (1 - config.val_fraction, config.val_fraction))
   return train, val, parts["test"]
 
 
@@ -125,8 +155,9 @@ def create_state(config: Config, num_train: int) -> jaxtrain.TrainState:
   model = models.CNN(features=config.features, dense=config.dense, outputs=10,
                      dropout_rate=config.dropout,
                      axis_name=parallel.AXIS if num_devices(config) > 1 else None)
+  shape = data.TFDS_IMAGE_SHAPES[config.dataset]
   return jaxtrain.create_train_state(model, tx, jax.random.key(config.seed),
-                                     np.zeros((1, 28, 28, 1), np.float32),
+                                     np.zeros((1, *shape), np.float32),
                                      loss_fn=losses.cross_entropy)
 
 
@@ -146,24 +177,25 @@ def main(config: Config) -> None:
     raise ValueError(f"--shift must be >= 0, got {config.shift}")
   devices = num_devices(config)
   train_set, val_set, test_set = load_data(config)
-  state = create_state(config, len(train_set["targets"]))
+  sizes = {"train": data.length(train_set), "val": data.length(val_set),
+           "test": data.length(test_set)}
+  state = create_state(config, sizes["train"])
   # drop_remainder: full batches only. Batch norm should not train on a ragged
   # last batch, and on several devices flax's masked BatchNorm averages the
   # per-device means, so a device whose shard is all padding gives NaN statistics.
   fit_config = jaxtrain.FitConfig(epochs=config.epochs, batch_size=config.batch_size,
                                   seed=config.seed, devices=devices, drop_remainder=True,
-                                  accumulate_steps=config.accumulate_steps)
+                                  accumulate_steps=config.accumulate_steps, data=config.data)
   record = {"experiment": "mnist_cnn", "config": _cli.to_record(config),
             "fit": dataclasses.asdict(fit_config),
-            "sizes": {"train": len(train_set["targets"]), "val": len(val_set["targets"]),
-                      "test": len(test_set["targets"])}}
+            "sizes": sizes}
   augment = make_augment(config.shift) if config.shift else None
   result = run(state, train_set, config=fit_config, workdir=config.workdir, record=record,
                val=val_set, test=test_set, augment=augment, overwrite=config.overwrite,
                checkpoint=config.checkpoint, build=_cli.builder(globals(), "state_from_record"))
   if result.test is not None:  # None when a signal stopped the run (it said so)
     print(f"test accuracy {result.test['accuracy']:.4f}  loss {result.test['loss']:.4f}"
-          f"  ({len(test_set['targets'])} images)  ->  {config.workdir}")
+          f"  ({sizes['test']} images)  ->  {config.workdir}")
 
 
 if __name__ == "__main__":

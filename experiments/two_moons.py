@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
-from typing import Annotated
+from typing import Annotated, Literal
 
 import jax
 import jax.numpy as jnp
@@ -50,6 +50,9 @@ class Config:
   full_batch: bool = False  # Also train by full-batch gradient descent; plot both.
   seeds: int = 1  # Train seeds seed..seed+N-1 in one vmapped program; report mean and spread.
   devices: int = 1  # Data-parallel devices.
+  # Where the points live while training: resident on the device, or streamed
+  # (read on the host step by step; the same run, bit for bit); auto: by size.
+  data: Literal["auto", "device", "stream"] = _cli.added_flag("auto")
   overwrite: bool = False  # Replace a different run already in --workdir.
   checkpoint: CheckpointConfig = CheckpointConfig()  # When to save; a rerun resumes.
   # Join a multi-process run (jax.distributed); unset: one process.
@@ -96,7 +99,7 @@ def train(config: Config, *, batch_size: int, workdir: pathlib.Path, extra=None)
   state = create_state(config)
   fit_config = jaxtrain.FitConfig(epochs=config.epochs, batch_size=batch_size,
                                   seed=config.seed, devices=config.devices,
-                                  accumulate_steps=config.accumulate_steps)
+                                  accumulate_steps=config.accumulate_steps, data=config.data)
   record = {"experiment": "two_moons", "config": _cli.to_record(config),
             "fit": dataclasses.asdict(fit_config)}
   return run(state, train_set, config=fit_config, workdir=workdir, record=record,
@@ -113,6 +116,9 @@ def train_seeds(config: Config) -> None:
     raise ValueError(f"seeds must be >= 1, got {config.seeds}")
   if config.full_batch:
     raise ValueError("--seeds and --full-batch cannot be combined")
+  if config.data == "stream":
+    raise ValueError("--seeds trains every seed in one program on resident data: "
+                     "--data stream cannot be combined with it")
   seeds = list(range(config.seed, config.seed + config.seeds))
   configs = [dataclasses.replace(config, seed=s) for s in seeds]
   splits = [load_data(c) for c in configs]

@@ -229,6 +229,8 @@ BAD_INPUT = [
     (["--clip-norm", "0"], r"clip[_-]norm", r"0(\.0)?"),
     (["--accumulate-steps", "0"], r"accumulate[_-]steps", r"0"),
     (["--accumulate-steps", "1000"], r"accumulate[_-]steps", r"1000"),
+    (["--data", "disk"], r"data", r"'?disk'?"),
+    (["--seeds", "2", "--data", "stream"], r"--seeds", r"stream"),
 ]
 
 

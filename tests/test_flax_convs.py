@@ -15,7 +15,7 @@ import pytest
 import jaxtrain
 from benchmarks.baselines import FlaxExampleCNN
 from jaxtrain.nn.conv import flax_convs
-from jaxtrain.train.config import _runs_primitive, choose_execution
+from jaxtrain.train.planning import _runs_primitive, choose_execution
 
 MATMUL_CASES = {
     "3x3 same": dict(features=4, kernel_size=(3, 3)),

@@ -1,5 +1,7 @@
-"""Data: mini-batches in a seeded order (:mod:`~jaxtrain.data.batching`) and the
-sources that give arrays (:mod:`~jaxtrain.data.sources`, MNIST, tfds).
+"""Data: mini-batches in a seeded order (:mod:`~jaxtrain.data.batching`), the
+loaders that give arrays (:mod:`~jaxtrain.data.sources`, MNIST, tfds) and the
+random-access sources read by index for data bigger than memory
+(:mod:`~jaxtrain.data.indexed`: memmapped ``.npy``, tfds array_record, Grain).
 
 ``jaxtrain.data`` (also reachable as ``jaxtrain.datasets``) re-exports both:
 
@@ -17,6 +19,18 @@ from jaxtrain.data.batching import (
                                    num_batches,
                                    permutation,
 )
+from jaxtrain.data.indexed import (
+                                   ArraySource,
+                                   NpyFile,
+                                   RecordSource,
+                                   Source,
+                                   as_source,
+                                   head,
+                                   length,
+                                   npy_source,
+                                   tfds_source,
+                                   write_npy,
+)
 from jaxtrain.data.mnist import IDX_FILES, load_mnist, load_mnist_idx, read_idx
 from jaxtrain.data.sources import (
                                    DEFAULT_FRACTIONS,
@@ -32,8 +46,10 @@ from jaxtrain.data.sources import (
 from jaxtrain.data.tfds import TFDS_IMAGE_SHAPES, load_tfds
 
 __all__ = [
-    "DEFAULT_FRACTIONS", "IDX_FILES", "NUM_CLASSES", "TFDS_IMAGE_SHAPES", "Arrays",
-    "DataError", "Dataset", "batches", "check_arrays", "check_length", "epoch_indices",
-    "gather_rows", "load", "load_mnist", "load_mnist_idx", "load_tfds", "normalize_images",
-    "num_batches", "permutation", "read_idx", "split", "standardize", "take", "two_moons",
+    "DEFAULT_FRACTIONS", "IDX_FILES", "NUM_CLASSES", "TFDS_IMAGE_SHAPES", "ArraySource",
+    "Arrays", "DataError", "Dataset", "NpyFile", "RecordSource", "Source", "as_source", "batches",
+    "check_arrays", "check_length", "epoch_indices", "gather_rows", "head", "length", "load",
+    "load_mnist", "load_mnist_idx", "load_tfds", "normalize_images", "npy_source",
+    "num_batches", "permutation", "read_idx", "split", "standardize", "take", "tfds_source",
+    "two_moons", "write_npy",
 ]

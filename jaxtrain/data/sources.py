@@ -23,6 +23,7 @@ import numpy as np
 from jaxtrain.core.keys import as_key
 from jaxtrain.data import mnist, tfds
 from jaxtrain.data.arrays import Arrays, DataError, check_length
+from jaxtrain.data.indexed import Source
 
 #: name -> number of classes, for every name :func:`load` accepts.
 NUM_CLASSES = {"two_moons": 2, "mnist": 10, "fashion_mnist": 10, "cifar10": 10}
@@ -110,7 +111,8 @@ def split(arrays: Mapping[str, np.ndarray], key,
   Part boundaries are ``round(n * cumsum(fractions))``, so sizes add up to ``n``.
 
   Args:
-    arrays: dict of arrays with a shared leading axis.
+    arrays: dict of arrays with a shared leading axis, or a
+      :class:`~jaxtrain.data.Source` (then the parts are views on its rows).
     key: a ``jax.random.key`` or legacy ``PRNGKey``; same key, same split.
     fractions: positive fractions summing to 1 (default 60/20/20).
 
@@ -121,7 +123,7 @@ def split(arrays: Mapping[str, np.ndarray], key,
   >>> [len(p["targets"]) for p in split(data, jax.random.key(0))]
   [6, 2, 2]
   """
-  n = check_length(arrays, "split", DataError)
+  n = len(arrays) if isinstance(arrays, Source) else check_length(arrays, "split", DataError)
   rng = _rng(key, "split")
   fractions = tuple(fractions)
   if not fractions or any(not f > 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
@@ -130,20 +132,24 @@ def split(arrays: Mapping[str, np.ndarray], key,
   if any(a >= b for a, b in zip(bounds, bounds[1:])):
     raise DataError(f"split: fractions {fractions} leave an empty part of n={n} rows")
   order = rng.permutation(n)
+  if isinstance(arrays, Source):  # views on the same rows, read when needed
+    return tuple(arrays.subset(order[a:b]) for a, b in zip(bounds, bounds[1:]))
   return tuple({k: np.asarray(v)[order[a:b]] for k, v in arrays.items()}
                for a, b in zip(bounds, bounds[1:]))
 
 
 def take(arrays: Mapping[str, np.ndarray], start: int, stop: int) -> Arrays:
-  """Rows ``start:stop`` of every array (deterministic, no key).
+  """Rows ``start:stop`` of every array, or of a source (deterministic, no key).
 
   >>> take({"targets": np.arange(5)}, 1, 3)["targets"].tolist()
   [1, 2]
   """
-  n = check_length(arrays, "take", DataError)
+  n = len(arrays) if isinstance(arrays, Source) else check_length(arrays, "take", DataError)
   if not (isinstance(start, int | np.integer) and isinstance(stop, int | np.integer)
           and 0 <= start <= stop <= n):
     raise DataError(f"take: need 0 <= start <= stop <= {n}, got start={start!r} stop={stop!r}")
+  if isinstance(arrays, Source):
+    return arrays.subset(np.arange(start, stop))
   return {k: np.asarray(v)[start:stop] for k, v in arrays.items()}
 
 

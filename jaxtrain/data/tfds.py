@@ -25,6 +25,23 @@ def _one_line(e: BaseException) -> str:
   return f"{type(e).__name__}: {text[:120]}{'...' if len(text) > 120 else ''}"
 
 
+def open_error(where: str, name: str, data_dir, e: BaseException) -> DataError:
+  """The one-line error for a tfds dataset that ``tfds.data_source`` cannot open."""
+  place = data_dir or "the default data_dir ($TFDS_DATA_DIR or ~/tensorflow_datasets)"
+  if isinstance(e, ImportError):
+    # tfds needs TensorFlow (and its own extras) to download and prepare.
+    return DataError(
+        f"{where}: {name!r} is not prepared in {place}, and preparing it needs "
+        f"TensorFlow and network access ({_one_line(e)}): install the tfds extra "
+        "(uv sync --extra tfds) where the network is reachable, run "
+        f"tfds.builder({name!r}, file_format='array_record').download_and_prepare() "
+        "and copy the prepared folder here, or use an IDX folder")
+  return DataError(
+      f"{where}: {name!r} is not readable as array_record in {place} ({_one_line(e)}); "
+      f"prepare it once where TensorFlow is installed: tfds.builder({name!r}, "
+      f"file_format='array_record').download_and_prepare()")
+
+
 def load_tfds(name: str, *, data_dir=None, splits: Sequence[str] = ("train", "test"),
               download: bool = False) -> dict[str, Arrays]:
   """Reads whole splits of a tensorflow-datasets image dataset into numpy arrays.
@@ -63,19 +80,8 @@ def load_tfds(name: str, *, data_dir=None, splits: Sequence[str] = ("train", "te
   where = data_dir or "the default data_dir ($TFDS_DATA_DIR or ~/tensorflow_datasets)"
   try:
     sources = tfds.data_source(name, split=list(splits), data_dir=data_dir, download=download)
-  except ImportError as e:
-    # tfds needs TensorFlow (and its own extras) to download and prepare.
-    raise DataError(
-        f"load_tfds: {name!r} is not prepared in {where}, and preparing it needs "
-        f"TensorFlow and network access ({_one_line(e)}): install the tfds extra "
-        "(uv sync --extra tfds) where the network is reachable, run "
-        f"tfds.builder({name!r}, file_format='array_record').download_and_prepare() "
-        "and copy the prepared folder here, or use an IDX folder") from e
   except Exception as e:  # tfds raises many types; keep the cause chained.
-    raise DataError(
-        f"load_tfds: {name!r} is not readable as array_record in {where} ({_one_line(e)}); "
-        f"prepare it once where TensorFlow is installed: tfds.builder({name!r}, "
-        f"file_format='array_record').download_and_prepare()") from e
+    raise open_error("load_tfds", name, data_dir, e) from e
   shape = TFDS_IMAGE_SHAPES[name]
   out = {}
   for split_name, source in zip(splits, sources):

@@ -2,27 +2,23 @@
 streamed from the host, behind one :class:`Feed` interface.
 
 :class:`DeviceFeed` keeps the arrays on the device and runs many steps, across
-epochs and with their evaluations, per call (the fast path). :class:`HostFeed`
-is for data that do not fit: each batch is gathered on the host in the same
-epoch order (:func:`jaxtrain.data.epoch_indices` from the same key) and sent to
-the device while the previous step runs, and the same compiled step body trains
-on it, so both feeds give the same run. :func:`fetch` brings a call's results
-to the host in one sync.
+epochs and with their evaluations, per call (the fast path).
+:class:`jaxtrain.engine.stream.StreamFeed` is for data that do not fit: each
+step's rows are read on the host in the same epoch order
+(:func:`jaxtrain.data.epoch_indices` from the same key) while the device trains,
+and the same compiled step body trains on them, so both feeds give the same
+run. :func:`fetch` brings a call's results to the host in one sync.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from jaxtrain.core.keys import key_for
-from jaxtrain.data.arrays import gather_rows
-from jaxtrain.data.batching import batches, epoch_indices
+from jaxtrain.data.indexed import Source
 from jaxtrain.engine.programs import Carry, Data, Programs
 from jaxtrain.engine.spec import ProgramSpec
 
@@ -47,7 +43,8 @@ def _stack_sums(sums):
 
 
 class Feed:
-  """What ``fit`` asks of a feed; :class:`DeviceFeed` and :class:`HostFeed` implement it.
+  """What ``fit`` asks of a feed; :class:`DeviceFeed` and
+  :class:`~jaxtrain.engine.stream.StreamFeed` implement it.
 
   Attributes:
     spec: the run's program description.
@@ -115,69 +112,9 @@ class DeviceFeed(Feed):
     return carry, chunks
 
   def evaluate(self, state, sets=None):
-    evals = self.evals if sets is None else {k: self.place(v) for k, v in sets.items()}
+    evals = self.evals if sets is None else {
+        k: self.place(v.to_arrays() if isinstance(v, Source) else v) for k, v in sets.items()}
     return self.programs.evaluate(state, evals)
-
-
-class HostFeed(Feed):
-  """Batches gathered on the host and prefetched; one step per call."""
-
-  def __init__(self, spec: ProgramSpec, train, evals: Mapping[str, Mapping], *,
-               augment=None, mesh=None):
-    step_spec = dataclasses.replace(spec, num_train=spec.batch_size, shuffle=False,
-                                    drop_remainder=False, eval_every=0, max_steps=0)
-    eval_spec = dataclasses.replace(step_spec, batch_size=spec.eval_batch_size,
-                                    num_train=spec.eval_batch_size)
-    super().__init__(spec, Programs(step_spec, augment=augment, mesh=mesh))
-    self.train_arrays, self.evals = train, dict(evals)
-    self.eval_programs = Programs(eval_spec, mesh=mesh)
-    self._epoch, self._order = None, None
-
-  def _batch(self, run_key, step: int):
-    epoch, index = divmod(step, self.spec.steps_per_epoch)
-    if self._epoch != epoch:
-      n = len(self.train_arrays["targets"])
-      self._order = jax.device_get(epoch_indices(
-          key_for(run_key, "shuffle", epoch), n, self.spec.batch_size,
-          self.spec.drop_remainder))
-      self._epoch = epoch
-    rows = gather_rows(self.train_arrays, self._order[0][index], self._order[1][index])
-    return Data(self.place(rows), {}, {})
-
-  def train(self, carry, run_key, first, num_steps):
-    chunks = []
-    data = self._batch(run_key, first)
-    for step in range(first, first + num_steps):
-      # The one-step program sees a one-batch "epoch": step 0 of epoch 0 is this
-      # batch, while the state's own step keeps the dropout keys global.
-      carry, out = self.programs.train(carry, data, run_key, 0, 1, straight=True)
-      if step + 1 < first + num_steps:
-        # Prepared while the step above runs (dispatch is asynchronous).
-        data = self._batch(run_key, step + 1)
-      carry, sums = self._epoch_end(carry, step)
-      chunks.append(Chunk(step, 1, out.steps, sums))
-    return carry, chunks
-
-  def evaluate(self, state, sets=None):
-    totals = {}
-    for name, arrays in (self.evals if sets is None else sets).items():
-      for batch in batches(arrays, self.spec.eval_batch_size):
-        sums = self.eval_programs.evaluate(state, {name: self.place(batch)})[name]
-        totals[name] = sums if name not in totals else jax.tree.map(
-            jnp.add, totals[name], sums)
-    return totals
-
-
-def make_feed(spec: ProgramSpec, train, evals: Mapping[str, Mapping], *, on_device: bool,
-              augment=None, mesh=None, step_evals: bool = False,
-              straight: bool = False) -> Feed:
-  """The feed for a run: on the device, or streamed from the host."""
-  if on_device:
-    return DeviceFeed(spec, train, evals, augment=augment, mesh=mesh,
-                      step_evals=step_evals, straight=straight)
-  if step_evals:
-    raise ValueError("eval_every_steps needs the data on the device (data='device')")
-  return HostFeed(spec, train, evals, augment=augment, mesh=mesh)
 
 
 def fetch(chunks: Sequence[Chunk], steps_per_epoch: int, *, members: bool = False):
@@ -203,9 +140,11 @@ def fetch(chunks: Sequence[Chunk], steps_per_epoch: int, *, members: bool = Fals
   return steps, epoch_sums
 
 
-def fits_on_device(*trees) -> bool:
-  """Whether arrays of this size should live on the device (half its memory)."""
-  size = sum(np.asarray(leaf).nbytes for tree in trees for leaf in jax.tree.leaves(tree))
+def fits_on_device(*sets) -> bool:
+  """Whether these sets (dicts of arrays, :class:`~jaxtrain.data.Source` objects or
+  None) should live on the device: under half its memory."""
+  size = sum(len(s) * s.row_bytes() if isinstance(s, Source)
+             else sum(np.asarray(leaf).nbytes for leaf in jax.tree.leaves(s)) for s in sets)
   stats = jax.local_devices()[0].memory_stats() or {}
   limit = stats.get("bytes_limit", 8 << 30)  # CPU: the host's memory; be modest
   return size <= limit // 2

@@ -34,10 +34,10 @@ from jax.sharding import PartitionSpec as P
 
 from jaxtrain.core import plateau as plateau_lib
 from jaxtrain.core.keys import key_for
-from jaxtrain.core.metrics import means
+from jaxtrain.core.metrics import is_sum, means
 from jaxtrain.core.optim import current_learning_rate
 from jaxtrain.core.state import TrainState
-from jaxtrain.core.step import accumulate_gradients
+from jaxtrain.core.step import accumulate_gradients, eval_step
 from jaxtrain.data.arrays import gather_rows
 from jaxtrain.data.batching import epoch_indices
 from jaxtrain.engine import best as best_lib
@@ -110,13 +110,9 @@ class Outputs(NamedTuple):
 
 
 def _train_step(spec: ProgramSpec, augment, axis_name, carry: Carry, data: Data, run_key,
-                indices, masks, i) -> tuple[Carry, dict]:
-  """Step ``i`` of the epoch whose batches are ``indices``/``masks``."""
+                batch) -> tuple[Carry, dict]:
+  """One step on ``batch``, this device's rows of the global batch."""
   state, halted = carry.state, carry.halted
-  # Indices come from epoch_indices and are in bounds: no out-of-bounds fill.
-  batch = gather_rows(data.train, local_rows(indices[i], axis_name),
-                      local_rows(masks[i], axis_name),
-                      take=lambda v, idx: v.at[idx].get(mode="promise_in_bounds"))
   if augment is not None:
     # One key per global row position, so the augmentation of a row does not
     # depend on how the batch is split across devices.
@@ -168,6 +164,26 @@ def _epoch_batches(spec: ProgramSpec, run_key, epoch):
       spec.batch_size, spec.drop_remainder)
 
 
+def _resident_batches(spec: ProgramSpec, axis_name, data: Data, span: Span):
+  """``epoch -> (i -> batch i)``: rows gathered from the resident training
+  arrays in the epoch's order."""
+  def of_epoch(epoch):
+    indices, masks = _epoch_batches(spec, span.run_key, epoch)
+    # Indices come from epoch_indices and are in bounds: no out-of-bounds fill.
+    return lambda i: gather_rows(
+        data.train, local_rows(indices[i], axis_name), local_rows(masks[i], axis_name),
+        take=lambda v, idx: v.at[idx].get(mode="promise_in_bounds"))
+  return of_epoch
+
+
+def _streamed_batches(spec: ProgramSpec, axis_name, data: Data, span: Span):
+  """``epoch -> (i -> batch i)``: the rows the host read for the span, one
+  ``[steps, rows, ...]`` block per array (already this device's rows)."""
+  spe = spec.steps_per_epoch
+  return lambda epoch: lambda i: jax.tree.map(
+      lambda v: v[epoch * spe + i - span.first], data.train)
+
+
 def _pack(metrics: Mapping[str, jax.Array], like: Mapping) -> jax.Array:
   """Scalar metrics as one float32 vector (in ``like``'s order): one buffer
   write per step, not one each."""
@@ -178,30 +194,31 @@ def _unpack(packed: jax.Array, like: Mapping[str, jax.ShapeDtypeStruct]) -> dict
   return {k: packed[..., j].astype(v.dtype) for j, (k, v) in enumerate(like.items())}
 
 
-def _train_span(spec: ProgramSpec, augment: Augment | None, axis_name, carry: Carry,
-                data: Data, span: Span) -> tuple[Carry, Outputs]:
-  """Runs global steps ``span.first .. span.first + span.num`` across epochs."""
+def _train_span(spec: ProgramSpec, augment: Augment | None, axis_name, batches,
+                carry: Carry, data: Data, span: Span) -> tuple[Carry, Outputs]:
+  """Runs global steps ``span.first .. span.first + span.num`` across epochs,
+  on the batches ``batches(spec, axis_name, data, span)`` gives."""
   spe = spec.steps_per_epoch
   first, run_key = span.first, span.run_key
   last = first + span.num
   first_epoch = first // spe
   step = functools.partial(_train_step, spec, augment, axis_name)
+  batch_of = batches(spec, axis_name, data, span)
   zero = jnp.zeros((), jnp.int32)
-  shapes = jax.eval_shape(
-      lambda c, k: step(c, data, run_key, *_epoch_batches(spec, k, zero), zero)[1],
-      carry, run_key)
+  shapes = jax.eval_shape(lambda c, s: step(c, data, run_key, batch_of(zero)(zero))[1],
+                          carry, span)
   steps = jnp.zeros((spec.span, len(shapes)), jnp.float32)
   sums_shapes = jax.eval_shape(functools.partial(evaluate_all, spec, axis_name),
                                carry.state, data.epoch_evals)
   sums = jax.tree.map(lambda v: jnp.zeros((spec.epoch_slots,) + v.shape, v.dtype), sums_shapes)
 
   def epoch_body(epoch, loop):
-    indices, masks = _epoch_batches(spec, run_key, epoch)
+    batch = batch_of(epoch)
     base = epoch * spe - first  # buffer entry of the epoch's step 0
 
     def step_body(i, loop):
       carry, steps = loop
-      carry, metrics = step(carry, data, run_key, indices, masks, i)
+      carry, metrics = step(carry, data, run_key, batch(i))
       return carry, steps.at[base + i].set(_pack(metrics, shapes))
 
     carry, steps, sums = loop
@@ -222,24 +239,47 @@ def _train_span(spec: ProgramSpec, augment: Augment | None, axis_name, carry: Ca
   return carry, Outputs(_unpack(steps, shapes), sums)
 
 
-def _train_one(spec: ProgramSpec, augment: Augment | None, axis_name, carry: Carry,
-               data: Data, span: Span) -> tuple[Carry, Outputs]:
+def _train_one(spec: ProgramSpec, augment: Augment | None, axis_name, batches,
+               carry: Carry, data: Data, span: Span) -> tuple[Carry, Outputs]:
   """One step, straight-line (no loop): XLA:CPU runs convolutions inside loops
   far slower (jax#12868). Metrics come back with a leading axis of length 1; the
   caller evaluates at epoch ends (``Outputs.epochs`` is None)."""
   epoch, index = jnp.divmod(span.first, spec.steps_per_epoch)
-  indices, masks = _epoch_batches(spec, span.run_key, epoch)
-  carry, metrics = _train_step(spec, augment, axis_name, carry, data, span.run_key, indices,
-                               masks, index)
+  batch = batches(spec, axis_name, data, span)(epoch)(index)
+  carry, metrics = _train_step(spec, augment, axis_name, carry, data, span.run_key, batch)
   return carry, Outputs(jax.tree.map(lambda m: m[None], metrics), None)
 
 
+def _add_batch_sums(axis_name, state, totals, batch):
+  """``totals`` plus the sums of one evaluation batch (this device's rows):
+  a streamed set is evaluated batch by batch in the order of :func:`evaluate`."""
+  sums = {k: v for k, v in eval_step(state, batch, axis_name=axis_name).items() if is_sum(k)}
+  return jax.tree.map(jnp.add, totals, sums)
+
+
+_TRAIN_KINDS = {"train": (_train_span, _resident_batches),
+                "step": (_train_one, _resident_batches),
+                "stream": (_train_span, _streamed_batches),
+                "stream_step": (_train_one, _streamed_batches)}
+
+
 def _program(kind, spec, augment, axis_name):
-  if kind == "train":
-    return functools.partial(_train_span, spec, augment, axis_name)
-  if kind == "step":
-    return functools.partial(_train_one, spec, augment, axis_name)
+  if kind in _TRAIN_KINDS:
+    body, batches = _TRAIN_KINDS[kind]
+    return functools.partial(body, spec, augment, axis_name, batches)
+  if kind == "eval_batch":
+    return functools.partial(_add_batch_sums, axis_name)
   return functools.partial(evaluate_all, spec, axis_name)
+
+
+def _in_specs(kind, axis_name):
+  """shard_map's in_specs: everything replicated, except streamed rows, which
+  arrive split over the devices (each holds its own rows only)."""
+  if kind in ("stream", "stream_step"):
+    return (P(), Data(P(None, axis_name), P(), P()), P())
+  if kind == "eval_batch":
+    return (P(), P(), P(axis_name))
+  return (P(),) * (3 if kind in _TRAIN_KINDS else 2)
 
 
 def _traced_with_convs(fn, impl: str):
@@ -267,15 +307,17 @@ def _compiled(kind, spec, augment, mesh, donate, members, member_data):
     fn = jax.vmap(fn, in_axes=(0, 0, None)) if members else fn
     return jax.jit(fn, donate_argnums=(0,) if donate else ())
   fn = _traced_with_convs(_program(kind, spec, augment, axis_name), spec.conv_impl)
-  if kind in ("train", "step"):
-    in_axes, donated = (0, data_axis, Span(0, None, None)), donate
+  if kind in _TRAIN_KINDS:
+    in_axes, donated = (0, data_axis, Span(0, None, None)), (0,) if donate else ()
+  elif kind == "eval_batch":
+    in_axes, donated = (None, 0, None), (1,)
   else:
-    in_axes, donated = (0, data_axis), False
+    in_axes, donated = (0, data_axis), ()
   if members:
     fn = jax.vmap(fn, in_axes=in_axes)
   if mesh is not None:
-    fn = jax.shard_map(fn, mesh=mesh, in_specs=(P(),) * len(in_axes), out_specs=P())
-  return jax.jit(fn, donate_argnums=(0,) if donated else ())
+    fn = jax.shard_map(fn, mesh=mesh, in_specs=_in_specs(kind, axis_name), out_specs=P())
+  return jax.jit(fn, donate_argnums=donated)
 
 
 class Programs:
@@ -313,18 +355,29 @@ class Programs:
     return _compiled("epoch_end", *self._key)(carry, sums, True)
 
   def train(self, carry: Carry, data: Data, run_key, first: int, num_steps: int, *,
-            straight: bool = False) -> tuple[Carry, Outputs]:
+            straight: bool = False, streamed: bool = False) -> tuple[Carry, Outputs]:
     """Global steps ``first .. first + num_steps``, evaluating at epoch ends.
 
     ``straight`` runs a single step without a loop (``num_steps`` must be 1)
     and leaves evaluation to the caller (``Outputs.epochs`` is None).
+    ``streamed``: ``data.train`` holds the span's batches as the host read
+    them, ``[steps, batch rows, ...]`` per array (split over the devices on a
+    mesh), instead of the whole training set.
     """
     if not 1 <= num_steps <= self.spec.span:
       raise ValueError(f"num_steps must be in 1..{self.spec.span}, got {num_steps}")
     if straight and num_steps != 1:
       raise ValueError(f"a straight-line call runs 1 step, got num_steps={num_steps}")
-    fn = _compiled("step" if straight else "train", *self._key)
+    kind = ("stream" if streamed else "train") + ("_step" if straight else "")
+    kind = kind.replace("train_step", "step")
+    fn = _compiled(kind, *self._key)
     return fn(carry, data, Span(run_key, np.int32(first), np.int32(num_steps)))
+
+  def add_batch_sums(self, state, totals, batch):
+    """``totals`` (donated; zeros at a set's first batch, as in
+    :func:`jaxtrain.engine.evaluate.evaluate`) plus one streamed evaluation
+    batch's sums, the batch split over the devices."""
+    return _compiled("eval_batch", *self._key)(state, totals, batch)
 
   def place(self, tree, *, copy: bool = False):
     """Puts a tree on the device(s) the programs run on (replicated on a mesh).

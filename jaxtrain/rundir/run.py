@@ -24,6 +24,7 @@ from typing import Any
 
 from jaxtrain.core.state import TrainState
 from jaxtrain.data.batching import num_batches
+from jaxtrain.data.indexed import length
 from jaxtrain.engine import distributed
 from jaxtrain.rundir.checkpoint import DIRECTORY, CheckpointConfig, Checkpointer
 from jaxtrain.rundir.monitor import RunMonitor
@@ -43,7 +44,7 @@ RUN_FILES = ("config.json", "metrics.csv", "steps.jsonl", "curves.png", "tensorb
 # Settings that may change between a run and its resumption.
 _NOT_IDENTITY = {"epochs", "overwrite", "workdir", "progress", "checkpoint", "versions",
                  "backend", "devices_info", "every_epochs", "every_steps", "every_seconds",
-                 "build", "distributed"}
+                 "build", "distributed", "data"}
 _ENVIRONMENT = {"versions", "backend", "devices"}
 
 
@@ -220,7 +221,7 @@ def run(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
     if not primary:
       return None
     write_config(workdir, dict(record))
-    steps_per_epoch = num_batches(len(train["targets"]), config.update_batch_size,
+    steps_per_epoch = num_batches(length(train), config.update_batch_size,
                                   config.drop_remainder)
     return RunMonitor(workdir, columns=columns(state, config, train, has_val=val is not None), total_steps=config.epochs * steps_per_epoch,
                       steps_per_epoch=steps_per_epoch, progress=config.progress,

@@ -1,11 +1,10 @@
-"""How to train: :class:`FitConfig`, its checks, and what it implies for a run:
-the compiled programs' :class:`~jaxtrain.engine.spec.ProgramSpec`, the
-execution mode, the feed and the cadence of the host's work."""
+"""How to train: :class:`FitConfig`, its checks, and what it implies for a run's
+epochs (:class:`EpochPlan`), logged columns and the cadence of the host's work.
+What it compiles and how data reach it is :mod:`jaxtrain.train.planning`."""
 
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -13,10 +12,8 @@ import jax
 import numpy as np
 
 from jaxtrain.core.plateau import ReduceLROnPlateau
-from jaxtrain.data.batching import check_arrays, num_batches
-from jaxtrain.engine import parallel
-from jaxtrain.engine.feeds import Feed, fits_on_device, make_feed
-from jaxtrain.engine.spec import ProgramSpec
+from jaxtrain.data.batching import check_arrays
+from jaxtrain.data.indexed import Source, head
 from jaxtrain.nn import conv
 from jaxtrain.train.cadence import Cadence, Every
 from jaxtrain.train.stopping import EarlyStopping, Ranking
@@ -24,6 +21,7 @@ from jaxtrain.train.stopping import EarlyStopping, Ranking
 COLUMNS = ("epoch", "step", "train_loss", "train_accuracy", "val_loss", "val_accuracy",
            "train_loss_running", "learning_rate", "seconds")
 EXECUTIONS = ("auto", "scan", "step")
+DATA = ("auto", "device", "stream", "host")  # "host": the earlier name of "stream"
 MAX_SPAN_STEPS = 4096  # steps one call may run (whole epochs, at least one)
 
 
@@ -45,9 +43,11 @@ class FitConfig:
       ``"skip"`` such updates.
     execution: ``"scan"`` (K steps per compiled call), ``"step"`` (one step per
       call) or ``"auto"`` (chosen per model and backend).
-    data: where the training data live: ``"device"`` (fast path), ``"host"``
-      (streamed batch by batch, prefetched; for data that do not fit) or
-      ``"auto"`` (the device when the arrays take under half its memory).
+    data: where the training data live: ``"device"`` (fast path: resident, a
+      source read whole), ``"stream"`` (read from the host step by step, each
+      process its devices' rows, prefetched in threads; for data that do not
+      fit, see :mod:`jaxtrain.engine.stream`; ``"host"`` is its earlier name) or
+      ``"auto"`` (the device when the sets take under half its memory).
     steps_per_call: the most steps one compiled call runs (0: whole epochs,
       as many as take about a second, up to 4096 steps). Calls also end where
       the host must act: early stopping, histograms, checkpoints.
@@ -116,8 +116,8 @@ def validate(config: FitConfig, n_train: int) -> None:
       bad(name, getattr(config, name), "must be >= 0")
   if config.nonfinite not in ("stop", "skip"):
     bad("nonfinite", config.nonfinite, "must be 'stop' or 'skip'")
-  if config.data not in ("auto", "device", "host"):
-    bad("data", config.data, "must be 'auto', 'device' or 'host'")
+  if config.data not in DATA:
+    bad("data", config.data, f"must be one of {DATA}")
   if config.execution not in EXECUTIONS:
     bad("execution", config.execution, f"must be one of {EXECUTIONS}")
   if config.conv_impl not in conv.IMPLS:
@@ -224,78 +224,6 @@ def plateau_rule(config: FitConfig, evaluated, columns) -> tuple | None:
   return rule, split, metric
 
 
-def choose_execution(state, config: FitConfig, example_inputs) -> str:
-  """``"scan"`` unless measurements say one straight-line step per call is faster.
-
-  XLA:CPU runs ``lax.conv`` inside a loop several times slower than in a
-  straight-line program (jax#12868; 1.03 s against 0.17 s a step in
-  BENCHMARKS.md), so on CPU a model whose forward pass runs a convolution
-  primitive steps one call at a time. The decision reads what the model runs
-  (its forward pass on ``example_inputs``, traced as the programs trace it),
-  not its attributes: jaxtrain's models, and plain ``nn.Conv`` layers under
-  ``conv_impl="auto"``, compute their convolutions as matmuls on CPU and loop
-  fast.
-  """
-  if config.execution != "auto":
-    return config.execution
-  if jax.default_backend() != "cpu":
-    return "scan"
-  if not any(np.ndim(p) == 4 for p in jax.tree.leaves(state.params)):
-    return "scan"  # no convolution kernel: skip tracing the model
-  with conv.flax_convs(config.conv_impl):
-    jaxpr = jax.make_jaxpr(
-        lambda variables, x: state.apply_fn(variables, x, **state.call_kwargs(train=False)))(
-        state.variables, example_inputs)
-  return "step" if _runs_primitive(jaxpr.jaxpr, "conv_general_dilated") else "scan"
-
-
-def _runs_primitive(jaxpr, name: str) -> bool:
-  """Whether ``jaxpr`` or any jaxpr nested in it (jit, custom_vjp, cond, ...) runs ``name``."""
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name == name:
-      return True
-    for param in eqn.params.values():
-      for sub in param if isinstance(param, (tuple, list)) else (param,):
-        inner = getattr(sub, "jaxpr", sub)
-        if hasattr(inner, "eqns") and _runs_primitive(inner, name):
-          return True
-  return False
-
-
-def warn_per_device_batch_norm(state, config: FitConfig, example_inputs) -> None:
-  """Warns when a run on several devices has batch norm whose statistics are
-  not averaged across them (the model runs no collective over the data axis),
-  naming its layers: each device would then normalise by its own shard."""
-  if config.devices < 2 or not state.batch_stats:
-    return
-  def forward(variables, x):
-    return state.apply_fn(variables, x, mutable=["batch_stats"],
-                          rngs={"dropout": jax.random.key(0)}, **state.call_kwargs(train=True))
-
-  jaxpr = jax.make_jaxpr(forward, axis_env=[(parallel.AXIS, config.devices)])(
-      state.variables, example_inputs)
-  if not _runs_primitive(jaxpr.jaxpr, "psum"):
-    layers = ", ".join(sorted(state.batch_stats))
-    warnings.warn(
-        f"batch norm in {layers} keeps per-device statistics on {config.devices} devices: "
-        f"give it axis_name=jaxtrain.parallel.AXIS ({parallel.AXIS!r}) for the "
-        "statistics of the global batch", stacklevel=3)
-
-
-def warn_unmasked_batch_norm(state, config: FitConfig, n_train: int) -> None:
-  """Warns once when a batch-norm model without ``mask=`` will see the padding
-  rows of the ragged last batch of every epoch in its statistics."""
-  ragged = n_train % config.update_batch_size and not config.drop_remainder
-  if ragged and state.batch_stats and not state.passes_mask:
-    layers = ", ".join(sorted(state.batch_stats))
-    warnings.warn(
-        f"the model's __call__ takes no mask=, so its batch norm ({layers}) "
-        f"counts the {config.update_batch_size - n_train % config.update_batch_size} padding "
-        "rows of each "
-        "epoch's last batch: accept mask= (see the README's 'Your own model'), or use "
-        "drop_remainder=True", stacklevel=3)
-
-
 def columns(state, config: FitConfig, train, *, has_val: bool) -> tuple[str, ...]:
   """metrics.csv's columns for a run: :data:`COLUMNS`, and ``train_<name>`` /
   ``val_<name>`` after the accuracies for each metric of ``state.metrics_fn``."""
@@ -304,7 +232,7 @@ def columns(state, config: FitConfig, train, *, has_val: bool) -> tuple[str, ...
   from jaxtrain.core.metrics import mean_name
   from jaxtrain.core.step import eval_step
 
-  example = {"inputs": train["inputs"][:1], "targets": train["targets"][:1]}
+  example = {k: v for k, v in head(train, 1).items() if k in ("inputs", "targets")}
   sums = jax.eval_shape(eval_step, state, example)
   own = [mean_name(k) for k in sums if k.endswith("_sum") and k != "loss_sum"]
   splits = (["train"] if config.evaluate_train else []) + (["val"] if has_val else [])
@@ -312,36 +240,20 @@ def columns(state, config: FitConfig, train, *, has_val: bool) -> tuple[str, ...
   return COLUMNS[:at] + tuple(f"{s}_{n}" for s in splits for n in own) + COLUMNS[at:]
 
 
-def as_arrays(split: Mapping[str, Any] | None, name: str):
-  """A split as numpy arrays after checking it (None stays None)."""
+def as_arrays(split: Mapping[str, Any] | Source | None, name: str):
+  """A split as numpy arrays after checking it (None stays None, a
+  :class:`~jaxtrain.data.Source` stays a source)."""
   if split is None:
     return None
+  if isinstance(split, Source):
+    if not {"inputs", "targets"} <= set(split.fields()):
+      raise ValueError(f"{name} data must hold 'inputs' and 'targets', got "
+                       f"{sorted(split.fields())} from {split.name}")
+    return split
   check_arrays(split, 1)
   if not {"inputs", "targets"} <= set(split):
     raise ValueError(f"{name} data must hold 'inputs' and 'targets', got {sorted(split)}")
   return {k: np.asarray(v) for k, v in split.items()}
-
-
-def program_spec(config: FitConfig, n_train: int, eval_sizes=(), best=None,
-                 plateau=None) -> ProgramSpec:
-  """The compiled programs' static description for a run of ``config``."""
-  spe = num_batches(n_train, config.update_batch_size, config.drop_remainder)
-  return ProgramSpec(
-      num_train=n_train, batch_size=config.update_batch_size,
-      accumulate=config.accumulate_steps,
-      eval_batch_size=eval_batch_size(config, [n_train, *eval_sizes]),
-      drop_remainder=config.drop_remainder, nonfinite=config.nonfinite,
-      eval_every=config.eval_every_steps, best=best, plateau=plateau,
-      conv_impl=config.conv_impl,
-      max_steps=config.steps_per_call or spe * max(1, MAX_SPAN_STEPS // spe))
-
-
-def eval_batch_size(config: FitConfig, sizes) -> int:
-  """Evaluation batches: at least the training batch, no larger than the largest
-  set, divisible by the devices."""
-  size = config.eval_batch_size or max(config.batch_size, 1024)
-  size = min(size, max(sizes))  # never pad a small set to a huge batch
-  return -(-size // config.devices) * config.devices
 
 
 def plan_cadence(config: FitConfig, steps_per_epoch: int, checkpointer=None,
@@ -361,26 +273,3 @@ def plan_cadence(config: FitConfig, steps_per_epoch: int, checkpointer=None,
   if every_epoch:
     concerns["best"] = Every(epochs=1)
   return Cadence(steps_per_epoch, config.epochs * steps_per_epoch, concerns)
-
-
-def plan_feed(state, train, config: FitConfig, *, val=None, test=None, augment=None,
-              epochs: EpochPlan | None = None) -> Feed:
-  """The feed (and so the compiled programs) a run of ``config`` trains through:
-  on the device or streamed from the host, over ``config.devices`` devices, in
-  the execution mode :func:`choose_execution` picks, with the epoch-end work
-  ``epochs`` plans (the best epoch's parameters, ReduceLROnPlateau) on the device."""
-  mesh = (parallel.local_mesh(parallel.run_devices(config.devices))
-          if config.devices > 1 else None)
-  evals = {"train": train} if config.evaluate_train else {}
-  if val is not None:
-    evals["val"] = val
-  spec = program_spec(config, len(train["targets"]),
-                      [len(s["targets"]) for s in (val, test) if s],
-                      best=epochs.device_rule(evals) if epochs is not None else None,
-                      plateau=epochs.plateau if epochs is not None else None)
-  on_device = config.data == "device" or (config.data == "auto" and fits_on_device(train, val))
-  execution = choose_execution(state, config, train["inputs"][:1])
-  warn_per_device_batch_norm(state, config, train["inputs"][:1])
-  warn_unmasked_batch_norm(state, config, len(train["targets"]))
-  return make_feed(spec, train, evals, on_device=on_device, augment=augment, mesh=mesh,
-                   step_evals=bool(config.eval_every_steps), straight=execution == "step")

@@ -26,6 +26,7 @@ from jaxtrain.core import plateau as plateau_lib
 from jaxtrain.core.metrics import means
 from jaxtrain.core.state import TrainState, state_arrays, with_arrays
 from jaxtrain.core.step import compute_gradients
+from jaxtrain.data.indexed import head, length
 from jaxtrain.engine import best as best_lib
 from jaxtrain.engine import distributed, parallel
 from jaxtrain.engine.feeds import Feed, fetch
@@ -38,10 +39,10 @@ from jaxtrain.train.config import (
   columns,
   plan_cadence,
   plan_epochs,
-  plan_feed,
   validate,
 )
-from jaxtrain.train.ledger import Advance, Fetched, Position, advance
+from jaxtrain.train.ledger import Advance, Fetched, Position, advance, extend
+from jaxtrain.train.planning import plan_feed
 from jaxtrain.train.stopping import Best
 
 
@@ -153,7 +154,7 @@ def fit(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
   """
   train, val, test = (as_arrays(s, n) for s, n in ((train, "train"), (val, "val"),
                                                   (test, "test")))
-  validate(config, len(train["targets"]))
+  validate(config, length(train))
   if config.reduce_lr_on_plateau is not None and state.plateau is None:
     state = state.replace(plateau=plateau_lib.init(config.reduce_lr_on_plateau))
   logged = columns(state, config, train, has_val=val is not None)
@@ -179,7 +180,7 @@ def fit(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
     tree["best"] = jax.tree.map(jnp.copy, {k: tree["state"][k]
                                            for k in ("params", "batch_stats")})
   position, tree = _resume(checkpointer, tree, log or print,
-                           Position.at(int(np.asarray(state.step)), spe))
+                           Position.at(int(np.asarray(state.step)), spe), feed.spec.num_train)
   monitor, owns_monitor = _open_monitor(monitor, position)
   try:
     run = _Run(config, feed,
@@ -198,7 +199,7 @@ def fit(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
         jax.local_devices()[: config.devices]))
     history = {"epoch": {c: [] for c in logged}, "step": {}}
     for row in position.rows:
-      _extend(history["epoch"], row)
+      extend(history["epoch"], row)
     pace, lagged, interrupted, reason = Pace(), None, None, position.stop_reason
     first = position.step(spe)
     compiled = False
@@ -270,13 +271,18 @@ def fit(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
       monitor.close()
 
 
-def _resume(checkpointer, tree, say, start: Position) -> tuple[Position, Any]:
+def _resume(checkpointer, tree, say, start: Position, num_train: int
+            ) -> tuple[Position, Any]:
   """The position and arrays of the latest good checkpoint, else ``start``."""
   restored = (checkpointer.restore(lambda saved: {k: v for k, v in tree.items() if k in saved})
               if checkpointer is not None else None)
   if restored is None:
     return start, tree
   step, restored, meta = restored
+  if meta.get("num_train", num_train) != num_train:
+    raise ValueError(f"the training set has {num_train} rows, but the checkpoint at step {step} "
+                     f"in {checkpointer.directory} was trained on {meta['num_train']}: "
+                     "resume with the same data, or start a new run directory")
   position = Position.from_json(meta["position"])
   if "best" in tree and "best" not in restored:
     # Written by a run that kept no best parameters (an earlier jaxtrain):
@@ -319,13 +325,13 @@ def _absorb(run: _Run, call: _Call, position: Position, pace: Pace, state, best,
   done = advance(position, Fetched(call.first, steps, epoch_sums, per_step),
                  steps_per_epoch=spe, nonfinite=run.config.nonfinite,
                  rule=run.config.early_stopping, ranking=run.plan.ranking)
-  _extend(history["step"], {"step": done.steps, **done.metrics})
+  extend(history["step"], {"step": done.steps, **done.metrics})
   if run.monitor is not None:
     run.monitor.log_steps(done.steps, done.metrics)
   if done.nonfinite:
     run.log(done.nonfinite)
   for row in done.rows:
-    _extend(history["epoch"], row)
+    extend(history["epoch"], row)
     if run.monitor is not None:
       run.monitor.log_epoch(row)
       if "histograms" in run.cadence.due(row["step"]):
@@ -344,6 +350,7 @@ def _save(run: _Run, position: Position, carry: Carry, best, *, metric=None) -> 
   if run.plan.keep:
     saved["best"] = best if best is not None else best_lib.variables(carry.best)
   meta = {"position": position.to_json(), "seed": run.config.seed,
+          "num_train": run.feed.spec.num_train,
           "run_key": np.asarray(jax.random.key_data(run.run_key)).tolist()}
   run.checkpointer.save(position.step(run.feed.spec.steps_per_epoch), saved, meta, metric)
 
@@ -359,18 +366,9 @@ def _interrupted(run: _Run, signal_name: str, position: Position, spe: int) -> s
   return f"interrupted by {signal_name}"
 
 
-def _extend(table: dict[str, list], values: Mapping[str, Any]) -> None:
-  for key, value in values.items():
-    column = table.setdefault(key, [])
-    if isinstance(value, np.ndarray):
-      column.extend(value.tolist())
-    else:
-      column.append(value)
-
-
 def _gradients(run: _Run, state: TrainState):
   """The gradient on the first training batch, for histograms."""
-  batch = {k: v[: run.config.batch_size] for k, v in run.train.items()}
+  batch = head(run.train, run.config.batch_size)
   grads, _, _ = _jit_gradients(jax.device_get(state), batch, run.run_key)
   return grads
 

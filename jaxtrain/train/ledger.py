@@ -218,3 +218,14 @@ def advance(position: Position, fetched: Fetched, *, steps_per_epoch: int,
     if early_stop:
       break
   return Advance(position, steps, metrics, tuple(rows), message, early_stop)
+
+
+def extend(table: dict[str, list], values: Mapping[str, Any]) -> None:
+  """Appends ``values`` (scalars, or numpy arrays of many) to the columns of
+  ``table``, starting columns it lacks."""
+  for key, value in values.items():
+    column = table.setdefault(key, [])
+    if isinstance(value, np.ndarray):
+      column.extend(value.tolist())
+    else:
+      column.append(value)

@@ -20,8 +20,9 @@ from jaxtrain.core.metrics import means
 from jaxtrain.core.state import TrainState
 from jaxtrain.engine.feeds import Chunk, fetch
 from jaxtrain.engine.programs import Carry, Data, Programs
-from jaxtrain.train.config import FitConfig, as_arrays, program_spec, validate
+from jaxtrain.train.config import FitConfig, as_arrays, validate
 from jaxtrain.train.ledger import set_means
+from jaxtrain.train.planning import program_spec
 
 
 def stack(trees: Sequence[Any]) -> Any:
