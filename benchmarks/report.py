@@ -164,6 +164,11 @@ def _verdicts(workload: Workload, results) -> list[str]:
               f"row ({t}) in steps/s; row {fit_keys[0]} {first:.2f}x")
     else:
       out.append(f"- MUST {workload.must}: PyTorch not measured")
+  elif name.startswith("stream_"):
+    for key in ("fit_stream", "fit_stream_npy"):
+      if steady(key) and steady("fit"):
+        ratio = steady("fit") / steady(key)
+        verdict(ratio >= 0.9, f"{key} {ratio:.2f}x the resident row's steps/s")
   elif name == "seeds":
     if steady("many") and steady("fit_seq"):
       ratio = steady("fit_seq") / steady("many")

@@ -25,6 +25,7 @@ import time
 
 from benchmarks.timing import CompileCounter, matmul_timer, repeat, rss_mb, timed
 from benchmarks.workloads import (
+  BASE,
   ROOT,
   SEEDS,
   SETTINGS,
@@ -52,11 +53,17 @@ def work_fit(workload: str, row: Row, repeats: int) -> dict:
   counter = CompileCounter()
   train, val = load_data(workload, row)
   model, tx = jaxtrain_model(workload, row), jaxtrain_tx(workload)
-  loss_fn = losses.binary_cross_entropy_with_logits if SETTINGS[workload]["loss"] == "bce" \
+  loss_fn = losses.binary_cross_entropy_with_logits if SETTINGS[
+      BASE.get(workload, workload)]["loss"] == "bce" \
       else losses.cross_entropy
   config = fit_config(workload, row)
   example = train["inputs"][:1]
   result = {}
+  if row.opt("source") == "arrays":
+    train = jaxtrain.data.ArraySource(train)
+  elif row.opt("source") == "npy":
+    folder = tempfile.mkdtemp(prefix="jaxtrain-bench-")
+    train = jaxtrain.data.write_npy(folder, train)
 
   def setup():
     return jaxtrain.create_train_state(model, tx, jax.random.key(0), example, loss_fn=loss_fn)
@@ -79,7 +86,7 @@ def work_fit(workload: str, row: Row, repeats: int) -> dict:
       peaks.append(measure())
     times.append(timed(run, setup))
   compiles_steady = counter.count - before
-  from jaxtrain.train.config import choose_execution
+  from jaxtrain.train.planning import choose_execution
   state = jaxtrain.create_train_state(model, tx, jax.random.key(0), example, loss_fn=loss_fn)
   last = {k: v[-1] for k, v in result["last"].items() if v and isinstance(v[-1], float)}
   return {"first_s": first, "second_s": second, "times": times, "matmul_s": peaks,
@@ -282,8 +289,8 @@ def worker(spec: str, repeats: int) -> None:
   result = WORKERS[row.kind](workload, row, repeats)
   result.setdefault("rss_mb", rss_mb())
   result["load_end"] = os.getloadavg()
-  if "steps" not in result and workload in SETTINGS:
-    s = SETTINGS[workload]
+  if "steps" not in result and BASE.get(workload, workload) in SETTINGS:
+    s = SETTINGS[BASE.get(workload, workload)]
     result["steps"] = s["epochs"] * (num_train(workload, row) // s["batch"])
     result["batch"] = s["batch"]
   print("@@RESULT " + json.dumps(result))

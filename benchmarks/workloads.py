@@ -30,6 +30,10 @@ MATMUL_N = 2048
 # ----------------------------------------------------------------------------
 
 
+# Workloads measured on another's model and data.
+BASE = {"stream_mlp": "mlp", "stream_cnn": "cnn"}
+
+
 @dataclasses.dataclass(frozen=True)
 class Row:
   key: str
@@ -156,6 +160,28 @@ WORKLOADS = {w.name: w for w in (
          _torch(threads=2), _torch("torch1", threads=1)),
         "jaxtrain >= 1.0x PyTorch steps/s, the model unchanged", ""),
     Workload(
+        "stream_mlp", "streamed vs device-resident: the MLP above",
+        f"As mlp ({MLP_STEPS} steps of batch 256, AdamW): the training rows resident on "
+        "the device, or FitConfig(data=\"stream\"), read on the host step by step "
+        "from a jaxtrain.data.ArraySource (memory) or a npy_source (.npy files read row by row, "
+        "written to a temporary folder).",
+        (_fit("fit", "jaxtrain fit, data resident (default)"),
+         _fit("fit_stream", "jaxtrain fit, data=\"stream\" from memory", data="stream",
+              source="arrays"),
+         _fit("fit_stream_npy", "jaxtrain fit, data=\"stream\" from .npy files (npy_source)",
+              data="stream", source="npy")),
+        "streamed >= 0.9x device-resident steps/s", ""),
+    Workload(
+        "stream_cnn", "streamed vs device-resident: the CNN above",
+        f"As cnn ({CNN_STEPS} steps of batch 128, models.CNN(features=(32, 64), dense=128)): "
+        "resident, or streamed from memory or from .npy files (npy_source).",
+        (_fit("fit", "jaxtrain fit, data resident (default)"),
+         _fit("fit_stream", "jaxtrain fit, data=\"stream\" from memory", data="stream",
+              source="arrays"),
+         _fit("fit_stream_npy", "jaxtrain fit, data=\"stream\" from .npy files (npy_source)",
+              data="stream", source="npy")),
+        "streamed >= 0.9x device-resident steps/s", ""),
+    Workload(
         "seeds", f"{SEEDS} seeds of two moons in one vmapped program",
         f"two moons as above (each seed its own data, init and shuffle, as "
         f"`experiments.two_moons --seeds {SEEDS}`), 100 epochs, eval every epoch. "
@@ -182,6 +208,7 @@ WORKLOADS = {w.name: w for w in (
 
 
 def num_train(workload: str, row: Row | None = None) -> int:
+  workload = BASE.get(workload, workload)
   if workload in ("two_moons", "seeds", "cli"):
     return 800
   if workload.startswith("pigeon"):
@@ -194,6 +221,7 @@ def num_train(workload: str, row: Row | None = None) -> int:
 
 def load_data(workload: str, row: Row | None = None):
   """``(train, val)`` numpy arrays of a workload (val None when not evaluated)."""
+  workload = BASE.get(workload, workload)
   import numpy as np
 
   if workload in ("two_moons", "seeds", "cli"):
@@ -242,6 +270,7 @@ SETTINGS = {
 
 
 def jaxtrain_model(workload: str, row: Row):
+  workload = BASE.get(workload, workload)
   from benchmarks import baselines
   from jaxtrain import models
 
@@ -259,6 +288,7 @@ def jaxtrain_model(workload: str, row: Row):
 
 
 def jaxtrain_tx(workload: str):
+  workload = BASE.get(workload, workload)
   import jaxtrain
 
   kind, lr = SETTINGS[workload]["opt"]
@@ -268,10 +298,12 @@ def jaxtrain_tx(workload: str):
 
 
 def fit_config(workload: str, row: Row, **changes):
+  workload = BASE.get(workload, workload)
   import jaxtrain
   s = SETTINGS[workload]
   return jaxtrain.FitConfig(
       epochs=s["epochs"], batch_size=s["batch"], execution=row.opt("execution", "auto"),
       eval_every_steps=row.opt("eval_every", 0), evaluate_train=workload not in (
           "mlp", "cnn", "cnn_issue", "flax_cnn"), conv_impl=row.opt("conv", "auto")
-      if row.opt("model") == "flax" else "auto", progress=False, **changes)
+      if row.opt("model") == "flax" else "auto", data=row.opt("data", "auto"),
+      progress=False, **changes)
