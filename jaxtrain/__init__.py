@@ -22,6 +22,7 @@ from jaxtrain.core.keys import as_key, key_for
 from jaxtrain.core.metrics import summarize
 from jaxtrain.core.optim import make_optimizer
 from jaxtrain.core.plateau import ReduceLROnPlateau
+from jaxtrain.core.predict import Prediction, predict
 from jaxtrain.core.state import TrainState, create_train_state
 from jaxtrain.core.step import compute_gradients, eval_step, train_step
 from jaxtrain.engine import parallel
@@ -70,6 +71,7 @@ __all__ = [
     "EarlyStopping",
     "FitConfig",
     "FitResult",
+    "Prediction",
     "ReduceLROnPlateau",
     "TrainState",
     "as_key",
@@ -83,6 +85,7 @@ __all__ = [
     "make_optimizer",
     "models",
     "parallel",
+    "predict",
     "summarize",
     "train_step",
 ]
