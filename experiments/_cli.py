@@ -48,6 +48,8 @@ def parse(config_type: type[T], args: list[str] | None = None) -> T:
     if exit_.code in (0, None):
       raise
     fail(_one_line(captured.getvalue()))
+  except ValueError as error:  # a config's own check of a flag's value
+    fail(str(error).splitlines()[0])
 
 
 def fail(message: str) -> None:

@@ -27,6 +27,7 @@ import tyro
 import jaxtrain
 from experiments import _cli, two_moons
 from jaxtrain.core.optim import OptimizerConfig
+from jaxtrain.core.regularize import Regularization
 from jaxtrain.rundir.checkpoint import CheckpointConfig
 from jaxtrain.rundir.run import run
 
@@ -46,6 +47,11 @@ class Config:
   batch_size: int = 32  # Mini-batch size.
   optim: Annotated[OptimizerConfig, tyro.conf.OmitArgPrefixes] = OptimizerConfig(
       "adam", learning_rate=0.01)
+  # L1/L2 penalty terms in the loss and input noise (flags take no "reg." prefix).
+  reg: Annotated[Regularization, tyro.conf.OmitArgPrefixes] = _cli.added_flag(Regularization())
+  # Decay of an exponential moving average of the parameters, evaluated beside them
+  # as val_ema_loss etc. (a monitor may rank epochs by it); unset: no average.
+  ema: float | None = _cli.added_flag(None)
   mc_samples: int = 100  # Dropout masks drawn per point of the map.
   grid: int = 120  # Points per side of the map.
   overwrite: bool = False  # Replace a different run already in --workdir.
@@ -55,7 +61,8 @@ class Config:
 def moons_config(config: Config) -> two_moons.Config:
   return two_moons.Config(seed=config.seed, samples=config.samples, noise=config.noise,
                           test_fraction=config.test_fraction, hidden=config.hidden,
-                          dropout=config.dropout, optim=config.optim)
+                          dropout=config.dropout, optim=config.optim, reg=config.reg,
+                          ema=config.ema)
 
 
 def state_from_record(record: dict) -> jaxtrain.TrainState:

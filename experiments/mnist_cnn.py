@@ -38,6 +38,7 @@ import jaxtrain
 from experiments import _cli
 from jaxtrain import data, losses, models, parallel
 from jaxtrain.core.optim import OptimizerConfig, no_bias_norm_mask
+from jaxtrain.core.regularize import Regularization
 from jaxtrain.engine.distributed import DistributedConfig
 from jaxtrain.rundir.checkpoint import CheckpointConfig
 from jaxtrain.rundir.run import run
@@ -70,6 +71,11 @@ class Config:
   # after the warmup); weight decay skips biases and batch-norm parameters.
   optim: Annotated[OptimizerConfig, tyro.conf.OmitArgPrefixes] = OptimizerConfig(
       "adamw", learning_rate=3e-3, weight_decay=0.01, clip_norm=1.0)
+  # L1/L2 penalty terms in the loss and input noise (flags take no "reg." prefix).
+  reg: Annotated[Regularization, tyro.conf.OmitArgPrefixes] = _cli.added_flag(Regularization())
+  # Decay of an exponential moving average of the parameters, evaluated beside them
+  # as val_ema_loss etc. (a monitor may rank epochs by it); unset: no average.
+  ema: float | None = _cli.added_flag(None)
   warmup_epochs: float = 1.0  # Linear warmup from 0, then cosine decay to 0.
   devices: int = 0  # Data-parallel devices (0: all devices of every process).
   overwrite: bool = False  # Replace a different run already in --workdir.
@@ -158,7 +164,8 @@ def create_state(config: Config, num_train: int) -> jaxtrain.TrainState:
   shape = data.TFDS_IMAGE_SHAPES[config.dataset]
   return jaxtrain.create_train_state(model, tx, jax.random.key(config.seed),
                                      np.zeros((1, *shape), np.float32),
-                                     loss_fn=losses.cross_entropy)
+                                     loss_fn=losses.cross_entropy, regularization=config.reg,
+                                     ema_decay=config.ema)
 
 
 def config_from_record(record: dict) -> Config:
@@ -194,7 +201,9 @@ def main(config: Config) -> None:
                val=val_set, test=test_set, augment=augment, overwrite=config.overwrite,
                checkpoint=config.checkpoint, build=_cli.builder(globals(), "state_from_record"))
   if result.test is not None:  # None when a signal stopped the run (it said so)
-    print(f"test accuracy {result.test['accuracy']:.4f}  loss {result.test['loss']:.4f}"
+    ema = (f"  (EMA of the parameters: accuracy {result.test['ema_accuracy']:.4f}  loss "
+           f"{result.test['ema_loss']:.4f})" if "ema_accuracy" in result.test else "")
+    print(f"test accuracy {result.test['accuracy']:.4f}  loss {result.test['loss']:.4f}{ema}"
           f"  ({sizes['test']} images)  ->  {config.workdir}")
 
 

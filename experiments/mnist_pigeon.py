@@ -32,6 +32,7 @@ import jaxtrain
 from experiments import _cli
 from jaxtrain import data, losses, models
 from jaxtrain.core.optim import OptimizerConfig
+from jaxtrain.core.regularize import Regularization
 from jaxtrain.engine.distributed import DistributedConfig
 from jaxtrain.rundir.checkpoint import CheckpointConfig
 from jaxtrain.rundir.run import run
@@ -56,6 +57,11 @@ class Config:
   # The optimizer (its flags take no "optim." prefix).
   optim: Annotated[OptimizerConfig, tyro.conf.OmitArgPrefixes] = OptimizerConfig(
       "sgd", learning_rate=0.005, momentum=0.9)
+  # L1/L2 penalty terms in the loss and input noise (flags take no "reg." prefix).
+  reg: Annotated[Regularization, tyro.conf.OmitArgPrefixes] = _cli.added_flag(Regularization())
+  # Decay of an exponential moving average of the parameters, evaluated beside them
+  # as val_ema_loss etc. (a monitor may rank epochs by it); unset: no average.
+  ema: float | None = _cli.added_flag(None)
   eval_every_steps: int = 0  # Also evaluate train and val every N steps (0: per epoch).
   devices: int = 1  # Data-parallel devices.
   overwrite: bool = False  # Replace a different run already in --workdir.
@@ -87,7 +93,8 @@ def create_state(config: Config) -> jaxtrain.TrainState:
   model = models.Pigeon(config.hidden, dropout_rate=config.dropout, init_style=config.init)
   return jaxtrain.create_train_state(model, tx, jax.random.key(config.seed),
                                      np.zeros((1, 784), np.float32),
-                                     loss_fn=losses.binary_cross_entropy_with_logits)
+                                     loss_fn=losses.binary_cross_entropy_with_logits,
+                                     regularization=config.reg, ema_decay=config.ema)
 
 
 def config_from_record(record: dict) -> Config:

@@ -24,6 +24,7 @@ import jaxtrain
 from experiments import _cli
 from jaxtrain import data, losses, models
 from jaxtrain.core.optim import OptimizerConfig
+from jaxtrain.core.regularize import Regularization
 from jaxtrain.engine.distributed import DistributedConfig
 from jaxtrain.rundir.checkpoint import CheckpointConfig
 from jaxtrain.rundir.run import check_workdir, run
@@ -47,6 +48,11 @@ class Config:
   # The optimizer (its flags take no "optim." prefix).
   optim: Annotated[OptimizerConfig, tyro.conf.OmitArgPrefixes] = OptimizerConfig(
       "sgd", learning_rate=0.1, momentum=0.9)
+  # L1/L2 penalty terms in the loss and input noise (flags take no "reg." prefix).
+  reg: Annotated[Regularization, tyro.conf.OmitArgPrefixes] = _cli.added_flag(Regularization())
+  # Decay of an exponential moving average of the parameters, evaluated beside them
+  # as val_ema_loss etc. (a monitor may rank epochs by it); unset: no average.
+  ema: float | None = _cli.added_flag(None)
   full_batch: bool = False  # Also train by full-batch gradient descent; plot both.
   seeds: int = 1  # Train seeds seed..seed+N-1 in one vmapped program; report mean and spread.
   devices: int = 1  # Data-parallel devices.
@@ -76,7 +82,9 @@ def create_states(config: Config, seeds) -> list[jaxtrain.TrainState]:
   tx = config.optim.make()
   model = models.MLP(hidden_sizes=config.hidden, outputs=2, dropout_rate=config.dropout)
   return [jaxtrain.create_train_state(model, tx, jax.random.key(seed), jnp.zeros((1, 2)),
-                                      loss_fn=losses.cross_entropy) for seed in seeds]
+                                      loss_fn=losses.cross_entropy,
+                                      regularization=config.reg, ema_decay=config.ema)
+          for seed in seeds]
 
 
 def create_state(config: Config) -> jaxtrain.TrainState:

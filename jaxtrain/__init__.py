@@ -23,6 +23,7 @@ from jaxtrain.core.metrics import summarize
 from jaxtrain.core.optim import make_optimizer
 from jaxtrain.core.plateau import ReduceLROnPlateau
 from jaxtrain.core.predict import Prediction, predict
+from jaxtrain.core.regularize import Regularization
 from jaxtrain.core.state import TrainState, create_train_state
 from jaxtrain.core.step import compute_gradients, eval_step, train_step
 from jaxtrain.engine import parallel
@@ -73,6 +74,7 @@ __all__ = [
     "FitResult",
     "Prediction",
     "ReduceLROnPlateau",
+    "Regularization",
     "TrainState",
     "as_key",
     "compute_gradients",

@@ -231,6 +231,10 @@ BAD_INPUT = [
     (["--accumulate-steps", "1000"], r"accumulate[_-]steps", r"1000"),
     (["--data", "disk"], r"data", r"'?disk'?"),
     (["--seeds", "2", "--data", "stream"], r"--seeds", r"stream"),
+    (["--l1", "-0.5"], r"--l1", r"-0\.5"),
+    (["--l2", "nan"], r"--l2", r"nan"),
+    (["--input-noise", "-1"], r"--input-noise", r"-1(\.0)?"),
+    (["--ema", "1.5"], r"--ema", r"1\.5"),
 ]
 
 

@@ -15,7 +15,8 @@ import numpy as np
 
 # Stable integer tags for each use of randomness (fold_in takes integers).
 # Changing a value changes every run's numbers, so they are fixed forever.
-_USES = {"init": 0, "dropout": 1, "shuffle": 2, "augment": 3, "data": 4, "mc_dropout": 5}
+_USES = {"init": 0, "dropout": 1, "shuffle": 2, "augment": 3, "data": 4, "mc_dropout": 5,
+        "input_noise": 6}
 
 
 def as_key(key) -> jax.Array:

@@ -14,6 +14,7 @@ import optax
 from flax import struct
 
 from jaxtrain.core.keys import as_key, key_for
+from jaxtrain.core.regularize import Regularization
 
 PyTree = Any
 
@@ -45,6 +46,12 @@ class TrainState(struct.PyTreeNode):
       ``name_sum`` and the mean ``name``), or None.
     plateau: a :class:`jaxtrain.plateau.PlateauState` whose ``scale``
       multiplies every update (ReduceLROnPlateau), or None.
+    regularization: L1/L2 penalty terms and input noise
+      (:class:`jaxtrain.Regularization`), or None.
+    ema: an exponential moving average of ``params`` (float32), updated after
+      every applied update as ``decay * ema + (1 - decay) * params`` and
+      starting from the initial parameters; None without one.
+    ema_decay: its decay in (0, 1), or None.
   """
 
   step: jax.Array
@@ -61,6 +68,9 @@ class TrainState(struct.PyTreeNode):
   metrics_fn: Callable[[jax.Array, jax.Array], dict[str, jax.Array]] | None = struct.field(
       pytree_node=False, default=None)
   plateau: Any = None
+  regularization: Regularization | None = struct.field(pytree_node=False, default=None)
+  ema: PyTree = None
+  ema_decay: float | None = struct.field(pytree_node=False, default=None)
 
   @property
   def variables(self) -> dict[str, PyTree]:
@@ -101,9 +111,18 @@ class TrainState(struct.PyTreeNode):
       # scales it (SGD with momentum, Adam and AdamW keep their moments).
       updates = jax.tree.map(lambda u: u * self.plateau.scale.astype(u.dtype), updates)
     params = optax.apply_updates(self.params, updates)
+    if self.ema is not None:
+      d = self.ema_decay
+      changes["ema"] = jax.tree.map(lambda e, p: d * e + (1 - d) * p.astype(e.dtype),
+                                    self.ema, params)
     return self.replace(
         step=self.step + 1, params=params, opt_state=opt_state, **changes
     )
+
+  def with_ema_params(self) -> TrainState:
+    """This state with the EMA in place of ``params`` (for evaluating it)."""
+    return self.replace(params=jax.tree.map(lambda e, p: e.astype(p.dtype), self.ema,
+                                            self.params))
 
 
 @functools.lru_cache(maxsize=64)
@@ -122,6 +141,8 @@ def create_train_state(
     *,
     loss_fn: Callable[[jax.Array, jax.Array], jax.Array],
     metrics_fn: Callable[[jax.Array, jax.Array], dict[str, jax.Array]] | None = None,
+    regularization: Regularization | None = None,
+    ema_decay: float | None = None,
 ) -> TrainState:
   """Initialises a model's variables and the optimizer state.
 
@@ -134,6 +155,11 @@ def create_train_state(
     loss_fn: per-example loss, ``loss_fn(outputs, targets) -> [batch]``.
     metrics_fn: your own per-example metrics (see :class:`TrainState`), e.g.
       ``lambda out, y: {"top2": (jnp.argsort(out)[:, -2:] == y[:, None]).any(-1)}``.
+    regularization: L1/L2 terms added to the loss and input noise
+      (:class:`jaxtrain.Regularization`), or None.
+    ema_decay: keep an exponential moving average of the parameters with this
+      decay in (0, 1) (see :class:`TrainState`); evaluations then also report
+      it (``val_ema_loss``, ...). None: no average.
 
   Returns:
     A :class:`TrainState` at step 0.
@@ -150,6 +176,12 @@ def create_train_state(
     raise ValueError(f"model must be a flax.linen.Module, got {type(model).__name__}")
   if metrics_fn is not None and not callable(metrics_fn):
     raise ValueError(f"metrics_fn must be callable or None, got {metrics_fn!r}")
+  if regularization is not None and not isinstance(regularization, Regularization):
+    raise ValueError(f"regularization must be a jaxtrain.Regularization or None, got "
+                     f"{regularization!r}")
+  if ema_decay is not None and (isinstance(ema_decay, bool) or not isinstance(
+      ema_decay, int | float) or not 0 < ema_decay < 1):
+    raise ValueError(f"--ema (the EMA decay) must be in (0, 1), got {ema_decay!r}")
   if not callable(loss_fn):
     raise ValueError(f"loss_fn must be callable, got {loss_fn!r}")
   example_inputs = jnp.asarray(example_inputs)
@@ -170,6 +202,10 @@ def create_train_state(
       tx=tx,
       loss_fn=loss_fn,
       metrics_fn=metrics_fn,
+      regularization=regularization if regularization != Regularization() else None,
+      ema=None if ema_decay is None else jax.tree.map(
+          lambda p: jnp.asarray(p, jnp.float32), params),
+      ema_decay=None if ema_decay is None else float(ema_decay),
       takes_mask="mask" in _keywords(type(model)),
       takes_train="train" in _keywords(type(model)),
   )
@@ -187,6 +223,8 @@ def state_arrays(state: TrainState) -> dict[str, Any]:
             "opt_state": state.opt_state}
   if state.plateau is not None:
     arrays["plateau"] = state.plateau
+  if state.ema is not None:
+    arrays["ema"] = state.ema
   return arrays
 
 

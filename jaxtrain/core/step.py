@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxtrain.core import losses
-from jaxtrain.core.keys import as_key
+from jaxtrain.core.keys import as_key, key_for
 from jaxtrain.core.metrics import means, safe_divide, summarize, weighted_sum
 from jaxtrain.core.state import TrainState
 
@@ -148,6 +148,11 @@ def compute_gradients(
   """
   n = check_batch(batch)
   key = as_key(key)
+  reg = state.regularization
+  if reg is not None and reg.input_noise:
+    first_row = 0 if axis_name is None else jax.lax.axis_index(axis_name) * n
+    batch = {**batch, "inputs": reg.noisy(batch["inputs"], key_for(key, "input_noise"),
+                                          first_row)}
   if axis_name is not None:
     key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
   weights = _weights(batch, n)
@@ -168,11 +173,12 @@ def compute_gradients(
   if axis_name is not None:
     grads = jax.lax.psum(grads, axis_name)
     batch_stats = jax.lax.pmean(batch_stats, axis_name)
-  metrics = {
-      "loss": _psum(local_loss, axis_name),
-      "grad_norm": optax.tree.norm(grads),
-      "count": count,
-  }
+  metrics = {"loss": _psum(local_loss, axis_name)}
+  if reg is not None and reg.penalizes:
+    # Of the replicated parameters, once (not per device, not psummed).
+    metrics["penalty"], penalty_grads = jax.value_and_grad(reg.penalty)(state.params)
+    grads = jax.tree.map(lambda g, p: g + p.astype(g.dtype), grads, penalty_grads)
+  metrics.update(grad_norm=optax.tree.norm(grads), count=count)
   correct = per_example_correct(outputs, batch["targets"], state.loss_fn)
   if correct is not None:
     metrics["accuracy"] = safe_divide(
@@ -316,7 +322,7 @@ def eval_step(state: TrainState, batch: Batch, *, axis_name: str | None = None) 
   return {**sums, **means(sums)}
 
 
-_RESERVED = ("loss", "accuracy", "count", "grad_norm", "finite", "learning_rate")
+_RESERVED = ("loss", "accuracy", "count", "grad_norm", "finite", "learning_rate", "penalty")
 
 
 def _own_sums(state: TrainState, outputs, targets, weights, n: int, axis_name):

@@ -50,7 +50,10 @@ class BestRule:
     True
     """
     split, _, metric = column.partition("_")
-    if split not in evaluated or not metric or column == "train_loss_running":
+    if metric.startswith("ema_"):  # val_ema_loss: the moving average's evaluation
+      split, metric = f"{split}_ema", metric[len("ema_"):]
+    if split.removesuffix("_ema") not in evaluated or not metric or column in (
+        "train_loss_running", "train_penalty"):
       return None
     return cls(split, metric, mode, float(min_delta))
 
@@ -66,7 +69,9 @@ def update(rule: BestRule, best: dict, state, sums: Mapping[str, Mapping], ended
   (traced bool) says whether an epoch really ended (else nothing changes)."""
   value = jnp.asarray(means(sums[rule.split])[rule.metric], jnp.float32)
   keep = ended & improves(rule, value, best["value"])
-  fresh = {"params": state.params, "batch_stats": state.batch_stats, "value": value}
+  # Ranked by the moving average's evaluation, the best parameters are the average.
+  ranked = state.with_ema_params() if rule.split.endswith("_ema") else state
+  fresh = {"params": ranked.params, "batch_stats": state.batch_stats, "value": value}
   return jax.lax.cond(keep, lambda: fresh, lambda: best)
 
 

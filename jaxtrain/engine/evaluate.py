@@ -54,18 +54,23 @@ def evaluate(state: TrainState, arrays: Arrays, batch_size: int, axis_name=None)
 
 
 def evaluate_all(spec: ProgramSpec, axis_name, state, evals: Mapping[str, Arrays]):
-  """``{name: sums}`` of every set in ``evals``."""
-  return {name: evaluate(state, arrays, spec.eval_batch_size, axis_name)
-          for name, arrays in evals.items()}
+  """``{name: sums}`` of every set in ``evals``, and ``{name}_ema`` of the
+  parameters' moving average when the state keeps one."""
+  out = {}
+  for name, arrays in evals.items():
+    out[name] = evaluate(state, arrays, spec.eval_batch_size, axis_name)
+    if state.ema is not None:
+      out[f"{name}_ema"] = evaluate(state.with_ema_params(), arrays, spec.eval_batch_size,
+                                    axis_name)
+  return out
 
 
 def maybe_evaluate(spec: ProgramSpec, state, evals: Mapping[str, Arrays], axis_name):
   """``{"<set>_<metric>": mean}`` every ``spec.eval_every`` steps; NaN on the others."""
   def run(state):
     out = {}
-    for name, arrays in evals.items():
-      for metric, value in means(evaluate(state, arrays, spec.eval_batch_size,
-                                          axis_name)).items():
+    for name, sums in evaluate_all(spec, axis_name, state, evals).items():
+      for metric, value in means(sums).items():
         out[f"{name}_{metric}"] = value.astype(jnp.float32)
     return out
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import threading
 from collections.abc import Mapping
 
 import jax
@@ -87,6 +88,27 @@ def _prefetched(read, start: int, stop: int):
   return iter(dataset.to_iter_dataset(read_options=options))
 
 
+class _Orders:
+  """This process's columns of each epoch's batch indices and masks, computed
+  once per epoch for one reader (its threads ask for an epoch many times; a
+  reader abandoned on a jump keeps its own cache, so it never fills the next's)."""
+
+  def __init__(self, run_key, spec: ProgramSpec, positions: np.ndarray):
+    self.run_key, self.spec, self.positions = run_key, spec, positions
+    self.lock, self.epochs = threading.Lock(), {}
+
+  def get(self, epoch: int):
+    with self.lock:
+      if epoch not in self.epochs:
+        indices, masks = jax.device_get(epoch_indices(
+            key_for(self.run_key, "shuffle", epoch), self.spec.num_train,
+            self.spec.batch_size, self.spec.drop_remainder))
+        for old in [e for e in self.epochs if e < epoch - 1]:
+          del self.epochs[old]
+        self.epochs[epoch] = indices[:, self.positions], masks[:, self.positions]
+      return self.epochs[epoch]
+
+
 class StreamFeed(Feed):
   """Training rows streamed from a source; evaluation sets resident when they
   fit (evaluated inside the call, as on the device path) or streamed batch by
@@ -115,30 +137,18 @@ class StreamFeed(Feed):
     self.evals = {**self.resident, **self.streamed}
     self.in_call = not straight and not self.streamed
     self._key, self._at, self._blocks, self._left = None, None, None, None
-    self._orders, self._sum_shapes = {}, None
+    self._sum_shapes = None
 
   # -- reading -----------------------------------------------------------------
 
-  def _epoch(self, run_key, epoch: int):
-    """This process's columns of the epoch's batch indices and mask (cached:
-    the reading threads ask for each epoch many times)."""
-    if epoch not in self._orders:
-      indices, masks = jax.device_get(epoch_indices(
-          key_for(run_key, "shuffle", epoch), self.spec.num_train, self.spec.batch_size,
-          self.spec.drop_remainder))
-      for old in [e for e in self._orders if e < epoch - 1]:
-        self._orders.pop(old, None)
-      self._orders[epoch] = indices[:, self.layout.positions], masks[:, self.layout.positions]
-    return self._orders[epoch]
-
-  def _read_block(self, run_key, block: int):
+  def _read_block(self, orders: "_Orders", block: int):
     """This process's rows of the steps of ``block``: ``[steps, rows, ...]``."""
     spe = self.spec.steps_per_epoch
     steps = range(block * self.block, min((block + 1) * self.block, self.total))
     index, mask = [], []
     for step in steps:
       epoch, i = divmod(step, spe)
-      indices, masks = self._epoch(run_key, epoch)
+      indices, masks = orders.get(epoch)
       index.append(indices[i])
       mask.append(masks[i])
     index, mask = np.stack(index), np.stack(mask)
@@ -154,8 +164,9 @@ class StreamFeed(Feed):
     if self._key is not run_key or self._at != first:
       if first >= self.total:
         raise ValueError(f"step {first} is past the run's last step {self.total}")
-      self._key, self._orders = run_key, {}
-      self._blocks = _prefetched(functools.partial(self._read_block, run_key),
+      self._key = run_key
+      orders = _Orders(run_key, self.spec, self.layout.positions)
+      self._blocks = _prefetched(functools.partial(self._read_block, orders),
                                  first // self.block, -(-self.total // self.block))
       self._left = (next(self._blocks), first % self.block)
     out, done = None, 0
@@ -204,6 +215,10 @@ class StreamFeed(Feed):
     totals = dict(self.programs.evaluate(state, resident)) if resident else {}
     for name, source in streamed.items():
       totals[name] = self._stream_sums(state, source)
+      if state.ema is not None:
+        totals[f"{name}_ema"] = self._stream_sums(state.with_ema_params(), source)
+    if state.ema is not None:
+      names = [n for name in names for n in (name, f"{name}_ema")]
     return {k: totals[k] for k in names}
 
   def _read_eval(self, source: Source, batch: int):

@@ -19,7 +19,7 @@ __all__ = ["plot_curves", "read_history"]
 
 # Linestyles distinguish runs (main run first); colours distinguish splits.
 _STYLES = ("-", "--", ":", "-.")
-_TRAIN, _VAL = "C0", "C1"
+_TRAIN, _VAL, _EMA = "C0", "C1", "C2"
 
 
 def _points(table: Mapping[str, Any] | None, x_key: str, y_key: str):
@@ -49,7 +49,8 @@ def plot_curves(history: Mapping[str, Any], path: str | os.PathLike, *,
   """Writes loss/accuracy curves of one or more runs to a PNG file.
 
   Panels: loss per epoch (train and validation), accuracy per epoch (only
-  when some run has accuracies) and the per-iteration training loss (only
+  when some run has accuracies), the L1/L2 penalty per epoch (only when some
+  run has ``train_penalty``) and the per-iteration training loss (only
   when some run has step records). Missing keys and ``None`` values are
   tolerated (skipped: the line joins the points that exist).
 
@@ -84,7 +85,9 @@ def plot_curves(history: Mapping[str, Any], path: str | os.PathLike, *,
   # train and validation accuracy curves.
   has_step_acc = any(_points(st, "step", f"{split}_accuracy")[1]
                      for _, _, st in runs for split in ("train", "val"))
-  n = 1 + has_acc + has_steps + has_step_acc
+  # L1/L2 terms (Regularization): the lesson's "regularisation terms" curve.
+  has_penalty = any(_points(ep, "epoch", "train_penalty")[1] for _, ep, _ in runs)
+  n = 1 + has_acc + has_penalty + has_steps + has_step_acc
   width = 5.5 * n
   fig = Figure(figsize=(width, 4.2))
   # Fixed margins (inches), not layout="constrained": measuring every tick
@@ -105,7 +108,8 @@ def plot_curves(history: Mapping[str, Any], path: str | os.PathLike, *,
     ax, seen = axes.pop(0), []
     for i, (name, ep, _) in enumerate(runs):
       for split, color, what in (("train", _TRAIN, "train"),
-                                 ("val", _VAL, "validation")):
+                                 ("val", _VAL, "validation"),
+                                 ("val_ema", _EMA, "validation, EMA of the parameters")):
         x, y = _points(ep, "epoch", f"{split}_{metric}")
         if y:
           ax.plot(x, y, _STYLES[i % len(_STYLES)], color=color,
@@ -113,6 +117,16 @@ def plot_curves(history: Mapping[str, Any], path: str | os.PathLike, *,
                   label=what + (f" ({name})" if name else ""))
           seen += y
     finish(ax, f"{metric.capitalize()} per epoch", "epoch", metric, seen)
+  if has_penalty:
+    ax, seen = axes.pop(0), []
+    for i, (name, ep, _) in enumerate(runs):
+      x, y = _points(ep, "epoch", "train_penalty")
+      if y:
+        ax.plot(x, y, _STYLES[i % len(_STYLES)], color=_TRAIN,
+                marker="." if len(y) < 30 else None,
+                label="train" + (f" ({name})" if name else ""))
+        seen += y
+    finish(ax, "L1/L2 penalty per epoch", "epoch", "penalty", seen)
   if has_steps:
     ax, seen = axes.pop(0), []
     for i, (name, _, st) in enumerate(runs):

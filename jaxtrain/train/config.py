@@ -178,7 +178,8 @@ def plan_epochs(config: FitConfig, checkpoint, columns, *, has_val: bool) -> Epo
       return False
     if column.startswith("val_"):
       return has_val
-    return config.evaluate_train or column in ("train_loss_running", "learning_rate")
+    return config.evaluate_train or column in ("train_loss_running", "train_penalty",
+                                               "learning_rate")
 
   logged = {c for c in columns if logs(c)}
   rule = config.early_stopping
@@ -225,19 +226,30 @@ def plateau_rule(config: FitConfig, evaluated, columns) -> tuple | None:
 
 
 def columns(state, config: FitConfig, train, *, has_val: bool) -> tuple[str, ...]:
-  """metrics.csv's columns for a run: :data:`COLUMNS`, and ``train_<name>`` /
-  ``val_<name>`` after the accuracies for each metric of ``state.metrics_fn``."""
-  if state.metrics_fn is None:
-    return COLUMNS
-  from jaxtrain.core.metrics import mean_name
-  from jaxtrain.core.step import eval_step
+  """metrics.csv's columns for a run: :data:`COLUMNS`, ``train_penalty``
+  before ``learning_rate`` when the state has a penalty term, and before
+  ``train_loss_running``: ``train_<name>`` / ``val_<name>`` for each metric
+  of ``state.metrics_fn``, then the evaluated sets' ``<set>_ema_<metric>``
+  when the state keeps a moving average of its parameters."""
+  base = COLUMNS
+  reg = getattr(state, "regularization", None)
+  if reg is not None and reg.penalizes:
+    at = COLUMNS.index("learning_rate")
+    base = COLUMNS[:at] + ("train_penalty",) + COLUMNS[at:]
+  own = []
+  if state.metrics_fn is not None:
+    from jaxtrain.core.metrics import mean_name
+    from jaxtrain.core.step import eval_step
 
-  example = {k: v for k, v in head(train, 1).items() if k in ("inputs", "targets")}
-  sums = jax.eval_shape(eval_step, state, example)
-  own = [mean_name(k) for k in sums if k.endswith("_sum") and k != "loss_sum"]
+    example = {k: v for k, v in head(train, 1).items() if k in ("inputs", "targets")}
+    sums = jax.eval_shape(eval_step, state, example)
+    own = [mean_name(k) for k in sums if k.endswith("_sum") and k != "loss_sum"]
   splits = (["train"] if config.evaluate_train else []) + (["val"] if has_val else [])
-  at = COLUMNS.index("train_loss_running")
-  return COLUMNS[:at] + tuple(f"{s}_{n}" for s in splits for n in own) + COLUMNS[at:]
+  added = [f"{s}_{n}" for s in splits for n in own]
+  if getattr(state, "ema", None) is not None:
+    added += [f"{s}_ema_{n}" for s in splits for n in ("loss", "accuracy", *own)]
+  at = base.index("train_loss_running")
+  return base[:at] + tuple(added) + base[at:]
 
 
 def as_arrays(split: Mapping[str, Any] | Source | None, name: str):

@@ -263,6 +263,8 @@ def fit(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
     if test is not None and not interrupted:
       test_sums = jax.device_get(feed.evaluate(state, {"test": test}))
       test_metrics = {k: float(v) for k, v in means(test_sums["test"]).items()}
+      test_metrics.update({f"ema_{k}": float(v)
+                           for k, v in means(test_sums.get("test_ema", {})).items()})
     return FitResult(state=state, history=history, best=position.best,
                      stop_reason=reason, test=test_metrics, best_step=best_step,
                      restored_best=restored)

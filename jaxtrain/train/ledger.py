@@ -129,15 +129,19 @@ def set_means(sums: Mapping[str, Mapping], names=None) -> dict[str, float]:
 
 
 def epoch_row(epoch: int, step: int, sums: Mapping[str, Mapping], loss, learning_rate,
-              seconds: float) -> dict[str, Any]:
+              seconds: float, penalty=None) -> dict[str, Any]:
   """A metrics.csv row: the epoch sets' means, the epoch's mean training loss
-  (``train_loss_running``) and its last learning rate.
+  (``train_loss_running``), mean penalty term (``train_penalty``, when
+  ``penalty`` is given) and its last learning rate.
 
   >>> epoch_row(1, 2, {"val": {"loss_sum": 3.0, "count": 2.0}}, [1.0, 0.5], [0.1, 0.1], 0.25)
   {'epoch': 1, 'step': 2, 'val_loss': 1.5, 'train_loss_running': 0.75, 'learning_rate': 0.1, 'seconds': 0.25}
   """
-  row = {"epoch": epoch, "step": step, **set_means(sums, ("train", "val"))}
+  row = {"epoch": epoch, "step": step,
+         **set_means(sums, ("train", "val", "train_ema", "val_ema"))}
   row["train_loss_running"] = float(np.mean(np.asarray(loss, np.float64), dtype=np.float64))
+  if penalty is not None:
+    row["train_penalty"] = float(np.mean(np.asarray(penalty, np.float64), dtype=np.float64))
   row["learning_rate"] = float(np.asarray(learning_rate)[-1])
   row["seconds"] = seconds
   return row
@@ -204,7 +208,8 @@ def advance(position: Position, fetched: Fetched, *, steps_per_epoch: int,
                                      partial={k: so_far(k).tolist() for k in metrics})
       break
     row = epoch_row(epoch + 1, upto, fetched.epoch_sums.get(epoch, {}), so_far("loss"),
-                    so_far("learning_rate"), seconds)
+                    so_far("learning_rate"), seconds,
+                    so_far("penalty") if "penalty" in metrics else None)
     rows.append(row)
     best = position.best.update(row.get(ranking.monitor, math.nan), epoch + 1, ranking)
     if best.should_stop(rule):
