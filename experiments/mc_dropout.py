@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
-from typing import Annotated
+from typing import Annotated, Literal
 
 import jax
 import numpy as np
@@ -49,6 +49,9 @@ class Config:
       "adam", learning_rate=0.01)
   # L1/L2 penalty terms in the loss and input noise (flags take no "reg." prefix).
   reg: Annotated[Regularization, tyro.conf.OmitArgPrefixes] = _cli.added_flag(Regularization())
+  # Compute dtype of the model; parameters and optimizer state stay float32 (fp16:
+  # with dynamic loss scaling).
+  precision: Literal["fp32", "bf16", "fp16"] = _cli.added_flag("fp32")
   # Decay of an exponential moving average of the parameters, evaluated beside them
   # as val_ema_loss etc. (a monitor may rank epochs by it); unset: no average.
   ema: float | None = _cli.added_flag(None)
@@ -62,7 +65,7 @@ def moons_config(config: Config) -> two_moons.Config:
   return two_moons.Config(seed=config.seed, samples=config.samples, noise=config.noise,
                           test_fraction=config.test_fraction, hidden=config.hidden,
                           dropout=config.dropout, optim=config.optim, reg=config.reg,
-                          ema=config.ema)
+                          ema=config.ema, precision=config.precision)
 
 
 def state_from_record(record: dict) -> jaxtrain.TrainState:

@@ -73,6 +73,9 @@ class Config:
       "adamw", learning_rate=3e-3, weight_decay=0.01, clip_norm=1.0)
   # L1/L2 penalty terms in the loss and input noise (flags take no "reg." prefix).
   reg: Annotated[Regularization, tyro.conf.OmitArgPrefixes] = _cli.added_flag(Regularization())
+  # Compute dtype of the model; parameters and optimizer state stay float32 (fp16:
+  # with dynamic loss scaling).
+  precision: Literal["fp32", "bf16", "fp16"] = _cli.added_flag("fp32")
   # Decay of an exponential moving average of the parameters, evaluated beside them
   # as val_ema_loss etc. (a monitor may rank epochs by it); unset: no average.
   ema: float | None = _cli.added_flag(None)
@@ -165,7 +168,7 @@ def create_state(config: Config, num_train: int) -> jaxtrain.TrainState:
   return jaxtrain.create_train_state(model, tx, jax.random.key(config.seed),
                                      np.zeros((1, *shape), np.float32),
                                      loss_fn=losses.cross_entropy, regularization=config.reg,
-                                     ema_decay=config.ema)
+                                     ema_decay=config.ema, precision=config.precision)
 
 
 def config_from_record(record: dict) -> Config:

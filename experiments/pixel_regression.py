@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
-from typing import Annotated
+from typing import Annotated, Literal
 
 import jax
 import jax.numpy as jnp
@@ -56,6 +56,9 @@ class Config:
       "adam", learning_rate=1e-3)
   # L1/L2 penalty terms in the loss and input noise (flags take no "reg." prefix).
   reg: Annotated[Regularization, tyro.conf.OmitArgPrefixes] = Regularization(l2=1e-5)
+  # Compute dtype of the model; parameters and optimizer state stay float32 (fp16:
+  # with dynamic loss scaling).
+  precision: Literal["fp32", "bf16", "fp16"] = "fp32"
   # Decay of an exponential moving average of the parameters, evaluated beside them
   # as val_ema_loss etc. (a monitor may rank epochs by it); unset: no average.
   ema: float | None = None
@@ -115,7 +118,7 @@ def create_state(config: Config, std: float) -> jaxtrain.TrainState:
   return jaxtrain.create_train_state(
       model, config.optim.make(), jax.random.key(config.seed), np.zeros((1, 784), np.float32),
       loss_fn=losses.mse, metrics_fn=pixel_metrics(std), regularization=config.reg,
-      ema_decay=config.ema)
+      ema_decay=config.ema, precision=config.precision)
 
 
 def state_from_record(record: dict) -> jaxtrain.TrainState:

@@ -50,6 +50,9 @@ class Config:
       "sgd", learning_rate=0.1, momentum=0.9)
   # L1/L2 penalty terms in the loss and input noise (flags take no "reg." prefix).
   reg: Annotated[Regularization, tyro.conf.OmitArgPrefixes] = _cli.added_flag(Regularization())
+  # Compute dtype of the model; parameters and optimizer state stay float32 (fp16:
+  # with dynamic loss scaling).
+  precision: Literal["fp32", "bf16", "fp16"] = _cli.added_flag("fp32")
   # Decay of an exponential moving average of the parameters, evaluated beside them
   # as val_ema_loss etc. (a monitor may rank epochs by it); unset: no average.
   ema: float | None = _cli.added_flag(None)
@@ -83,7 +86,8 @@ def create_states(config: Config, seeds) -> list[jaxtrain.TrainState]:
   model = models.MLP(hidden_sizes=config.hidden, outputs=2, dropout_rate=config.dropout)
   return [jaxtrain.create_train_state(model, tx, jax.random.key(seed), jnp.zeros((1, 2)),
                                       loss_fn=losses.cross_entropy,
-                                      regularization=config.reg, ema_decay=config.ema)
+                                      regularization=config.reg, ema_decay=config.ema,
+                                      precision=config.precision)
           for seed in seeds]
 
 

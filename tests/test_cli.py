@@ -235,6 +235,7 @@ BAD_INPUT = [
     (["--l2", "nan"], r"--l2", r"nan"),
     (["--input-noise", "-1"], r"--input-noise", r"-1(\.0)?"),
     (["--ema", "1.5"], r"--ema", r"1\.5"),
+    (["--precision", "fp8"], r"precision", r"'?fp8'?"),
 ]
 
 

@@ -14,6 +14,7 @@ import optax
 from flax import struct
 
 from jaxtrain.core.keys import as_key, key_for
+from jaxtrain.core.precision import LossScale, compute_dtype
 from jaxtrain.core.regularize import Regularization
 
 PyTree = Any
@@ -52,6 +53,11 @@ class TrainState(struct.PyTreeNode):
       every applied update as ``decay * ema + (1 - decay) * params`` and
       starting from the initial parameters; None without one.
     ema_decay: its decay in (0, 1), or None.
+    precision: ``"fp32"``, or ``"bf16"``/``"fp16"`` to compute the model in
+      that dtype with these float32 parameters as master weights
+      (:mod:`jaxtrain.core.precision`).
+    loss_scale: float16's dynamic :class:`~jaxtrain.core.precision.LossScale`,
+      or None.
   """
 
   step: jax.Array
@@ -71,6 +77,8 @@ class TrainState(struct.PyTreeNode):
   regularization: Regularization | None = struct.field(pytree_node=False, default=None)
   ema: PyTree = None
   ema_decay: float | None = struct.field(pytree_node=False, default=None)
+  precision: str = struct.field(pytree_node=False, default="fp32")
+  loss_scale: LossScale | None = None
 
   @property
   def variables(self) -> dict[str, PyTree]:
@@ -104,7 +112,17 @@ class TrainState(struct.PyTreeNode):
     return kwargs
 
   def apply_gradients(self, grads: PyTree, **changes) -> TrainState:
-    """Returns the state after one optimizer update with ``grads``."""
+    """Returns the state after one optimizer update with ``grads``.
+
+    With a loss scale (float16), an update whose gradients are not all finite
+    is skipped (the step still counts, ``changes`` still apply) and the scale
+    halves; after enough finite updates in a row it doubles."""
+    if self.loss_scale is not None:
+      finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+      plain = self.replace(loss_scale=None)
+      state = jax.lax.cond(finite, lambda s: s.apply_gradients(grads, **changes),
+                           lambda s: s.replace(step=s.step + 1, **changes), plain)
+      return state.replace(loss_scale=self.loss_scale.update(finite))
     updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
     if self.plateau is not None:
       # The learning rate is the last factor of an update: scaling the update
@@ -143,6 +161,7 @@ def create_train_state(
     metrics_fn: Callable[[jax.Array, jax.Array], dict[str, jax.Array]] | None = None,
     regularization: Regularization | None = None,
     ema_decay: float | None = None,
+    precision: str = "fp32",
 ) -> TrainState:
   """Initialises a model's variables and the optimizer state.
 
@@ -160,6 +179,9 @@ def create_train_state(
     ema_decay: keep an exponential moving average of the parameters with this
       decay in (0, 1) (see :class:`TrainState`); evaluations then also report
       it (``val_ema_loss``, ...). None: no average.
+    precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (with dynamic loss
+      scaling): the dtype the model computes in; parameters, optimizer state
+      and batch statistics stay float32 (:mod:`jaxtrain.core.precision`).
 
   Returns:
     A :class:`TrainState` at step 0.
@@ -182,6 +204,7 @@ def create_train_state(
   if ema_decay is not None and (isinstance(ema_decay, bool) or not isinstance(
       ema_decay, int | float) or not 0 < ema_decay < 1):
     raise ValueError(f"--ema (the EMA decay) must be in (0, 1), got {ema_decay!r}")
+  compute_dtype(precision)  # checks the name
   if not callable(loss_fn):
     raise ValueError(f"loss_fn must be callable, got {loss_fn!r}")
   example_inputs = jnp.asarray(example_inputs)
@@ -206,6 +229,8 @@ def create_train_state(
       ema=None if ema_decay is None else jax.tree.map(
           lambda p: jnp.asarray(p, jnp.float32), params),
       ema_decay=None if ema_decay is None else float(ema_decay),
+      precision=precision,
+      loss_scale=LossScale.create() if precision == "fp16" else None,
       takes_mask="mask" in _keywords(type(model)),
       takes_train="train" in _keywords(type(model)),
   )
@@ -225,6 +250,8 @@ def state_arrays(state: TrainState) -> dict[str, Any]:
     arrays["plateau"] = state.plateau
   if state.ema is not None:
     arrays["ema"] = state.ema
+  if state.loss_scale is not None:
+    arrays["loss_scale"] = state.loss_scale
   return arrays
 
 

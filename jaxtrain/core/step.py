@@ -17,6 +17,7 @@ import optax
 from jaxtrain.core import losses
 from jaxtrain.core.keys import as_key, key_for
 from jaxtrain.core.metrics import means, safe_divide, summarize, weighted_sum
+from jaxtrain.core.precision import cast_floats, compute_dtype
 from jaxtrain.core.state import TrainState
 
 __all__ = ["accumulate_gradients", "check_batch", "compute_gradients", "eval_step", "per_example_correct",
@@ -59,6 +60,11 @@ def check_batch(batch: Batch) -> int:
 
 def _forward(state: TrainState, params, batch: Batch, weights, *, train: bool, key=None):
   """Runs the model; returns outputs and the (possibly updated) batch stats."""
+  low = state.precision != "fp32"
+  if low:  # compute in bf16/fp16 from the float32 master weights
+    dtype = compute_dtype(state.precision)
+    params, batch = cast_floats(params, dtype), {**batch, "inputs": cast_floats(
+        batch["inputs"], dtype)}
   variables = {**state.variables, "params": params}
   # Our models pass the mask to batch norm so padded rows do not enter the batch
   # statistics; a model without that keyword still works (its batch norm then
@@ -69,8 +75,14 @@ def _forward(state: TrainState, params, batch: Batch, weights, *, train: bool, k
   if train and state.batch_stats:
     outputs, mutated = state.apply_fn(variables, batch["inputs"], mutable=["batch_stats"],
                                       **kwargs)
-    return outputs, mutated["batch_stats"]
-  return state.apply_fn(variables, batch["inputs"], **kwargs), state.batch_stats
+    stats = jax.tree.map(lambda new, old: new.astype(old.dtype), mutated["batch_stats"],
+                         state.batch_stats)
+    return _as_fp32(outputs, low), stats
+  return _as_fp32(state.apply_fn(variables, batch["inputs"], **kwargs), low), state.batch_stats
+
+
+def _as_fp32(outputs, low: bool):
+  return cast_floats(outputs, jnp.float32) if low else outputs
 
 
 def _per_example_loss(state: TrainState, outputs, targets, n: int) -> jax.Array:
@@ -162,14 +174,20 @@ def compute_gradients(
   count = _psum(jnp.sum(weights), axis_name)
   denominator = jnp.where(count > 0, count, 1.0)
 
+  scale = None if state.loss_scale is None else state.loss_scale.scale
+
   def objective(params):
     outputs, batch_stats = _forward(state, params, batch, weights, train=True, key=key)
     per_example = _per_example_loss(state, outputs, batch["targets"], n)
-    return weighted_sum(per_example, weights) / denominator, (outputs, batch_stats)
+    loss = weighted_sum(per_example, weights) / denominator
+    # float16: the gradient of the scaled loss, so small gradients stay normal.
+    return loss if scale is None else loss * scale, (loss, outputs, batch_stats)
 
-  (local_loss, (outputs, batch_stats)), grads = jax.value_and_grad(
+  (_, (local_loss, outputs, batch_stats)), grads = jax.value_and_grad(
       objective, has_aux=True
   )(_varying(state.params, axis_name))
+  if scale is not None:
+    grads = jax.tree.map(lambda g: g / scale.astype(g.dtype), grads)
   if axis_name is not None:
     grads = jax.lax.psum(grads, axis_name)
     batch_stats = jax.lax.pmean(batch_stats, axis_name)
@@ -179,6 +197,8 @@ def compute_gradients(
     metrics["penalty"], penalty_grads = jax.value_and_grad(reg.penalty)(state.params)
     grads = jax.tree.map(lambda g, p: g + p.astype(g.dtype), grads, penalty_grads)
   metrics.update(grad_norm=optax.tree.norm(grads), count=count)
+  if scale is not None:
+    metrics["loss_scale"] = scale
   correct = per_example_correct(outputs, batch["targets"], state.loss_fn)
   if correct is not None:
     metrics["accuracy"] = safe_divide(
@@ -322,7 +342,8 @@ def eval_step(state: TrainState, batch: Batch, *, axis_name: str | None = None) 
   return {**sums, **means(sums)}
 
 
-_RESERVED = ("loss", "accuracy", "count", "grad_norm", "finite", "learning_rate", "penalty")
+_RESERVED = ("loss", "accuracy", "count", "grad_norm", "finite", "learning_rate", "penalty",
+             "loss_scale")
 
 
 def _own_sums(state: TrainState, outputs, targets, weights, n: int, axis_name):

@@ -121,7 +121,9 @@ def _train_step(spec: ProgramSpec, augment, axis_name, carry: Carry, data: Data,
   grads, batch_stats, metrics = accumulate_gradients(
       state, batch, key_for(run_key, "dropout", state.step), spec.accumulate,
       axis_name=axis_name)
-  finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+  finite = jnp.isfinite(metrics["loss"])
+  if state.loss_scale is None:  # with one, apply_gradients skips overflowed updates
+    finite = finite & jnp.isfinite(metrics["grad_norm"])
   # A non-finite update is never applied; with "stop" nothing after it is
   # either. lax.cond, not a select over the state: XLA copies every buffer the
   # select keeps alive (the params and optimizer state, each step), which cost

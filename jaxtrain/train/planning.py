@@ -8,6 +8,7 @@ from __future__ import annotations
 import warnings
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxtrain.data.batching import num_batches
@@ -114,6 +115,19 @@ def warn_unmasked_batch_norm(state, config: FitConfig, n_train: int) -> None:
         "drop_remainder=True", stacklevel=3)
 
 
+def warn_low_precision_params(state) -> None:
+  """Warns when the parameters themselves are in a 16-bit float: updates below
+  their resolution are lost (the mixed-precision way keeps them float32)."""
+  low = sorted({str(p.dtype) for p in jax.tree.leaves(state.params)
+                if p.dtype in (jnp.bfloat16, jnp.float16)})
+  if low:
+    name = {"bfloat16": "bf16", "float16": "fp16"}[low[0]]
+    warnings.warn(
+        f"parameters in {', '.join(low)}: updates smaller than their resolution are "
+        f"lost; keep float32 parameters and compute in {low[0]} with "
+        f"create_train_state(..., precision='{name}')", stacklevel=3)
+
+
 def plan_feed(state, train, config: FitConfig, *, val=None, test=None, augment=None,
               epochs: EpochPlan | None = None) -> Feed:
   """The feed (and so the compiled programs) a run of ``config`` trains through:
@@ -146,6 +160,7 @@ def plan_feed(state, train, config: FitConfig, *, val=None, test=None, augment=N
   straight = choose_execution(state, config, example) == "step"
   warn_per_device_batch_norm(state, config, example)
   warn_unmasked_batch_norm(state, config, n_train)
+  warn_low_precision_params(state)
   if not streamed:
     return DeviceFeed(spec, train, evals, augment=augment, mesh=mesh,
                       step_evals=bool(config.eval_every_steps), straight=straight)
