@@ -76,6 +76,8 @@ class Config:
   # Compute dtype of the model; parameters and optimizer state stay float32 (fp16:
   # with dynamic loss scaling).
   precision: Literal["fp32", "bf16", "fp16"] = _cli.added_flag("fp32")
+  # Write a jax.profiler trace of steps A+1..B into <workdir>/profile (e.g. 10:20).
+  profile_steps: str | None = _cli.added_flag(None)
   # Decay of an exponential moving average of the parameters, evaluated beside them
   # as val_ema_loss etc. (a monitor may rank epochs by it); unset: no average.
   ema: float | None = _cli.added_flag(None)
@@ -195,7 +197,8 @@ def main(config: Config) -> None:
   # per-device means, so a device whose shard is all padding gives NaN statistics.
   fit_config = jaxtrain.FitConfig(epochs=config.epochs, batch_size=config.batch_size,
                                   seed=config.seed, devices=devices, drop_remainder=True,
-                                  accumulate_steps=config.accumulate_steps, data=config.data)
+                                  accumulate_steps=config.accumulate_steps, data=config.data,
+                                  profile_steps=config.profile_steps)
   record = {"experiment": "mnist_cnn", "config": _cli.to_record(config),
             "fit": dataclasses.asdict(fit_config),
             "sizes": sizes}

@@ -62,6 +62,8 @@ class Config:
   # Compute dtype of the model; parameters and optimizer state stay float32 (fp16:
   # with dynamic loss scaling).
   precision: Literal["fp32", "bf16", "fp16"] = _cli.added_flag("fp32")
+  # Write a jax.profiler trace of steps A+1..B into <workdir>/profile (e.g. 10:20).
+  profile_steps: str | None = _cli.added_flag(None)
   # Decay of an exponential moving average of the parameters, evaluated beside them
   # as val_ema_loss etc. (a monitor may rank epochs by it); unset: no average.
   ema: float | None = _cli.added_flag(None)
@@ -117,7 +119,8 @@ def main(config: Config) -> None:
   fit_config = jaxtrain.FitConfig(epochs=config.epochs, batch_size=config.batch_size,
                                   seed=config.seed, devices=config.devices,
                                   eval_every_steps=config.eval_every_steps,
-                                  accumulate_steps=config.accumulate_steps)
+                                  accumulate_steps=config.accumulate_steps,
+                                  profile_steps=config.profile_steps)
   record = {"experiment": "mnist_pigeon", "config": _cli.to_record(config),
             "fit": dataclasses.asdict(fit_config)}
   result = run(state, train_set, config=fit_config, workdir=config.workdir, record=record,

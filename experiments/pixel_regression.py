@@ -59,6 +59,8 @@ class Config:
   # Compute dtype of the model; parameters and optimizer state stay float32 (fp16:
   # with dynamic loss scaling).
   precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+  # Write a jax.profiler trace of steps A+1..B into <workdir>/profile (e.g. 10:20).
+  profile_steps: str | None = _cli.added_flag(None)
   # Decay of an exponential moving average of the parameters, evaluated beside them
   # as val_ema_loss etc. (a monitor may rank epochs by it); unset: no average.
   ema: float | None = None
@@ -165,7 +167,8 @@ def main(config: Config) -> None:
   state = create_state(config, std)
   fit_config = jaxtrain.FitConfig(
       epochs=config.epochs, batch_size=config.batch_size, seed=config.seed,
-      early_stopping=jaxtrain.EarlyStopping("val_loss", patience=config.patience))
+      early_stopping=jaxtrain.EarlyStopping("val_loss", patience=config.patience),
+      profile_steps=config.profile_steps)
   record = {"experiment": "pixel_regression", "config": _cli.to_record(config),
             "fit": dataclasses.asdict(fit_config), "pixels": {"mean": mean, "std": std},
             "sizes": {k: len(v["targets"]) for k, v in

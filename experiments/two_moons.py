@@ -53,6 +53,8 @@ class Config:
   # Compute dtype of the model; parameters and optimizer state stay float32 (fp16:
   # with dynamic loss scaling).
   precision: Literal["fp32", "bf16", "fp16"] = _cli.added_flag("fp32")
+  # Write a jax.profiler trace of steps A+1..B into <workdir>/profile (e.g. 10:20).
+  profile_steps: str | None = _cli.added_flag(None)
   # Decay of an exponential moving average of the parameters, evaluated beside them
   # as val_ema_loss etc. (a monitor may rank epochs by it); unset: no average.
   ema: float | None = _cli.added_flag(None)
@@ -111,7 +113,8 @@ def train(config: Config, *, batch_size: int, workdir: pathlib.Path, extra=None)
   state = create_state(config)
   fit_config = jaxtrain.FitConfig(epochs=config.epochs, batch_size=batch_size,
                                   seed=config.seed, devices=config.devices,
-                                  accumulate_steps=config.accumulate_steps, data=config.data)
+                                  accumulate_steps=config.accumulate_steps, data=config.data,
+                                  profile_steps=config.profile_steps)
   record = {"experiment": "two_moons", "config": _cli.to_record(config),
             "fit": dataclasses.asdict(fit_config)}
   return run(state, train_set, config=fit_config, workdir=workdir, record=record,

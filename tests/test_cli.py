@@ -236,6 +236,9 @@ BAD_INPUT = [
     (["--input-noise", "-1"], r"--input-noise", r"-1(\.0)?"),
     (["--ema", "1.5"], r"--ema", r"1\.5"),
     (["--precision", "fp8"], r"precision", r"'?fp8'?"),
+    (["--eps", "-1"], r"eps", r"-1(\.0)?"),
+    (["--profile-steps", "5:2"], r"--profile-steps", r"'?5:2'?"),
+    (["--profile-steps", "10:100000"], r"--profile-steps", r"100000"),
 ]
 
 

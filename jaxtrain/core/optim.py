@@ -309,6 +309,9 @@ class OptimizerConfig:
   momentum: float = 0.0  # SGD momentum (sgd only).
   weight_decay: float = 0.0  # L2 (sgd, adam) or decoupled (adamw) weight decay.
   clip_norm: float | None = None  # Clip the global gradient norm to this.
+  # Adam's epsilon, added to sqrt(v) (adam, adamw): 1e-8 as PyTorch; larger (1e-4)
+  # for float16 state. Recorded in config.json only when set.
+  eps: float = dataclasses.field(default=1e-8, metadata={"recorded_when_set": True})
 
   def make(self, schedule: optax.Schedule | None = None,
            **kwargs) -> optax.GradientTransformationExtraArgs:
@@ -316,4 +319,4 @@ class OptimizerConfig:
     ``kwargs`` go to :func:`make_optimizer` (e.g. ``weight_decay_mask``)."""
     return make_optimizer(self.optimizer, schedule or self.learning_rate,
                           momentum=self.momentum, weight_decay=self.weight_decay,
-                          clip_norm=self.clip_norm, **kwargs)
+                          clip_norm=self.clip_norm, eps=self.eps, **kwargs)

@@ -33,6 +33,18 @@ def local_mesh(devices: Sequence[jax.Device] | None = None, axis: str = AXIS) ->
   return Mesh(np.asarray(devices), (axis,))
 
 
+@functools.cache
+def on_one_device(fn, in_specs, out_specs=P()):
+  """``fn(..., axis_name=AXIS)`` jitted as a ``shard_map`` over one local device.
+
+  A per-device step's collectives (the gradient ``psum``, cross-replica batch
+  norm) then reduce over an axis of size one, so the step of any run can be run,
+  or lowered for its cost, outside the run's programs, on the global batch."""
+  mesh = local_mesh(jax.local_devices()[:1])
+  return jax.jit(jax.shard_map(functools.partial(fn, axis_name=AXIS), mesh=mesh,
+                               in_specs=in_specs, out_specs=out_specs))
+
+
 def run_devices(count: int) -> list[jax.Device]:
   """The ``count`` devices a data-parallel run trains on, across every process:
   the first ``count`` local devices in one process; with several processes

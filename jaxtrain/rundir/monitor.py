@@ -31,6 +31,10 @@ from jaxtrain.rundir.record import write_config
 __all__ = ["RunMonitor", "plot_curves", "read_history", "write_config"]
 
 _SKIP_IN_LINE = ("epoch", "step", "seconds")  # Shown differently or not at all.
+# Rates fit adds to a row (TensorBoard and the line, not metrics.csv), as the line shows them.
+_RATES = {"examples_per_second": lambda v: f"{v:,.0f} ex/s",
+          "flops_per_second": lambda v: f"{v / 1e9:.3g} GFLOP/s",
+          "peak_fraction": lambda v: f"{100 * v:.3g}% of peak"}
 
 
 def _py(value: Any) -> Any:
@@ -204,8 +208,10 @@ class RunMonitor:
     self._steps_file.flush()
     self._tb.flush()
 
-  def log_histograms(self, step: int, params: Any, grads: Any = None) -> None:
-    """Logs ``weights/<path>`` (and ``grads/<path>``) histograms.
+  def log_histograms(self, step: int, params: Any, grads: Any = None,
+                     activations: Any = None) -> None:
+    """Logs ``weights/<path>`` (and ``grads/<path>``, ``activations/<path>``)
+    histograms.
 
     Paths join pytree keys with "/", e.g. ``Dense_0/kernel``. Non-finite
     values are left out (a leaf with none left is skipped).
@@ -213,7 +219,7 @@ class RunMonitor:
     self._check_open()
     import jax  # Lazy: the rest of this module does not need JAX.
 
-    for prefix, tree in (("weights", params), ("grads", grads)):
+    for prefix, tree in (("weights", params), ("grads", grads), ("activations", activations)):
       if tree is None:
         continue
       leaves, _ = jax.tree_util.tree_flatten_with_path(jax.device_get(tree))
@@ -267,12 +273,13 @@ class RunMonitor:
     parts = [f"epoch {row.get('epoch', '?')}/{self.num_epochs}"]
     for name in self.columns + [k for k in row if k not in self.columns]:
       value = row.get(name)
-      if name in _SKIP_IN_LINE or value is None or isinstance(value, str):
+      if name in _SKIP_IN_LINE or name in _RATES or value is None or isinstance(value, str):
         continue
       parts.append(f"{name} {value:.4g}" if isinstance(value, float)
                    else f"{name} {value}")
     if row.get("seconds") is not None:
       parts.append(f"{row['seconds']:.1f} s")
+    parts += [show(row[name]) for name, show in _RATES.items() if row.get(name) is not None]
     elapsed, done = time.time() - self._t0, self._step - self._step0
     if self._bar is None and done > 0 and self._step < self.total_steps:
       eta = (self.total_steps - self._step) * elapsed / done

@@ -44,7 +44,7 @@ RUN_FILES = ("config.json", "metrics.csv", "steps.jsonl", "curves.png", "tensorb
 # Settings that may change between a run and its resumption.
 _NOT_IDENTITY = {"epochs", "overwrite", "workdir", "progress", "checkpoint", "versions",
                  "backend", "devices_info", "every_epochs", "every_steps", "every_seconds",
-                 "build", "distributed", "data"}
+                 "build", "distributed", "data", "profile_steps"}
 _ENVIRONMENT = {"versions", "backend", "devices"}
 
 

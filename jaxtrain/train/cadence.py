@@ -59,6 +59,23 @@ class Every:
 
 
 @dataclasses.dataclass(frozen=True)
+class At:
+  """A concern due at given global steps (e.g. where a profile starts and ends).
+
+  >>> At((3, 6)).next_after(3, steps_per_epoch=4), At((3, 6)).due(6, 4)
+  (6, True)
+  """
+
+  steps: tuple[int, ...] = ()
+
+  def next_after(self, step: int, steps_per_epoch: int) -> int | None:
+    return min((s for s in self.steps if s > step), default=None)
+
+  def due(self, step: int, steps_per_epoch: int, idle_seconds: float = 0.0) -> bool:
+    return step in self.steps
+
+
+@dataclasses.dataclass(frozen=True)
 class Cadence:
   """Every periodic concern of one run, asked in one place.
 

@@ -15,8 +15,9 @@ from jaxtrain.core.plateau import ReduceLROnPlateau
 from jaxtrain.data.batching import check_arrays
 from jaxtrain.data.indexed import Source, head
 from jaxtrain.nn import conv
-from jaxtrain.train.cadence import Cadence, Every
+from jaxtrain.train.cadence import At, Cadence, Every
 from jaxtrain.train.stopping import EarlyStopping, Ranking
+from jaxtrain.train.throughput import profile_range
 
 COLUMNS = ("epoch", "step", "train_loss", "train_accuracy", "val_loss", "val_accuracy",
            "train_loss_running", "learning_rate", "seconds")
@@ -62,6 +63,9 @@ class FitConfig:
       ``lax.conv`` elsewhere), ``"matmul"`` or ``"xla"`` (see
       :func:`jaxtrain.conv.flax_convs`). The model and its parameters are
       unchanged either way.
+    profile_steps: ``(a, b)`` or ``"a:b"``: write a ``jax.profiler`` trace of
+      steps ``a + 1 .. b`` into the monitor's ``<workdir>/profile``
+      (:mod:`jaxtrain.train.throughput`); not part of the run's identity.
     reduce_lr_on_plateau: PyTorch's ReduceLROnPlateau
       (:class:`jaxtrain.ReduceLROnPlateau`), stepped at every epoch end with
       its monitored evaluation mean; its state travels in ``state.plateau``.
@@ -85,6 +89,7 @@ class FitConfig:
   accumulate_steps: int = 1
   reduce_lr_on_plateau: ReduceLROnPlateau | None = None
   conv_impl: str = "auto"
+  profile_steps: tuple[int, int] | str | None = None
 
   @property
   def update_batch_size(self) -> int:
@@ -130,6 +135,7 @@ def validate(config: FitConfig, n_train: int) -> None:
     bad("devices", config.devices, f"must be a multiple of the {jax.process_count()} processes")
   if config.batch_size % config.devices:
     bad("batch_size", config.batch_size, f"must be divisible by the {config.devices} devices")
+  profile_range(config.profile_steps)
   if config.drop_remainder and n_train < config.update_batch_size:
     bad("batch_size", config.batch_size, "with drop_remainder leaves no batch")
 
@@ -284,4 +290,6 @@ def plan_cadence(config: FitConfig, steps_per_epoch: int, checkpointer=None,
     concerns["early_stopping"] = Every(epochs=1)
   if every_epoch:
     concerns["best"] = Every(epochs=1)
+  if config.profile_steps is not None:
+    concerns["profile"] = At(profile_range(config.profile_steps))
   return Cadence(steps_per_epoch, config.epochs * steps_per_epoch, concerns)

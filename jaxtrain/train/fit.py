@@ -23,9 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxtrain.core import plateau as plateau_lib
+from jaxtrain.core.activations import gradients_and_activations
 from jaxtrain.core.metrics import means
 from jaxtrain.core.state import TrainState, state_arrays, with_arrays
-from jaxtrain.core.step import compute_gradients
 from jaxtrain.data.indexed import head, length
 from jaxtrain.engine import best as best_lib
 from jaxtrain.engine import distributed, parallel
@@ -43,7 +43,9 @@ from jaxtrain.train.config import (
 )
 from jaxtrain.train.ledger import Advance, Fetched, Position, advance, extend
 from jaxtrain.train.planning import plan_feed
+from jaxtrain.train.resume import open_monitor, resume
 from jaxtrain.train.stopping import Best
+from jaxtrain.train.throughput import Profile, Throughput, measure_run
 
 
 @dataclasses.dataclass
@@ -86,6 +88,8 @@ class _Run:
   monitor: Any
   log: Callable[[str], None]
   plan: EpochPlan
+  profile: Profile
+  throughput: Throughput | None = None
 
   @property
   def host_best(self) -> bool:
@@ -161,6 +165,7 @@ def fit(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
   plan = plan_epochs(config, getattr(checkpointer, "config", None), logged,
                      has_val=val is not None)
   feed = plan_feed(state, train, config, val=val, test=test, augment=augment, epochs=plan)
+  profile = Profile.plan(config, config.epochs * feed.spec.steps_per_epoch, monitor)
   if callable(checkpointer):  # a factory: everything is checked, the run may write now
     checked = hasattr(checkpointer, "config")
     checkpointer = checkpointer()
@@ -179,15 +184,15 @@ def fit(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
     # Copies: placing one array twice may give one buffer, donated twice.
     tree["best"] = jax.tree.map(jnp.copy, {k: tree["state"][k]
                                            for k in ("params", "batch_stats")})
-  position, tree = _resume(checkpointer, tree, log or print,
+  position, tree = resume(checkpointer, tree, log or print,
                            Position.at(int(np.asarray(state.step)), spe), feed.spec.num_train)
-  monitor, owns_monitor = _open_monitor(monitor, position)
+  monitor, owns_monitor = open_monitor(monitor, position)
   try:
     run = _Run(config, feed,
                plan_cadence(config, spe, checkpointer, monitor, every_epoch=plan.keep
                             and feed.spec.best is None),
                jax.random.key(config.seed), train, checkpointer, monitor,
-               log or (monitor.write if monitor is not None else print), plan)
+               log or (monitor.write if monitor is not None else print), plan, profile)
     best = tree.get("best")
     carry = Carry(with_arrays(state, tree["state"]), feed.place(jnp.zeros((), bool)))
     if feed.spec.best is not None:
@@ -210,11 +215,16 @@ def fit(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
       # process) are agreed on. Free in one process.
       end = int(distributed.agree([end], "min")[0])
       started = time.perf_counter()
+      profile.before(first, monitor)
       carry, chunks = feed.train(carry, run.run_key, first, end - first)
+      profile.after(end, chunks[-1].steps, run.log)
       call = _Call(first, end, chunks, started)
       for chunk in chunks:
         window(chunk.steps)
       if not compiled:
+        if monitor is not None:  # on the host, while the device runs the call
+          run = dataclasses.replace(run, throughput=measure_run(
+              carry.state, train, config, feed.spec, jax.local_devices()[: config.devices]))
         jax.block_until_ready(chunks[-1].steps)
         compiled = True
         if monitor is not None:
@@ -269,44 +279,9 @@ def fit(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
                      stop_reason=reason, test=test_metrics, best_step=best_step,
                      restored_best=restored)
   finally:
+    profile.stop()
     if owns_monitor:
       monitor.close()
-
-
-def _resume(checkpointer, tree, say, start: Position, num_train: int
-            ) -> tuple[Position, Any]:
-  """The position and arrays of the latest good checkpoint, else ``start``."""
-  restored = (checkpointer.restore(lambda saved: {k: v for k, v in tree.items() if k in saved})
-              if checkpointer is not None else None)
-  if restored is None:
-    return start, tree
-  step, restored, meta = restored
-  if meta.get("num_train", num_train) != num_train:
-    raise ValueError(f"the training set has {num_train} rows, but the checkpoint at step {step} "
-                     f"in {checkpointer.directory} was trained on {meta['num_train']}: "
-                     "resume with the same data, or start a new run directory")
-  position = Position.from_json(meta["position"])
-  if "best" in tree and "best" not in restored:
-    # Written by a run that kept no best parameters (an earlier jaxtrain):
-    # the best is ranked afresh from the resume on.
-    restored["best"] = jax.tree.map(jnp.copy, {k: restored["state"][k]
-                                               for k in ("params", "batch_stats")})
-    position = dataclasses.replace(
-        position, best=dataclasses.replace(position.best, value=math.nan))
-  tree = restored
-  say(f"resuming from the checkpoint at step {step} (epoch {position.epoch + 1}, "
-      f"batch {position.batch}) in {checkpointer.directory}")
-  return position, tree
-
-
-def _open_monitor(monitor, position: Position):
-  """A monitor, built now from a factory ``(rows, step_records) -> monitor``
-  once the position is known; returns ``(monitor, owned)``."""
-  if monitor is None or hasattr(monitor, "log_steps"):
-    return monitor, False
-  fresh = position.epoch == 0 and position.batch == 0
-  made = monitor(position.rows, None if fresh else position.step_records)
-  return made, made is not None
 
 
 def _absorb(run: _Run, call: _Call, position: Position, pace: Pace, state, best, history
@@ -335,9 +310,10 @@ def _absorb(run: _Run, call: _Call, position: Position, pace: Pace, state, best,
   for row in done.rows:
     extend(history["epoch"], row)
     if run.monitor is not None:
-      run.monitor.log_epoch(row)
+      run.monitor.log_epoch({**row, **(run.throughput.rates(row.get("seconds"))
+                                       if run.throughput else {})})
       if "histograms" in run.cadence.due(row["step"]):
-        run.monitor.log_histograms(row["step"], state.params, _gradients(run, state))
+        run.monitor.log_histograms(row["step"], state.params, *_snapshot(run, state))
   if run.host_best and done.rows and done.position.best.epoch == done.rows[-1]["epoch"]:
     best = jax.tree.map(jnp.copy, {"params": state.params, "batch_stats": state.batch_stats})
   if done.early_stop:
@@ -368,11 +344,7 @@ def _interrupted(run: _Run, signal_name: str, position: Position, spe: int) -> s
   return f"interrupted by {signal_name}"
 
 
-def _gradients(run: _Run, state: TrainState):
-  """The gradient on the first training batch, for histograms."""
+def _snapshot(run: _Run, state: TrainState):
+  """The gradient and the activations on the first training batch, for histograms."""
   batch = head(run.train, run.config.batch_size)
-  grads, _, _ = _jit_gradients(jax.device_get(state), batch, run.run_key)
-  return grads
-
-
-_jit_gradients = jax.jit(compute_gradients)
+  return gradients_and_activations(jax.device_get(state), batch, run.run_key)

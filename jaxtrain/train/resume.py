@@ -1,0 +1,50 @@
+"""Where a run starts: the latest good checkpoint's position and arrays, and
+the monitor opened at that position (so its files keep exactly the rows and
+step records the checkpoint counts)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxtrain.train.ledger import Position
+
+
+def resume(checkpointer, tree, say, start: Position, num_train: int
+           ) -> tuple[Position, Any]:
+  """The position and arrays of the latest good checkpoint, else ``start``."""
+  restored = (checkpointer.restore(lambda saved: {k: v for k, v in tree.items() if k in saved})
+              if checkpointer is not None else None)
+  if restored is None:
+    return start, tree
+  step, restored, meta = restored
+  if meta.get("num_train", num_train) != num_train:
+    raise ValueError(f"the training set has {num_train} rows, but the checkpoint at step {step} "
+                     f"in {checkpointer.directory} was trained on {meta['num_train']}: "
+                     "resume with the same data, or start a new run directory")
+  position = Position.from_json(meta["position"])
+  if "best" in tree and "best" not in restored:
+    # Written by a run that kept no best parameters (an earlier jaxtrain):
+    # the best is ranked afresh from the resume on.
+    restored["best"] = jax.tree.map(jnp.copy, {k: restored["state"][k]
+                                               for k in ("params", "batch_stats")})
+    position = dataclasses.replace(
+        position, best=dataclasses.replace(position.best, value=math.nan))
+  tree = restored
+  say(f"resuming from the checkpoint at step {step} (epoch {position.epoch + 1}, "
+      f"batch {position.batch}) in {checkpointer.directory}")
+  return position, tree
+
+
+def open_monitor(monitor, position: Position):
+  """A monitor, built now from a factory ``(rows, step_records) -> monitor``
+  once the position is known; returns ``(monitor, owned)``."""
+  if monitor is None or hasattr(monitor, "log_steps"):
+    return monitor, False
+  fresh = position.epoch == 0 and position.batch == 0
+  made = monitor(position.rows, None if fresh else position.step_records)
+  return made, made is not None
