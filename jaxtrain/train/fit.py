@@ -88,7 +88,6 @@ class _Run:
   monitor: Any
   log: Callable[[str], None]
   plan: EpochPlan
-  profile: Profile
   throughput: Throughput | None = None
 
   @property
@@ -192,7 +191,7 @@ def fit(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
                plan_cadence(config, spe, checkpointer, monitor, every_epoch=plan.keep
                             and feed.spec.best is None),
                jax.random.key(config.seed), train, checkpointer, monitor,
-               log or (monitor.write if monitor is not None else print), plan, profile)
+               log or (monitor.write if monitor is not None else print), plan)
     best = tree.get("best")
     carry = Carry(with_arrays(state, tree["state"]), feed.place(jnp.zeros((), bool)))
     if feed.spec.best is not None:
@@ -224,7 +223,7 @@ def fit(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
       if not compiled:
         if monitor is not None:  # on the host, while the device runs the call
           run = dataclasses.replace(run, throughput=measure_run(
-              carry.state, train, config, feed.spec, jax.local_devices()[: config.devices]))
+              carry.state, train, config, feed.spec, parallel.run_devices(config.devices)))
         jax.block_until_ready(chunks[-1].steps)
         compiled = True
         if monitor is not None:
