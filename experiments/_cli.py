@@ -52,6 +52,18 @@ def parse(config_type: type[T], args: list[str] | None = None) -> T:
     fail(str(error).splitlines()[0])
 
 
+def parse_with_default(config_type: type[T], args: list[str], default: T) -> T:
+  """Parses flags over ``default``'s values; a bad one raises a one-line ValueError."""
+  captured = io.StringIO()
+  try:
+    with contextlib.redirect_stderr(captured):
+      return tyro.cli(config_type, args=args, default=default)
+  except SystemExit:
+    raise ValueError(_one_line(captured.getvalue())) from None
+  except ValueError as error:
+    raise ValueError(str(error).splitlines()[0]) from None
+
+
 def fail(message: str) -> None:
   print(f"error: {message}", file=sys.stderr)
   raise SystemExit(2)

@@ -35,7 +35,7 @@ import optax
 import tyro
 
 import jaxtrain
-from experiments import _cli
+from experiments import _cli, _sweep
 from jaxtrain import data, losses, models, parallel
 from jaxtrain.core.optim import OptimizerConfig, no_bias_norm_mask
 from jaxtrain.core.regularize import Regularization
@@ -84,6 +84,9 @@ class Config:
   warmup_epochs: float = 1.0  # Linear warmup from 0, then cosine decay to 0.
   devices: int = 0  # Data-parallel devices (0: all devices of every process).
   overwrite: bool = False  # Replace a different run already in --workdir.
+  # A grid or random search over the flags, one sub-run per member in <workdir>/members.
+  sweep: Annotated[_sweep.SweepConfig, tyro.conf.OmitArgPrefixes] = _cli.added_flag(
+      _sweep.SweepConfig())
   checkpoint: CheckpointConfig = CheckpointConfig()  # When to save; a rerun resumes.
   # Join a multi-process run (jax.distributed); unset: one process.
   distributed: DistributedConfig = DistributedConfig()
@@ -185,6 +188,8 @@ def state_from_record(record: dict) -> jaxtrain.TrainState:
 
 
 def main(config: Config) -> None:
+  if config.sweep.sweep or config.sweep.sweep_trials:
+    return _sweep.run(config, main, vmapped=("weight_decay", "seed"))
   if config.shift < 0:
     raise ValueError(f"--shift must be >= 0, got {config.shift}")
   devices = num_devices(config)

@@ -29,7 +29,7 @@ import numpy as np
 import tyro
 
 import jaxtrain
-from experiments import _cli
+from experiments import _cli, _sweep
 from jaxtrain import data, losses, models
 from jaxtrain.core.optim import OptimizerConfig
 from jaxtrain.core.regularize import Regularization
@@ -70,6 +70,9 @@ class Config:
   eval_every_steps: int = 0  # Also evaluate train and val every N steps (0: per epoch).
   devices: int = 1  # Data-parallel devices.
   overwrite: bool = False  # Replace a different run already in --workdir.
+  # A grid or random search over the flags, one sub-run per member in <workdir>/members.
+  sweep: Annotated[_sweep.SweepConfig, tyro.conf.OmitArgPrefixes] = _cli.added_flag(
+      _sweep.SweepConfig())
   checkpoint: CheckpointConfig = CheckpointConfig()  # When to save; a rerun resumes.
   # Join a multi-process run (jax.distributed); unset: one process.
   distributed: DistributedConfig = DistributedConfig()
@@ -114,6 +117,8 @@ def state_from_record(record: dict) -> jaxtrain.TrainState:
 
 
 def main(config: Config) -> None:
+  if config.sweep.sweep or config.sweep.sweep_trials:
+    return _sweep.run(config, main, vmapped=("learning_rate", "weight_decay", "seed"))
   train_set, val_set = load_data(config)
   state = create_state(config)
   fit_config = jaxtrain.FitConfig(epochs=config.epochs, batch_size=config.batch_size,

@@ -30,7 +30,7 @@ import numpy as np
 import tyro
 
 import jaxtrain
-from experiments import _cli
+from experiments import _cli, _sweep
 from jaxtrain import data, losses, models
 from jaxtrain.core.optim import OptimizerConfig
 from jaxtrain.core.regularize import Regularization
@@ -66,6 +66,9 @@ class Config:
   ema: float | None = None
   examples: int = 8  # Test digits drawn in predictions.png.
   overwrite: bool = False  # Replace a different run already in --workdir.
+  # A grid or random search over the flags, one sub-run per member in <workdir>/members.
+  sweep: Annotated[_sweep.SweepConfig, tyro.conf.OmitArgPrefixes] = _cli.added_flag(
+      _sweep.SweepConfig())
   checkpoint: CheckpointConfig = CheckpointConfig()  # When to save; a rerun resumes.
 
 
@@ -159,6 +162,8 @@ def plot(path: pathlib.Path, test: dict, predicted: np.ndarray, where: slice,
 
 
 def main(config: Config) -> None:
+  if config.sweep.sweep or config.sweep.sweep_trials:
+    return _sweep.run(config, main, vmapped=())
   if config.patience < 1:
     raise ValueError(f"--patience must be >= 1, got {config.patience}")
   if config.examples < 1:

@@ -21,7 +21,7 @@ import numpy as np
 import tyro
 
 import jaxtrain
-from experiments import _cli
+from experiments import _cli, _sweep
 from jaxtrain import data, losses, models
 from jaxtrain.core.optim import OptimizerConfig
 from jaxtrain.core.regularize import Regularization
@@ -65,6 +65,9 @@ class Config:
   # (read on the host step by step; the same run, bit for bit); auto: by size.
   data: Literal["auto", "device", "stream"] = _cli.added_flag("auto")
   overwrite: bool = False  # Replace a different run already in --workdir.
+  # A grid or random search over the flags, one sub-run per member in <workdir>/members.
+  sweep: Annotated[_sweep.SweepConfig, tyro.conf.OmitArgPrefixes] = _cli.added_flag(
+      _sweep.SweepConfig())
   checkpoint: CheckpointConfig = CheckpointConfig()  # When to save; a rerun resumes.
   # Join a multi-process run (jax.distributed); unset: one process.
   distributed: DistributedConfig = DistributedConfig()
@@ -157,6 +160,8 @@ def train_seeds(config: Config) -> None:
 
 
 def main(config: Config) -> None:
+  if config.sweep.sweep or config.sweep.sweep_trials:
+    return _sweep.run(config, main, vmapped=("learning_rate", "weight_decay", "seed"))
   if config.seeds != 1:
     return train_seeds(config)
   extra = None

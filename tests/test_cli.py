@@ -174,6 +174,8 @@ def _options(config_type, prefix="", defaults=None):
     if dataclasses.is_dataclass(default):
       omit = tyro.conf.OmitArgPrefixes in getattr(hints[field.name], "__metadata__", ())
       yield from _options(type(default), prefix if omit else f"{name}.", default)
+    elif tyro.conf.UseAppendAction in getattr(hints[field.name], "__metadata__", ()):
+      yield f"--{name}", None  # a flag given once per value: tyro says "(repeatable)"
     elif isinstance(default, tuple):
       yield f"--{name}", " ".join(map(str, default))
     else:
@@ -195,7 +197,8 @@ def test_help_lists_every_option_with_its_default():
   for flag, default in options:
     start = starts[flag]
     section = text[start:ends[ends.index(start) + 1]]
-    assert f"(default: {default})" in section, (flag, section)
+    shown = "(repeatable)" if default is None else f"(default: {default})"
+    assert shown in section, (flag, section)
 
 
 def test_accumulate_steps_counts_updates_and_is_recorded_only_when_set(tiny_run, tmp_path):
@@ -218,6 +221,8 @@ def test_accumulate_steps_counts_updates_and_is_recorded_only_when_set(tiny_run,
 
 BAD_INPUT = [
     (["--epochs", "0"], r"epochs", r"0"),
+    (["--sweep", "learning_rate"], r"sweep", r"learning_rate"),
+    (["--sweep", "nosuch=1,2"], r"sweep", r"nosuch"),
     (["--epochs", "-3"], r"epochs", r"-3"),
     (["--batch-size", "0"], r"batch[_-]size", r"0"),
     (["--batch-size", "100000"], r"batch[_-]size", r"100000"),

@@ -84,6 +84,7 @@ class RunMonitor:
       is rewritten with exactly these rows. Empty for a fresh run.
     resume_step_records: Keep the first N lines of ``steps.jsonl`` (``None``:
       start it afresh).
+    quiet: Print nothing (the files only).
 
   Example:
     >>> import tempfile
@@ -102,7 +103,7 @@ class RunMonitor:
   def __init__(self, workdir: str | os.PathLike, *, columns: Sequence[str],
                total_steps: int, steps_per_epoch: int,
                progress: bool | None = None, resume_rows: Sequence[dict] = (),
-               resume_step_records: int | None = None):
+               resume_step_records: int | None = None, quiet: bool = False):
     from tensorboardX import SummaryWriter  # Lazy: imports protobuf.
 
     self.workdir = os.fspath(workdir)
@@ -110,7 +111,7 @@ class RunMonitor:
     self.columns = list(columns)
     self.total_steps = int(total_steps)
     self.num_epochs = -(-self.total_steps // max(int(steps_per_epoch), 1))
-    self._closed = False
+    self._closed, self._quiet = False, quiet
 
     # Steps done before this session: the bar and the ETA start from here.
     start = resume_step_records or 0
@@ -241,6 +242,8 @@ class RunMonitor:
 
   def write(self, message: str) -> None:
     """Prints ``message`` to stdout without breaking the progress bar."""
+    if self._quiet:
+      return
     if self._bar is not None:
       tqdm.write(message)
     else:

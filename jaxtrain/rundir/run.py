@@ -27,6 +27,7 @@ from jaxtrain.data.batching import num_batches
 from jaxtrain.data.indexed import length
 from jaxtrain.engine import distributed
 from jaxtrain.rundir.checkpoint import DIRECTORY, CheckpointConfig, Checkpointer
+from jaxtrain.rundir.group import RunCall
 from jaxtrain.rundir.monitor import RunMonitor
 from jaxtrain.rundir.plots import plot_curves, read_history
 from jaxtrain.rundir.record import check_record, jsonable, write_config
@@ -129,7 +130,7 @@ class _RunDirectory:
   def open(self) -> Checkpointer | None:
     if distributed.is_primary():
       if not self.resume and self.workdir.exists():
-        _clear(self.workdir)
+        clear_run(self.workdir)
       self.workdir.mkdir(parents=True, exist_ok=True)
     _wait_for_every_process("jaxtrain: run directory ready")
     if self.checkpoint is not None:
@@ -150,13 +151,35 @@ def _wait_for_every_process(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
-def _clear(workdir: pathlib.Path) -> None:
+def clear_run(workdir: pathlib.Path) -> None:
   for name in RUN_FILES:
     path = workdir / name
     if path.is_dir():
       shutil.rmtree(path)
     elif path.exists():
       path.unlink()
+
+
+# Handlers of run() calls made inside ``intercepted`` (innermost last).
+_INTERCEPT: list[Callable[[RunCall], Any]] = []
+
+
+@contextlib.contextmanager
+def intercepted(handler: Callable[[RunCall], Any]):
+  """Within it, ``run(...)`` returns ``handler(RunCall(...))`` instead of
+  training; a ``run`` called by the handler itself trains. A sweep collects an
+  experiment's runs with it (to train them in one program) or observes them."""
+  _INTERCEPT.append(handler)
+  try:
+    yield
+  finally:
+    _INTERCEPT.remove(handler)
+
+
+def run_call(call: RunCall) -> FitResult:
+  """``run`` with the arguments of ``call``."""
+  fields = {f.name: getattr(call, f.name) for f in dataclasses.fields(call)}
+  return run(fields.pop("state"), fields.pop("train"), **fields)
 
 
 @contextlib.contextmanager
@@ -207,6 +230,13 @@ def run(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
     The :class:`~jaxtrain.FitResult`; its history covers the whole run, also
     the part before a resume.
   """
+  if _INTERCEPT:
+    handler = _INTERCEPT.pop()
+    try:
+      return handler(RunCall(state, train, config, pathlib.Path(workdir), record, val, test,
+                             augment, overwrite, checkpoint, extra_curves, build))
+    finally:
+      _INTERCEPT.append(handler)
   workdir = pathlib.Path(workdir)
   record = {**record, "checkpoint": checkpoint, **({"build": build} if build else {})}
   check_record(record)

@@ -9,7 +9,8 @@ float rounding of the batched matmuls.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -21,7 +22,7 @@ from jaxtrain.core.state import TrainState
 from jaxtrain.engine.feeds import Chunk, fetch
 from jaxtrain.engine.programs import Carry, Data, Programs
 from jaxtrain.train.config import FitConfig, as_arrays, validate
-from jaxtrain.train.ledger import set_means
+from jaxtrain.train.ledger import Fetched, epoch_row
 from jaxtrain.train.planning import program_spec
 
 
@@ -60,7 +61,9 @@ class ManyResult:
 
   Attributes:
     state: the stacked final states (member axis first).
-    epochs: per-member epoch rows, ``[{column: value}, ...]`` per epoch.
+    epochs: per-member epoch rows, ``[{column: value}, ...]`` per epoch: the
+      columns of :func:`jaxtrain.fit`'s rows (``seconds`` only when
+      ``on_epoch`` or ``should_stop`` made the program stop at each epoch end).
     steps: per-step metrics, arrays of shape ``[members, steps]``.
     test: per-member test metrics when a test set was given.
   """
@@ -78,7 +81,9 @@ class ManyResult:
 def fit_many(states: TrainState, train: Mapping[str, Any], *, config: FitConfig,
              seeds: Sequence[int], val: Mapping[str, Any] | None = None,
              test: Mapping[str, Any] | None = None, member_data: bool = False,
-             augment=None) -> ManyResult:
+             augment=None,
+             on_epoch: Callable[[int, TrainState, list[Fetched]], None] | None = None,
+             should_stop: Callable[[], str | None] | None = None) -> ManyResult | None:
   """Trains a stack of states, one per seed, in one compiled program.
 
   Args:
@@ -88,9 +93,16 @@ def fit_many(states: TrainState, train: Mapping[str, Any], *, config: FitConfig,
     config: as for :func:`jaxtrain.fit`; ``seed`` is ignored (``seeds`` rule),
       early stopping and multi-device are not supported here.
     seeds: each member's seed (its shuffle, dropout and augmentation keys).
+    on_epoch: called after every epoch as ``on_epoch(epoch, states, fetched)``
+      (``epoch`` from 1, the stacked states then, each member's
+      :class:`~jaxtrain.train.ledger.Fetched` of that epoch, for
+      :func:`~jaxtrain.train.ledger.advance`); the program then ends each call
+      at an epoch's end (the same numbers).
+    should_stop: polled after every epoch; a reason (e.g. ``"SIGTERM"``) ends
+      training there and returns None.
 
   Returns:
-    A :class:`ManyResult`.
+    A :class:`ManyResult`, or None when ``should_stop`` stopped it.
 
   >>> import jax, jax.numpy as jnp, numpy as np, jaxtrain
   >>> from jaxtrain import many
@@ -130,18 +142,51 @@ def fit_many(states: TrainState, train: Mapping[str, Any], *, config: FitConfig,
   carry = Carry(programs.place(states), jnp.zeros((members,), bool))
   data = Data(train_dev, step_evals, evals)
   total, chunks = config.epochs * spe, []
-  for first in range(0, total, spec.span):
-    num = min(spec.span, total - first)
-    carry, out = programs.train(carry, data, run_keys, first, num)
-    chunks.append(Chunk(first, num, out.steps, out.epochs))
+  per_epoch = on_epoch is not None or should_stop is not None
+  seconds, started, first = {}, time.perf_counter(), 0
+  while first < total:
+    end = min(first + spec.span, (first // spe + 1) * spe if per_epoch else total)
+    carry, out = programs.train(carry, data, run_keys, first, end - first)
+    chunks.append(Chunk(first, end - first, out.steps, out.epochs))
+    first = end
+    if per_epoch and first % spe == 0:
+      epoch = first // spe
+      jax.block_until_ready(carry.state)
+      seconds[epoch - 1] = time.perf_counter() - started
+      if on_epoch is not None:
+        steps, sums = fetch([c for c in chunks if c.first >= (epoch - 1) * spe], spe,
+                            members=True)
+        on_epoch(epoch, carry.state, [
+            Fetched((epoch - 1) * spe, {k: v[m] for k, v in steps.items()},
+                    jax.tree.map(lambda v, m=m: v[m], sums), seconds[epoch - 1] / spe)
+            for m in range(members)])
+      if should_stop is not None and should_stop() and first < total:
+        return None
+      started = time.perf_counter()
   steps, epoch_sums = fetch(chunks, spe, members=True)
-  epochs = [[{"epoch": e + 1, "step": (e + 1) * spe,
-              **set_means(jax.tree.map(lambda v, m=m: v[m], sums))}
-             for e, sums in sorted(epoch_sums.items())] for m in range(members)]
+  epochs = _rows(steps, epoch_sums, spe, members, seconds)
   state = carry.state
   test_metrics = None
   if test_ is not None:
-    totals = jax.device_get(programs.evaluate(state, {"test": programs.place(test_)}))["test"]
-    test_metrics = [{k: float(v[m]) for k, v in means(totals).items()} for m in range(members)]
+    totals = jax.device_get(programs.evaluate(state, {"test": programs.place(test_)}))
+    test_metrics = [{**{k: float(v[m]) for k, v in means(totals["test"]).items()},
+                     **{f"ema_{k}": float(v[m])
+                        for k, v in means(totals.get("test_ema", {})).items()}}
+                    for m in range(members)]
   return ManyResult(state=state, epochs=epochs, steps=steps, test=test_metrics)
 
+
+
+def _rows(steps, epoch_sums, spe: int, members: int, seconds, first_epoch: int = 0):
+  """Each member's epoch rows, as :func:`jaxtrain.fit` writes them."""
+  def member(values, m, e):
+    return values[m, (e - first_epoch) * spe:(e - first_epoch + 1) * spe]
+
+  def row(m, e, sums):
+    out = epoch_row(e + 1, (e + 1) * spe, jax.tree.map(lambda v: v[m], sums),
+                    member(steps["loss"], m, e), member(steps["learning_rate"], m, e),
+                    seconds.get(e), member(steps["penalty"], m, e) if "penalty" in steps
+                    else None)
+    return out if e in seconds else {k: v for k, v in out.items() if k != "seconds"}
+
+  return [[row(m, e, sums) for e, sums in sorted(epoch_sums.items())] for m in range(members)]
