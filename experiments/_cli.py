@@ -1,7 +1,8 @@
 """Command-line plumbing shared by the experiments: parse, run, fail in one line.
 
 Bad input ends with exit status 2 and one line on stderr naming the offending
-argument or file, without a traceback (set ``JAXTRAIN_DEBUG=1`` for one).
+argument or file, without a traceback (set ``JAXTRAIN_DEBUG=1`` for one); a run
+that diverged (a non-finite loss or gradient stopped it) ends with exit status 3.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import TypeVar
 import tyro
 
 T = TypeVar("T")
+DIVERGED = 3  # the exit status of a run stopped by a non-finite loss or gradient
 
 
 def _one_line(tyro_output: str) -> str:
@@ -79,11 +81,25 @@ def main(config_type: type[T], run: Callable[[T], object], args: list[str] | Non
     if getattr(config, "distributed", None) is not None:
       distributed.initialize(config.distributed)  # before any JAX computation
     enable_compilation_cache()  # a second run starts compiled ($JAXTRAIN_CACHE_DIR)
-    run(config)
+    from jaxtrain.rundir.run import intercepted, run_call
+
+    results = []
+
+    def observe(call):
+      results.append(run_call(call))
+      return results[-1]
+
+    with intercepted(observe):
+      run(config)
   except (ValueError, FileNotFoundError, NotADirectoryError) as error:
     if os.environ.get("JAXTRAIN_DEBUG"):
       raise
     fail(str(error).splitlines()[0] if str(error) else type(error).__name__)
+  diverged = [r.stop_reason for r in results if (r.stop_reason or "").startswith("non-finite")]
+  if diverged and not getattr(getattr(config, "sweep", None), "sweep", ()):
+    print(f"error: training diverged: {diverged[0]}; metrics.csv keeps the epochs before it",
+          file=sys.stderr)
+    raise SystemExit(DIVERGED)
 
 
 def command(config_type: type[T], run: Callable[[T], object]) -> None:

@@ -27,7 +27,7 @@ from jaxtrain.core.optim import OptimizerConfig
 from jaxtrain.core.regularize import Regularization
 from jaxtrain.engine.distributed import DistributedConfig
 from jaxtrain.rundir.checkpoint import CheckpointConfig
-from jaxtrain.rundir.run import check_workdir, run
+from jaxtrain.rundir.run import check_workdir, run, stop_on_signals
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,9 +145,14 @@ def train_seeds(config: Config) -> None:
   fit_config = jaxtrain.FitConfig(epochs=config.epochs, batch_size=config.batch_size,
                                   accumulate_steps=config.accumulate_steps)
   check_workdir(config.workdir, None, overwrite=config.overwrite)
-  result = many.fit_many(many.stack(create_states(config, seeds)), train_set,
-                         val=test_set, test=test_set, seeds=seeds, member_data=True,
-                         config=fit_config)
+  with stop_on_signals() as should_stop:
+    result = many.fit_many(many.stack(create_states(config, seeds)), train_set,
+                           val=test_set, test=test_set, seeds=seeds, member_data=True,
+                           config=fit_config, should_stop=should_stop)
+  if result is None:
+    print(f"{should_stop() or 'a signal'}: stopped; --seeds keeps no checkpoint, nothing was "
+          "written: run the same command to train the seeds again")
+    return
   accuracy = np.asarray([t["accuracy"] for t in result.test])
   config.workdir.mkdir(parents=True, exist_ok=True)
   with open(config.workdir / "seeds.csv", "w") as f:

@@ -4,7 +4,14 @@ import itertools
 
 import pytest
 
-from jaxtrain.train.cadence import CALL_SECONDS, Boundary, Cadence, Every, Pace
+from jaxtrain.train.cadence import (
+  CALL_SECONDS,
+  FIRST_CALL_STEPS,
+  Boundary,
+  Cadence,
+  Every,
+  Pace,
+)
 
 SPE = 10
 
@@ -73,18 +80,29 @@ def test_a_stop_saves_only_once_the_position_records_it():
 
 
 def test_pace_grows_calls_to_about_a_second_after_the_first_timed_call():
-  pace = Pace().after_call(10.0, steps_per_epoch=SPE, epochs=800)  # compiling: ignored
-  assert pace.call_epochs == 1
+  pace = Pace()
+  assert pace.limit(0, steps_per_epoch=SPE, max_steps=4096) == FIRST_CALL_STEPS  # untimed
+  pace = pace.after_call(10.0, steps_per_epoch=SPE, epochs=800)  # compiling: ignored
+  assert pace.call_steps == 0
   pace = pace.after_call(0.001, steps_per_epoch=SPE, epochs=800)
-  assert pace.call_epochs == int(CALL_SECONDS / (0.001 * SPE)) == 100
+  assert pace.call_steps == int(CALL_SECONDS / (0.001 * SPE)) * SPE == 100 * SPE
   assert pace.limit(30, steps_per_epoch=SPE, max_steps=4096) == 30 + 100 * SPE
   assert pace.limit(30, steps_per_epoch=SPE, max_steps=64) == 94
 
 
+def test_pace_splits_an_epoch_longer_than_a_call():
+  # A wide model: 0.25 s a step, 100 steps an epoch: calls of 4 steps, not 25 s.
+  pace = Pace().after_call(5.0, steps_per_epoch=100, epochs=8)
+  pace = pace.after_call(0.25, steps_per_epoch=100, epochs=8)
+  assert pace.call_steps == 4
+  assert pace.limit(97, steps_per_epoch=100, max_steps=4096) == 101  # across an epoch end
+  slow = pace.after_call(3.0, steps_per_epoch=100, epochs=8)  # slower than a call
+  assert slow.call_steps == 1
+
+
 @pytest.mark.parametrize("seconds,epochs,expected", [(1e-6, 80, 10), (1.0, 80, 1)])
-def test_pace_is_capped_at_an_eighth_of_the_run_and_at_least_one_epoch(
-    seconds, epochs, expected):
+def test_pace_is_capped_at_an_eighth_of_the_run(seconds, epochs, expected):
   pace = Pace()
   for _ in itertools.repeat(None, 3):
-    pace = pace.after_call(seconds, steps_per_epoch=SPE, epochs=epochs)
-  assert pace.call_epochs == expected
+    pace = pace.after_call(seconds / SPE, steps_per_epoch=SPE, epochs=epochs)
+  assert pace.call_steps == expected * SPE

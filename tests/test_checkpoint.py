@@ -176,13 +176,14 @@ def train_into(workdir, variant="plain", *, epochs=None,
 
 
 def poll_index(step: int, variant: str = "plain", every_steps: int = EVERY_STEPS) -> int:
-  """1-based index of fit's stop poll at global ``step``: polls happen at every
-  call boundary, i.e. at multiples of ``every_steps`` and, where the host acts
-  on every epoch (early stopping), at epoch ends."""
+  """1-based index of fit's stop poll at global ``step``: poll 1 is before
+  training begins (a signal during start-up), then polls happen at every call
+  boundary, i.e. at multiples of ``every_steps`` and, where the host acts on
+  every epoch (early stopping), at epoch ends."""
   polls = [s for s in range(1, step + 1)
            if s % every_steps == 0 or (variant == "early_stopping" and s % SPE == 0)]
   assert polls[-1] == step, f"no call boundary at step {step}"
-  return len(polls)
+  return 1 + len(polls)
 
 
 @contextlib.contextmanager
@@ -272,10 +273,13 @@ def checkpoint_steps(workdir) -> list[int]:
 
 
 def snapshot(workdir) -> dict[str, tuple]:
-  """Every path under ``workdir`` with its content hash and mtime."""
+  """Every path under ``workdir`` with its content hash and mtime (but the
+  run-directory lock, which every run on the directory takes)."""
   out = {}
   for path in sorted(pathlib.Path(workdir).rglob("*")):
     rel = str(path.relative_to(workdir))
+    if rel == ".lock":
+      continue
     if path.is_file():
       out[rel] = (hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_mtime_ns)
     else:
@@ -466,8 +470,9 @@ def test_rerun_after_a_damaged_latest_checkpoint_equals_uninterrupted(
     tmp_path, reference, capsys):
   ref_dir, ref = reference("plain")
   checkpoint = CheckpointConfig(every_epochs=1, keep=2)
-  # Interrupted at the end of epoch 3 (whole-epoch calls: one poll per epoch).
-  with scripted_stop(3):
+  # Interrupted at the end of epoch 3 (whole-epoch calls: one poll per epoch,
+  # after the one before training).
+  with scripted_stop(4):
     train_into(tmp_path, checkpoint=checkpoint)
   assert checkpoint_steps(tmp_path)[-2:] == [10, 15]
   damage(tmp_path / "checkpoints" / "15", "truncate")

@@ -682,14 +682,14 @@ def test_a_signal_at_the_run_s_last_boundary_is_no_interruption():
 
   def should_stop():
     polls.append(1)
-    return "SIGTERM" if len(polls) == 2 else None
+    return "SIGTERM" if len(polls) == 3 else None  # poll 1: before training
 
   messages = []
   result = jaxtrain.fit(new_state(), TRAIN, val=VAL, test=VAL, log=messages.append,
                         should_stop=should_stop,
                         config=FitConfig(epochs=2, batch_size=8, steps_per_call=7,
                                          progress=False, histogram_every=0))
-  assert len(polls) == 2 and result.stop_reason is None and result.test is not None
+  assert len(polls) == 3 and result.stop_reason is None and result.test is not None
   assert not any("SIGTERM" in m for m in messages)
 
 

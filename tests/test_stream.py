@@ -139,7 +139,7 @@ def test_resume_of_a_streamed_run_mid_epoch_is_exact(tmp_path):
 
   def stop_once():
     polls.append(1)
-    return "SIGTERM" if len(polls) == 1 else None
+    return "SIGTERM" if len(polls) == 2 else None  # poll 1: before training
 
   ckpt = CheckpointConfig(every_steps=0, every_epochs=0, every_seconds=0)
   first = jaxtrain.fit(mlp_state(), source, val=MOONS.val, config=config,

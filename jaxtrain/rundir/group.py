@@ -168,8 +168,10 @@ def run_group(calls: Sequence[RunCall], *, should_stop: Callable[[], str | None]
   has_val = first.val is not None
   logged = columns(first.state, config, first.train, has_val=has_val)
   plan = plan_epochs(config, first.checkpoint, logged, has_val=has_val)
-  members = [_Member(c, logged, plan, config.epochs) for c in calls]
+  members = []
   try:
+    for c in calls:
+      members.append(_Member(c, logged, plan, config.epochs))
     best = {"params": jax.tree.map(jnp.copy, states.params),
             "batch_stats": jax.tree.map(jnp.copy, states.batch_stats)}
 
@@ -190,7 +192,7 @@ def run_group(calls: Sequence[RunCall], *, should_stop: Callable[[], str | None]
                           result.test and result.test[m]) for m, member in enumerate(members)]
   finally:
     for member in members:
-      member.monitor.close()
+      member.close()
 
 
 @functools.partial(jax.jit, donate_argnums=0)
@@ -212,15 +214,16 @@ class _Member:
   """One member's run directory, written as ``fit`` would write it."""
 
   def __init__(self, call: RunCall, logged, plan, epochs: int):
-    from jaxtrain.rundir.run import RUN_FILES, clear_run
+    from jaxtrain.rundir.run import RUN_FILES, RunDirLock, clear_run
 
     self.call, self.plan = call, plan
     record = call.full_record()
     check_record(record)
     workdir = pathlib.Path(call.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    self.lock = RunDirLock(workdir)
     if any((workdir / name).exists() for name in RUN_FILES):
       clear_run(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
     write_config(workdir, record)
     self.spe = num_batches(length(call.train), call.config.update_batch_size,
                            call.config.drop_remainder)
@@ -242,6 +245,11 @@ class _Member:
       self.stopped = done.nonfinite
       self.position = dataclasses.replace(self.position, stop_reason=done.nonfinite)
     return bool(done.rows) and done.position.best.epoch == done.rows[-1]["epoch"]
+
+  def close(self) -> None:
+    if getattr(self, "monitor", None) is not None:
+      self.monitor.close()
+    self.lock.release()
 
   def finish(self, state: TrainState, best, test: dict | None) -> FitResult:
     """Saves the last state (unless it diverged) and plots the curves."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import sys
 import time
@@ -54,6 +55,11 @@ def _column(values: Any, n: int, name: str) -> list:
     raise ValueError(f"metric {name!r} has {array.shape[0]} values for {n} steps")
   # float64 first: bfloat16/float16 .tolist() does not give Python floats.
   return (array if array.dtype.kind in "iub" else array.astype(np.float64)).tolist()
+
+
+def _finite(value: Any) -> Any:
+  """``value``, or None for a non-finite float (JSON has no NaN)."""
+  return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def _truncate_lines(path: str, n: int) -> None:
@@ -158,8 +164,8 @@ class RunMonitor:
     Args:
       steps: Step numbers, shape ``[n]`` (numpy, already on the host).
       metrics: Name -> per-step values, each of shape ``[n]``. Floats are
-        written in full (``repr``); NaN/inf as ``NaN``/``Infinity``, which
-        Python's ``json`` reads back.
+        written in full (``repr``); NaN and infinities as ``null`` (strict
+        JSON: every parser reads the lines).
     """
     self._check_open()
     steps = np.asarray(steps).reshape(-1).tolist()
@@ -172,7 +178,8 @@ class RunMonitor:
     lines = []
     for i, step in enumerate(steps):
       values = {k: v[i] for k, v in columns.items()}
-      lines.append(json.dumps({"step": int(step), **values}) + "\n")
+      lines.append(json.dumps({"step": int(step), **{k: _finite(v) for k, v in values.items()}},
+                              allow_nan=False) + "\n")
       writer.add_summary(Summary(value=[
           Summary.Value(tag=f"train/step_{k}", simple_value=v)
           for k, v in values.items()]), int(step))

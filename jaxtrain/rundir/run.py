@@ -110,6 +110,41 @@ def check_workdir(workdir: str | os.PathLike, record: Mapping[str, Any] | None =
   return (workdir / DIRECTORY).is_dir()
 
 
+LOCK = ".lock"  # held (flock) by the run writing the directory, with its pid inside
+
+
+class RunDirLock:
+  """An OS lock on a run directory for the life of the run writing it.
+
+  ``flock`` on ``<workdir>/.lock``: the kernel releases it when the process
+  ends however it ends (a SIGKILL leaves no stale lock), so only a live run
+  holds it. The holder's pid is written inside for the refusal's message and
+  removed on release.
+  """
+
+  def __init__(self, workdir: pathlib.Path):
+    import fcntl
+
+    self.path = pathlib.Path(workdir) / LOCK
+    self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+      holder = os.pread(self._fd, 32, 0).decode(errors="replace").strip()
+      os.close(self._fd)
+      raise RunDirError(f"workdir {str(workdir)!r} is in use by another run "
+                        f"(pid {holder or 'unknown'}); wait for it to end or choose "
+                        "another --workdir") from None
+    os.ftruncate(self._fd, 0)
+    os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+
+  def release(self) -> None:
+    if self._fd is not None:
+      os.ftruncate(self._fd, 0)
+      os.close(self._fd)  # closing the last descriptor drops the flock
+      self._fd = None
+
+
 class _RunDirectory:
   """Opens the run directory for ``fit`` once its config is checked: only then
   is a different run there cleared, and the checkpointer made."""
@@ -118,6 +153,7 @@ class _RunDirectory:
                resume: bool):
     self.workdir, self.checkpoint, self.resume = workdir, checkpoint, resume
     self.checkpointer: Checkpointer | None = None
+    self.lock: RunDirLock | None = None
 
   @property
   def config(self) -> CheckpointConfig | None:
@@ -129,9 +165,10 @@ class _RunDirectory:
 
   def open(self) -> Checkpointer | None:
     if distributed.is_primary():
-      if not self.resume and self.workdir.exists():
-        clear_run(self.workdir)
       self.workdir.mkdir(parents=True, exist_ok=True)
+      self.lock = RunDirLock(self.workdir)  # before anything there changes
+      if not self.resume:
+        clear_run(self.workdir)
     _wait_for_every_process("jaxtrain: run directory ready")
     if self.checkpoint is not None:
       self.checkpointer = Checkpointer(self.workdir, self.checkpoint)
@@ -140,6 +177,10 @@ class _RunDirectory:
   def close(self) -> None:
     if self.checkpointer is not None:
       self.checkpointer.close()
+
+  def release(self) -> None:
+    if self.lock is not None:
+      self.lock.release()
 
 
 def _wait_for_every_process(name: str) -> None:
@@ -184,18 +225,32 @@ def run_call(call: RunCall) -> FitResult:
 
 @contextlib.contextmanager
 def stop_on_signals():
-  """Turns SIGTERM/SIGINT into a polled stop request; a second SIGINT aborts."""
-  received: list[str] = []
+  """Turns SIGTERM/SIGINT into a polled stop request.
+
+  A handler it replaces that keeps a ``received`` list (the command line's,
+  installed at start-up) hands over the signals it got before: the run stops
+  at once. A second SIGINT calls that handler's ``abort`` (one line, exit at
+  once), else raises KeyboardInterrupt.
+  """
   if threading.current_thread() is not threading.main_thread():
     yield lambda: None
     return
+  before = signal.getsignal(signal.SIGTERM)
+  pending = getattr(before, "received", None)
+  received: list[str] = list(pending or [])
+  if pending:
+    pending.clear()  # this run answers them
 
   def handler(signum, frame):
     name = signal.Signals(signum).name
     if received and signum == signal.SIGINT:
+      abort = getattr(before, "abort", None)
+      if abort is not None:
+        abort(name)
       raise KeyboardInterrupt
     received.append(name)
 
+  handler.received, handler.abort = received, getattr(before, "abort", None)
   previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
   try:
     yield lambda: received[0] if received else None
@@ -260,15 +315,18 @@ def run(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
   # matplotlib takes ~0.3 s to import; do it while the run trains.
   threading.Thread(target=_import_matplotlib, name="import-matplotlib", daemon=True).start()
   try:
-    with stop_on_signals() as should_stop:
-      result = fit(state, train, config=config, val=val, test=test, augment=augment,
-                   monitor=make_monitor, checkpointer=directory,
-                   should_stop=should_stop, log=None if primary else _quiet)
+    try:
+      with stop_on_signals() as should_stop:
+        result = fit(state, train, config=config, val=val, test=test, augment=augment,
+                     monitor=make_monitor, checkpointer=directory,
+                     should_stop=should_stop, log=None if primary else _quiet)
+    finally:
+      directory.close()
+    if primary:
+      result.history = read_history(workdir)
+      plot_curves(result.history, workdir / "curves.png", extra=extra_curves)
   finally:
-    directory.close()
-  if primary:
-    result.history = read_history(workdir)
-    plot_curves(result.history, workdir / "curves.png", extra=extra_curves)
+    directory.release()
   return result
 
 

@@ -14,11 +14,13 @@ one call late, while the next call runs.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 
 from jaxtrain.engine import distributed
 
 CALL_SECONDS = 1.0  # the wall time one compiled call aims for
+FIRST_CALL_STEPS = 8  # the steps of the first two calls (at most an epoch)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,20 +143,27 @@ class Boundary:
 
 @dataclasses.dataclass(frozen=True)
 class Pace:
-  """How many epochs one call may span, from measured call times.
+  """How many steps one call may span, from measured call times.
 
-  Calls grow to about ``CALL_SECONDS`` of work once a call has been timed (the
-  first is mostly compiling), so signals and time-based saves are seen about
-  that often, and to at most an eighth of the run, so the host logs one call
-  while the device runs the next rather than everything after the last. The
-  numbers of a run never depend on where its calls end.
+  The first two calls run ``FIRST_CALL_STEPS`` steps (at most an epoch): the
+  first is mostly compiling, and nothing is known of a step's time before it.
+  Then calls grow or shrink to about ``CALL_SECONDS`` of work, so signals and
+  time-based saves are seen about that often on any model: whole epochs' worth
+  of steps when an epoch takes less, part of an epoch when it takes more;
+  and at most an eighth of the run, so the host logs one call while the device
+  runs the next rather than everything after the last. The numbers of a run
+  never depend on where its calls end.
 
   >>> pace = Pace().after_call(0.01, steps_per_epoch=10, epochs=80)
-  >>> pace.after_call(0.01, steps_per_epoch=10, epochs=80).call_epochs
-  10
+  >>> pace = pace.after_call(0.01, steps_per_epoch=10, epochs=80)
+  >>> pace.call_steps, pace.limit(13, steps_per_epoch=10, max_steps=1000)
+  (100, 113)
+  >>> Pace().after_call(1, steps_per_epoch=10, epochs=8).after_call(
+  ...     0.3, steps_per_epoch=10, epochs=8).call_steps
+  3
   """
 
-  call_epochs: int = 1
+  call_steps: int = 0  # 0: not timed yet
   timed: int = 0
   fetched_at: float = 0.0  # clock time the last call's results arrived
 
@@ -163,13 +172,37 @@ class Pace:
     timed = self.timed + 1
     if timed < 2:
       return dataclasses.replace(self, timed=timed, fetched_at=fetched_at)
-    call_epochs = max(1, min(int(CALL_SECONDS / max(seconds_per_step * steps_per_epoch, 1e-9)),
-                             -(-epochs // 8)))
-    return Pace(call_epochs, timed, fetched_at)
+    steps = int(CALL_SECONDS / max(seconds_per_step, 1e-9))
+    if steps >= steps_per_epoch:
+      steps = min(steps // steps_per_epoch, -(-epochs // 8)) * steps_per_epoch
+    return Pace(max(1, steps), timed, fetched_at)
 
   def limit(self, step: int, *, steps_per_epoch: int, max_steps: int) -> int:
     """Where a call starting at ``step`` ends at the latest."""
-    return step + min(max_steps, self.call_epochs * steps_per_epoch)
+    steps = self.call_steps or min(FIRST_CALL_STEPS, steps_per_epoch)
+    return step + min(max_steps, steps)
+
+
+SAVE_SHARE = 0.05  # the adaptive cadence's target: saving's share of training time
+ADAPTIVE_MIN_SECONDS = 5.0  # and the shortest time between its saves
+PRIOR_SAVE_SECONDS = 0.1  # a save's cost before one is measured
+
+
+def save_interval(every_seconds: float, adaptive: bool, save_seconds) -> float:
+  """Seconds between time-based saves (``inf``: none by time): ``every_seconds``,
+  or with ``adaptive`` 20 times the median of the last saves' costs, at least
+  ``ADAPTIVE_MIN_SECONDS`` and at most ``every_seconds``.
+
+  >>> save_interval(300.0, True, []), save_interval(300.0, True, [1.0, 2.0, 1.0])
+  (5.0, 20.0)
+  """
+  if not every_seconds:
+    return math.inf
+  if not adaptive:
+    return every_seconds
+  recent = sorted(save_seconds[-5:])
+  cost = recent[len(recent) // 2] if recent else PRIOR_SAVE_SECONDS
+  return min(every_seconds, max(ADAPTIVE_MIN_SECONDS, cost / SAVE_SHARE))
 
 
 _SIGNALS = (None, "SIGTERM", "SIGINT")
@@ -181,6 +214,9 @@ def agreed_boundary(cadence: Cadence, end: int, checkpointer, should_stop) -> Bo
   all), and a fetch where any process needs one (process 0's histograms), so
   that every process sees a stop at the same call. Free in one process."""
   idle = checkpointer.seconds_since_save() if checkpointer else 0.0
+  interval = getattr(checkpointer, "save_interval", None)
+  if interval is not None and idle >= interval():
+    idle = 1e18  # the adaptive cadence's time has come: due as by every_seconds
   signal = should_stop() if should_stop else None
   code = _SIGNALS.index(signal) if signal in _SIGNALS else len(_SIGNALS)
   idle, code = distributed.agree([idle, code], "max")

@@ -204,8 +204,12 @@ def fit(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
     history = {"epoch": {c: [] for c in logged}, "step": {}}
     for row in position.rows:
       extend(history["epoch"], row)
-    pace, lagged, interrupted, reason = Pace(), None, None, position.stop_reason
+    pace, lagged, reason = Pace(), None, position.stop_reason
     first = position.step(spe)
+    # A signal before training began (start-up, compilation of nothing yet):
+    # nothing new to save.
+    interrupted = should_stop() if should_stop is not None and first < total else None
+    started_at = first
     compiled = False
     while reason is None and interrupted is None and first < total:
       end = min(run.cadence.next_stop(first),
@@ -258,7 +262,8 @@ def fit(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
     if interrupted and (reason or position.step(spe) >= total):
       interrupted = None  # the run ended at that very boundary: nothing to resume
     if interrupted:
-      reason = _interrupted(run, interrupted, position, spe)
+      reason = _interrupted(run, interrupted, position, spe,
+                            trained=position.step(spe) > started_at)
     if checkpointer is not None:
       checkpointer.wait()
     state = carry.state
@@ -332,10 +337,17 @@ def _save(run: _Run, position: Position, carry: Carry, best, *, metric=None) -> 
   run.checkpointer.save(position.step(run.feed.spec.steps_per_epoch), saved, meta, metric)
 
 
-def _interrupted(run: _Run, signal_name: str, position: Position, spe: int) -> str:
-  where = (f"step {position.step(spe)} (epoch {position.epoch + 1}, "
-           f"batch {position.batch})")
-  if run.checkpointer is not None:
+def _interrupted(run: _Run, signal_name: str, position: Position, spe: int, *,
+                 trained: bool = True) -> str:
+  step = position.step(spe)
+  where = f"step {step} (epoch {position.epoch + 1}, batch {position.batch})"
+  if not trained and step == 0:
+    run.log(f"{signal_name}: stopped before training began; nothing to save; "
+            "run the same command to start")
+  elif not trained and run.checkpointer is not None:
+    run.log(f"{signal_name}: stopped before training further; the checkpoint at {where} in "
+            f"{run.checkpointer.directory} is kept; run the same command to resume")
+  elif run.checkpointer is not None:
     run.log(f"{signal_name}: saved a checkpoint at {where} in {run.checkpointer.directory}; "
             "run the same command to resume")
   else:
