@@ -81,16 +81,9 @@ def main(config_type: type[T], run: Callable[[T], object], args: list[str] | Non
     if getattr(config, "distributed", None) is not None:
       distributed.initialize(config.distributed)  # before any JAX computation
     enable_compilation_cache()  # a second run starts compiled ($JAXTRAIN_CACHE_DIR)
-    from jaxtrain.rundir.run import intercepted, run_call
+    from experiments._sweep_train import observe
 
-    results = []
-
-    def observe(call):
-      results.append(run_call(call))
-      return results[-1]
-
-    with intercepted(observe):
-      run(config)
+    results = observe(run, config)  # every run() call's result: a divergence exits 3
   except (ValueError, FileNotFoundError, NotADirectoryError) as error:
     if os.environ.get("JAXTRAIN_DEBUG"):
       raise

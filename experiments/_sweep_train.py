@@ -31,8 +31,8 @@ def collect(main: Callable, config):
   return None
 
 
-def observe(main: Callable, config):
-  """Runs ``main(config)``; the result of the last ``run`` it called, or None."""
+def observe(main: Callable, config) -> list:
+  """Runs ``main(config)``; the results of the ``run`` calls it made, in order."""
   from jaxtrain.rundir.run import intercepted, run_call
 
   seen = []
@@ -43,7 +43,7 @@ def observe(main: Callable, config):
 
   with intercepted(handler):
     main(config)
-  return seen[-1] if seen else None
+  return seen
 
 
 def check(main: Callable, sweep: Sequence) -> dict:
@@ -99,14 +99,24 @@ def train(groups: Sequence[Sequence], main: Callable, calls: dict) -> dict | Non
                   "members (the vmapped group trains again); run the same command to "
                   "resume")
             return None
-          results.update({m.name: (r, "vmapped") for m, r in zip(group, out)})
+          for member, result in zip(group, out):
+            how = "vmapped"
+            if (result.stop_reason or "").startswith("non-finite"):
+              # Its solo run keeps the state before the bad step: train it so.
+              from jaxtrain.rundir.run import clear_run
+
+              print(f"sweep: member {member.name} diverged in the vmapped program; "
+                    "it trains alone for its checkpoint")
+              clear_run(member.config.workdir)
+              result, how = (observe(main, member.config) or [None])[-1], "alone"
+            results[member.name] = (result, how)
           continue
         print(f"sweep: members {', '.join(m.name[:2] for m in group)} train one by one: "
               f"{problem}")
       for member in group:
         signal = should_stop()
         resumed = (member.config.workdir / "checkpoints").exists()
-        result = None if signal else observe(main, member.config)
+        result = None if signal else (observe(main, member.config) or [None])[-1]
         if _interrupted(result):
           print(f"sweep: stopped{f' by {signal}' if signal else ''} after {len(results)} of "
                 f"{total} members; run the same command to resume")

@@ -188,7 +188,7 @@ def state_from_record(record: dict) -> jaxtrain.TrainState:
 
 
 def main(config: Config) -> None:
-  if config.sweep.sweep or config.sweep.sweep_trials:
+  if config.sweep != _sweep.SweepConfig():
     return _sweep.run(config, main, vmapped=("weight_decay", "seed"))
   if config.shift < 0:
     raise ValueError(f"--shift must be >= 0, got {config.shift}")

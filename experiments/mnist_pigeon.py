@@ -117,7 +117,7 @@ def state_from_record(record: dict) -> jaxtrain.TrainState:
 
 
 def main(config: Config) -> None:
-  if config.sweep.sweep or config.sweep.sweep_trials:
+  if config.sweep != _sweep.SweepConfig():
     return _sweep.run(config, main, vmapped=("learning_rate", "weight_decay", "seed"))
   train_set, val_set = load_data(config)
   state = create_state(config)

@@ -162,7 +162,7 @@ def plot(path: pathlib.Path, test: dict, predicted: np.ndarray, where: slice,
 
 
 def main(config: Config) -> None:
-  if config.sweep.sweep or config.sweep.sweep_trials:
+  if config.sweep != _sweep.SweepConfig():
     return _sweep.run(config, main, vmapped=())
   if config.patience < 1:
     raise ValueError(f"--patience must be >= 1, got {config.patience}")

@@ -165,7 +165,7 @@ def train_seeds(config: Config) -> None:
 
 
 def main(config: Config) -> None:
-  if config.sweep.sweep or config.sweep.sweep_trials:
+  if config.sweep != _sweep.SweepConfig():
     return _sweep.run(config, main, vmapped=("learning_rate", "weight_decay", "seed"))
   if config.seeds != 1:
     return train_seeds(config)
