@@ -147,7 +147,7 @@ def test_a_lost_rank_ends_the_other_within_the_heartbeat_naming_it(tmp_path):
   address = f"127.0.0.1:{free_port()}"
   common = [sys.executable, "-m", "experiments.two_moons", "--workdir", str(tmp_path / "run"),
             *RUN, "--epochs", "1000", "--distributed.coordinator", address,
-            "--distributed.num-processes", "2", "--distributed.heartbeat-seconds", "3"]
+            "--distributed.num-processes", "2", "--distributed.heartbeat-seconds", "6"]
   ranks = [subprocess.Popen(common + ["--distributed.process-id", str(rank)], cwd=REPO,
                             env={**env(), "XLA_FLAGS":
                                  "--xla_force_host_platform_device_count=2"},
@@ -156,7 +156,11 @@ def test_a_lost_rank_ends_the_other_within_the_heartbeat_naming_it(tmp_path):
   checkpoints = tmp_path / "run" / "checkpoints"
   deadline = time.monotonic() + 120
   while not (checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir())):
-    assert time.monotonic() < deadline and ranks[0].poll() is None, "no checkpoint"
+    if time.monotonic() > deadline or ranks[0].poll() is not None:
+      for rank in ranks:
+        rank.kill()
+      errors = [(tmp_path / f"{r}.err").read_text()[-1500:] for r in (0, 1)]
+      pytest.fail(f"no checkpoint; rank 0 returned {ranks[0].poll()}:\n" + "\n---\n".join(errors))
     time.sleep(0.05)
   ranks[1].kill()
   lost = time.monotonic()
