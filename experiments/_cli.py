@@ -40,12 +40,58 @@ def _one_line(tyro_output: str) -> str:
   return " ".join(message) or title.strip("─- ")
 
 
+SEED_LIMIT = 2**32  # jax.random.key(seed) keeps the low 32 bits: larger seeds alias smaller ones
+
+
+def _empty_value(args: list[str]) -> str | None:
+  """The first flag given an empty value (``--workdir ""``, ``--data-dir=``)."""
+  for i, arg in enumerate(args):
+    if not arg.startswith("--"):
+      continue
+    flag, eq, value = arg.partition("=")
+    if (eq and not value) or (not eq and i + 1 < len(args) and args[i + 1] == ""):
+      return flag
+  return None
+
+
+def check_values(config, prefix: str = "--") -> None:
+  """Refuses values no flag means, naming the flag: NaN, an integer beyond
+  int64, a seed outside 0..2**32-1 (JAX keys keep 32 bits of it, so larger or
+  negative seeds would repeat smaller ones' runs)."""
+  import dataclasses
+  import math
+  import typing
+
+  hints = typing.get_type_hints(type(config), include_extras=True)
+  for field in dataclasses.fields(config):
+    value = getattr(config, field.name)
+    flag = prefix + field.name.replace("_", "-")
+    if dataclasses.is_dataclass(value):
+      flat = tyro.conf.OmitArgPrefixes in getattr(hints[field.name], "__metadata__", ())
+      check_values(value, prefix if flat else flag + ".")
+      continue
+    if field.name.endswith("seed") and isinstance(value, int) and not (
+        0 <= value < SEED_LIMIT):
+      raise ValueError(f"{flag} must be in 0..{SEED_LIMIT - 1} (JAX keys keep 32 bits), "
+                       f"got {value}")
+    for item in value if isinstance(value, tuple) else (value,):
+      if isinstance(item, float) and math.isnan(item):
+        raise ValueError(f"{flag} must be a number, got nan")
+      if isinstance(item, int) and not isinstance(item, bool) and abs(item) >= 2**63:
+        raise ValueError(f"{flag} {item} is out of range (at most 2**63 - 1 in magnitude)")
+
+
 def parse(config_type: type[T], args: list[str] | None = None) -> T:
   """Parses flags into ``config_type``; on error prints one line, exits 2."""
   captured = io.StringIO()
+  empty = _empty_value(sys.argv[1:] if args is None else args)
+  if empty is not None:
+    fail(f"{empty} needs a value, got an empty string")
   try:
     with contextlib.redirect_stderr(captured):
-      return tyro.cli(config_type, args=args)
+      config = tyro.cli(config_type, args=args)
+    check_values(config)
+    return config
   except SystemExit as exit_:
     if exit_.code in (0, None):
       raise
@@ -59,7 +105,9 @@ def parse_with_default(config_type: type[T], args: list[str], default: T) -> T:
   captured = io.StringIO()
   try:
     with contextlib.redirect_stderr(captured):
-      return tyro.cli(config_type, args=args, default=default)
+      config = tyro.cli(config_type, args=args, default=default)
+    check_values(config)
+    return config
   except SystemExit:
     raise ValueError(_one_line(captured.getvalue())) from None
   except ValueError as error:

@@ -149,8 +149,10 @@ def num_devices(config: Config) -> int:
 
 def make_schedule(config: Config, num_train: int) -> optax.Schedule:
   """Linear warmup from 0 over ``warmup_epochs``, then cosine decay to 0 at the end."""
-  if config.warmup_epochs < 0:
-    raise ValueError(f"--warmup-epochs must be >= 0, got {config.warmup_epochs}")
+  if not 0 <= config.warmup_epochs < float("inf"):
+    raise ValueError(f"--warmup-epochs must be a finite number >= 0, got {config.warmup_epochs}")
+  if config.batch_size < 1:
+    raise ValueError(f"--batch-size must be >= 1, got {config.batch_size}")
   if num_train < config.batch_size:
     raise ValueError(f"--batch-size {config.batch_size} exceeds the {num_train} training images")
   steps_per_epoch = data.num_batches(num_train, config.batch_size, drop_remainder=True)

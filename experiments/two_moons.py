@@ -132,6 +132,9 @@ def train_seeds(config: Config) -> None:
 
   if config.seeds < 1:
     raise ValueError(f"seeds must be >= 1, got {config.seeds}")
+  if config.seed + config.seeds > _cli.SEED_LIMIT:
+    raise ValueError(f"--seeds {config.seeds} from --seed {config.seed} passes the largest "
+                     f"seed, {_cli.SEED_LIMIT - 1}")
   if config.full_batch:
     raise ValueError("--seeds and --full-batch cannot be combined")
   if config.data == "stream":

@@ -31,7 +31,8 @@ def _moons(n=100):
 
 def test_the_flax_example_cnn_trains_unchanged_through_fit(mnist_path):
   """The Flax MNIST example's model and optimizer (SGD 0.1, momentum 0.9, batch
-  128, 10 epochs) as published, on the 6000 local training images."""
+  128) as published, on the 6000 local training images: 3 of its 10 epochs
+  reach 96.4% on the 10,000 test images (the 10 took 50 s of the suite)."""
   data = jaxtrain.data.load_mnist(mnist_path, splits=("train", "test"))
   train, test = ({"inputs": jaxtrain.data.normalize_images(d["inputs"]),
                   "targets": d["targets"]} for d in (data["train"], data["test"]))
@@ -40,12 +41,12 @@ def test_the_flax_example_cnn_trains_unchanged_through_fit(mnist_path):
                                       loss_fn=jaxtrain.losses.cross_entropy)
   assert state.takes_train is False and state.takes_mask is False
   # The example drops each epoch's incomplete last batch.
-  config = jaxtrain.FitConfig(epochs=10, batch_size=128, drop_remainder=True, progress=False,
+  config = jaxtrain.FitConfig(epochs=3, batch_size=128, drop_remainder=True, progress=False,
                               histogram_every=0, evaluate_train=False)
   # Its nn.Conv layers run as matmuls on CPU, so the epochs loop on the device.
   assert choose_execution(state, config, train["inputs"][:1]) == "scan"
   result = jaxtrain.fit(state, train, test=test, log=lambda _: None, config=config)
-  assert result.test["accuracy"] >= 0.97, result.test
+  assert result.test["accuracy"] >= 0.955, result.test
   # Plain optax injects no learning rate: the column is NaN, not an error.
   assert np.isnan(result.history["epoch"]["learning_rate"]).all()
 

@@ -157,6 +157,10 @@ class RunMonitor:
     self._bar = tqdm(total=self.total_steps, initial=start, unit="step",
                      dynamic_ncols=True, smoothing=0) if show else None
     self._t0, self._step0 = time.time(), start  # Rate clock.
+    # Seconds per step between recent log_steps calls (one compiled call
+    # each): the ETA takes their median, so a call that compiled (a new call
+    # length, as after a resume) does not stretch it.
+    self._paces, self._last = [], None
 
   def log_steps(self, steps: np.ndarray, metrics: Mapping[str, np.ndarray]) -> None:
     """Logs a chunk of steps: ``steps.jsonl``, ``train/step_<name>`` scalars.
@@ -185,6 +189,10 @@ class RunMonitor:
           for k, v in values.items()]), int(step))
     self._steps_file.writelines(lines)
     self._step += len(steps)
+    now = time.time()
+    if self._last is not None and self._step > self._last[1]:
+      self._paces = [*self._paces, (now - self._last[0]) / (self._step - self._last[1])][-8:]
+    self._last = (now, self._step)
     if self._bar is not None:
       if "loss" in columns:
         self._bar.set_postfix(loss=f"{columns['loss'][-1]:.4g}", refresh=False)
@@ -242,6 +250,7 @@ class RunMonitor:
   def mark_compiled(self) -> None:
     """Restarts the speed/ETA clock (call after the first compiled step)."""
     self._t0, self._step0 = time.time(), self._step
+    self._paces, self._last = [], None  # the next log_steps (the compiled call's) starts them
     if self._bar is not None:
       bar = self._bar
       bar.start_t = bar.last_print_t = time.time()
@@ -292,6 +301,7 @@ class RunMonitor:
     parts += [show(row[name]) for name, show in _RATES.items() if row.get(name) is not None]
     elapsed, done = time.time() - self._t0, self._step - self._step0
     if self._bar is None and done > 0 and self._step < self.total_steps:
-      eta = (self.total_steps - self._step) * elapsed / done
+      pace = float(np.median(self._paces)) if self._paces else elapsed / done
+      eta = (self.total_steps - self._step) * pace
       parts.append(f"eta {tqdm.format_interval(eta)}")
     return "  ".join(parts)

@@ -61,6 +61,17 @@ def _identity(record: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
   return flat
 
 
+def _same_path(a: Any, b: Any) -> bool:
+  """Whether two recorded values name one existing file or folder (a data
+  folder given relative, then absolute, is the same run)."""
+  if not (isinstance(a, str) and isinstance(b, str) and a and b):
+    return False
+  try:
+    return os.path.samefile(a, b)
+  except OSError:  # either does not exist (or is not a path at all)
+    return False
+
+
 def _import_matplotlib() -> None:
   try:
     import matplotlib.figure  # noqa: F401
@@ -102,7 +113,8 @@ def check_workdir(workdir: str | os.PathLike, record: Mapping[str, Any] | None =
            if f.default is not dataclasses.MISSING}
   differences = [f"{key}: {saved.get(key)!r} there, {wanted.get(key)!r} now"
                  for key in sorted(set(saved) | set(wanted)) if saved.get(key) != wanted.get(key)
-                 and not (key not in saved and key in added and wanted[key] == added[key])]
+                 and not (key not in saved and key in added and wanted[key] == added[key])
+                 and not _same_path(saved.get(key), wanted.get(key))]
   if differences:
     shown = "; ".join(differences[:3]) + ("; ..." if len(differences) > 3 else "")
     raise RunDirError(f"workdir {str(workdir)!r} holds a run with a different config "

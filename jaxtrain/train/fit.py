@@ -184,7 +184,8 @@ def fit(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
     tree["best"] = jax.tree.map(jnp.copy, {k: tree["state"][k]
                                            for k in ("params", "batch_stats")})
   position, tree = resume(checkpointer, tree, log or print,
-                           Position.at(int(np.asarray(state.step)), spe), feed.spec.num_train)
+                           Position.at(int(np.asarray(state.step)), spe), feed.spec.num_train,
+                           config.epochs)
   monitor, owns_monitor = open_monitor(monitor, position)
   try:
     run = _Run(config, feed,

@@ -14,9 +14,12 @@ import jax.numpy as jnp
 from jaxtrain.train.ledger import Position
 
 
-def resume(checkpointer, tree, say, start: Position, num_train: int
+def resume(checkpointer, tree, say, start: Position, num_train: int, epochs: int | None = None
            ) -> tuple[Position, Any]:
-  """The position and arrays of the latest good checkpoint, else ``start``."""
+  """The position and arrays of the latest good checkpoint, else ``start``.
+
+  A checkpoint past ``epochs`` is refused (ValueError): a finished run is not
+  shortened, and nothing has been written yet."""
   restored = (checkpointer.restore(lambda saved: {k: v for k, v in tree.items() if k in saved})
               if checkpointer is not None else None)
   if restored is None:
@@ -27,6 +30,13 @@ def resume(checkpointer, tree, say, start: Position, num_train: int
                      f"in {checkpointer.directory} was trained on {meta['num_train']}: "
                      "resume with the same data, or start a new run directory")
   position = Position.from_json(meta["position"])
+  if epochs is not None and (position.epoch, position.batch) > (epochs, 0):
+    done = (f"{position.epoch} epochs" if not position.batch else
+            f"{position.epoch} epochs and {position.batch} batches")
+    raise ValueError(f"--epochs {epochs} is fewer than the {done} the run in "
+                     f"{checkpointer.directory.parent} has trained; give --epochs "
+                     f"{position.epoch + bool(position.batch)} or more to continue it, or "
+                     "another --workdir")
   if "best" in tree and "best" not in restored:
     # Written by a run that kept no best parameters (an earlier jaxtrain):
     # the best is ranked afresh from the resume on.

@@ -1,0 +1,117 @@
+"""Values no flag means are refused in one line naming the flag, before
+anything is written; values that mean the same run are the same run."""
+
+import json
+import re
+
+import numpy as np
+import pytest
+
+from experiments import _cli, mnist_cnn, two_moons
+from jaxtrain import models
+from jaxtrain.rundir.monitor import RunMonitor
+from jaxtrain.rundir.run import check_workdir
+
+TINY = ["--samples", "200", "--epochs", "2", "--batch-size", "40"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--seed", "1180591620717411303424"], r"--seed must be in 0\.\.4294967295 .* got 1180591620717411303424"),
+    (["--seed", "-1"], r"--seed must be in 0\.\.4294967295 .* got -1"),
+    (["--seed", "4294967296"], r"got 4294967296"),
+    (["--epochs", "99999999999999999999"], r"--epochs 99999999999999999999 is out of range"),
+    (["--learning-rate", "nan"], r"--learning-rate must be a number, got nan"),
+    (["--hidden", "16", "nan"], None),  # not a float at all: tyro's own line
+    (["--workdir", ""], r"--workdir needs a value, got an empty string"),
+    (["--workdir="], r"--workdir needs a value, got an empty string"),
+    (["--checkpoint.every-seconds", "nan"], r"every_seconds must be >= 0, got nan"),
+])
+def test_a_value_no_flag_means_exits_2_naming_it(capsys, args, message):
+  with pytest.raises(SystemExit) as exit_:
+    _cli.parse(two_moons.Config, args)
+  assert exit_.value.code == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("error: "), err
+  assert message is None or re.search(message, err[0]), err[0]
+
+
+def test_the_largest_seed_is_accepted_and_seeds_may_not_pass_it():
+  config = _cli.parse(two_moons.Config, ["--seed", "4294967295"])
+  assert config.seed == 2**32 - 1
+  with pytest.raises(ValueError, match=r"--seeds 2 from --seed 4294967295 passes the largest"):
+    two_moons.train_seeds(_cli.parse(two_moons.Config, ["--seed", "4294967295", "--seeds", "2"]))
+
+
+def test_a_sweep_member_with_an_aliasing_seed_is_refused():
+  with pytest.raises(ValueError, match=r"--seed must be in 0\.\.4294967295"):
+    _cli.parse_with_default(two_moons.Config, ["--seed", "4294967296"], two_moons.Config())
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"features": (0,)}, r"features must be channel counts >= 1, got \(0,\)"),
+    ({"features": (8, -3)}, r"got \(8, -3\)"),
+    ({"dense": -1}, r"dense must be >= 0 and outputs >= 1, got dense=-1"),
+    ({"outputs": 0}, r"outputs=0"),
+])
+def test_cnn_sizes_are_checked_when_the_model_is_made(kwargs, message):
+  with pytest.raises(ValueError, match=message):
+    models.CNN(**kwargs)
+  models.CNN(features=(), dense=0)  # no conv block, no hidden layer: a linear model
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--batch-size", "0"], r"--batch-size must be >= 1, got 0"),
+    (["--warmup-epochs", "inf"], r"--warmup-epochs must be a finite number >= 0, got inf"),
+    (["--warmup-epochs", "-1"], r"got -1"),
+])
+def test_mnist_cnn_schedule_values_are_refused_before_any_division(flags, message):
+  with pytest.raises(ValueError, match=message):
+    mnist_cnn.make_schedule(_cli.parse(mnist_cnn.Config, flags), 1000)
+
+
+def test_fewer_epochs_than_a_finished_run_is_refused_and_changes_nothing(tmp_path, capsys):
+  workdir = tmp_path / "run"
+  _cli.main(two_moons.Config, two_moons.main, [*TINY, "--workdir", str(workdir)])
+  before = {p.name: p.read_bytes() for p in workdir.iterdir() if p.is_file()}
+  capsys.readouterr()
+  with pytest.raises(SystemExit) as exit_:
+    _cli.main(two_moons.Config, two_moons.main,
+              [*TINY, "--epochs", "1", "--workdir", str(workdir)])
+  assert exit_.value.code == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err == [f"error: --epochs 1 is fewer than the 2 epochs the run in {workdir} has "
+                 "trained; give --epochs 2 or more to continue it, or another --workdir"]
+  assert {p.name: p.read_bytes() for p in workdir.iterdir() if p.is_file()} == before
+  # The same epochs (a finished run, rerun) is accepted.
+  _cli.main(two_moons.Config, two_moons.main, [*TINY, "--workdir", str(workdir)])
+
+
+def test_a_data_folder_given_relative_or_absolute_is_the_same_run(tmp_path, monkeypatch):
+  (tmp_path / "data").mkdir()
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  record = {"experiment": "x", "config": {"data_dir": "data", "seed": 0}}
+  (workdir / "config.json").write_text(json.dumps(record))
+  monkeypatch.chdir(tmp_path)
+  absolute = {"experiment": "x", "config": {"data_dir": str(tmp_path / "data"), "seed": 0}}
+  assert check_workdir(workdir, absolute) is False  # same run; no checkpoint to resume
+  other = tmp_path / "other"
+  other.mkdir()
+  with pytest.raises(ValueError, match=r"config\.data_dir: 'data' there"):
+    check_workdir(workdir, {"experiment": "x", "config": {"data_dir": str(other), "seed": 0}})
+
+
+def test_the_eta_takes_the_median_call_pace_not_a_compiling_call(tmp_path, monkeypatch):
+  now = [0.0]
+  monkeypatch.setattr("jaxtrain.rundir.monitor.time.time", lambda: now[0])
+  with RunMonitor(tmp_path, columns=["epoch", "step"], total_steps=1000, steps_per_epoch=100,
+                  progress=False) as monitor:
+    monitor.mark_compiled()
+    # A call's records are logged when the next call is queued; the third
+    # call compiled (100 s), the others took 1 s.
+    for first, at in ((0, 0.0), (100, 1.0), (200, 101.0), (300, 102.0)):
+      now[0] = at
+      monitor.log_steps(np.arange(first + 1, first + 101), {"loss": np.ones(100)})
+    line = monitor._epoch_line({"epoch": 4, "step": 400})
+  # Paces 0.01, 1 and 0.01 s per step: the median, 0.01 s, times 600 steps left.
+  assert line.endswith("eta 00:06"), line
