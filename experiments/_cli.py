@@ -2,7 +2,9 @@
 
 Bad input ends with exit status 2 and one line on stderr naming the offending
 argument or file, without a traceback (set ``JAXTRAIN_DEBUG=1`` for one); a run
-that diverged (a non-finite loss or gradient stopped it) ends with exit status 3.
+that diverged (a non-finite loss or gradient stopped it) ends with exit status 3;
+a run that could not write (a full, failing or read-only disk after it started)
+ends with exit status 4, its last checkpoint intact.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import tyro
 
 T = TypeVar("T")
 DIVERGED = 3  # the exit status of a run stopped by a non-finite loss or gradient
+WRITE_FAILED = 4  # the exit status of a run whose checkpoint or logs could not be written
 
 
 def _one_line(tyro_output: str) -> str:
@@ -122,6 +125,17 @@ def fail(message: str) -> None:
 def main(config_type: type[T], run: Callable[[T], object], args: list[str] | None = None):
   """Parses the flags and runs; a ``ValueError`` (bad input) exits 2 in one line."""
   config = parse(config_type, args)
+  if not os.environ.get("JAXTRAIN_DEBUG"):
+    import threading
+    import warnings
+
+    # A fallback (a damaged checkpoint skipped) is one line, not file:line and source.
+    warnings.formatwarning = lambda message, *_, **__: f"warning: {message}\n"
+    # A writer thread's failure (TensorBoard's on a full disk) is one line; the
+    # run's own write fails next and says what it means.
+    threading.excepthook = lambda hook: print(
+        f"warning: {hook.thread.name if hook.thread else 'a thread'} stopped: "
+        f"{hook.exc_type.__name__}: {hook.exc_value}", file=sys.stderr)
   try:
     from jaxtrain.engine import distributed
     from jaxtrain.engine.cache import enable_compilation_cache
@@ -136,6 +150,16 @@ def main(config_type: type[T], run: Callable[[T], object], args: list[str] | Non
     if os.environ.get("JAXTRAIN_DEBUG"):
       raise
     fail(str(error).splitlines()[0] if str(error) else type(error).__name__)
+  except OSError as error:  # a failed save names its checkpoints; a log write, its errno
+    if os.environ.get("JAXTRAIN_DEBUG"):
+      raise
+    from jaxtrain.rundir.integrity import CheckpointSaveError
+
+    message = str(error).splitlines()[0] if isinstance(error, CheckpointSaveError) else (
+        f"writing the run failed ({error}); its last checkpoint is intact: fix the disk "
+        "and run the same command to resume")
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(WRITE_FAILED) from None
   diverged = [r.stop_reason for r in results if (r.stop_reason or "").startswith("non-finite")]
   if diverged and not getattr(getattr(config, "sweep", None), "sweep", ()):
     print(f"error: training diverged: {diverged[0]}; metrics.csv keeps the epochs before it",
@@ -152,12 +176,24 @@ def command(config_type: type[T], run: Callable[[T], object]) -> None:
   handlers (logging, JAX, Orbax) the process ends without it.
   """
   import atexit
+  import threading
 
-  main(config_type, run)
+  try:
+    main(config_type, run)
+    code = 0
+  except SystemExit as exit_:  # an error said in one line: end without waiting on threads
+    code = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
+    if isinstance(exit_.code, str):
+      print(exit_.code, file=sys.stderr)
+    # A thread left blocked by the failure (a writer on a full disk) must not
+    # hold the exit: the exit handlers get 10 s.
+    threading.Timer(10.0, os._exit, (code,)).start()
   sys.stdout.flush()
   sys.stderr.flush()
   atexit._run_exitfuncs()
-  os._exit(0)
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(code)
 
 
 def to_record(config) -> dict:

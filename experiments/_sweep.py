@@ -193,6 +193,10 @@ def members(config) -> list[Member]:
     rng = np.random.default_rng(sweep.sweep_seed)
     drawn = [tuple(_draw(a, rng) for a in axes) for _ in range(sweep.sweep_trials)]
     points = list(dict.fromkeys(drawn))  # distinct, in order drawn
+    if len(points) < sweep.sweep_trials:
+      raise ValueError(f"--sweep-trials {sweep.sweep_trials} drew only {len(points)} "
+                       "distinct members from these values: ask for fewer trials, give more "
+                       "values or a range (LO:HI)")
   else:
     points = list(itertools.product(*(a.values for a in axes)))
   out = []

@@ -76,3 +76,124 @@ def test_sigterm_in_the_first_second_exits_0_in_one_line(tmp_path):
   assert child.returncode == 0, err
   assert "Traceback" not in err
   assert "SIGTERM: " in out and "run the same command" in out
+
+
+# -- whole processes: concurrency, double Ctrl-C, the other modes' signals ---------
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMED = ("seconds", "examples_per_second", "flops_per_second", "peak_fraction")
+
+
+def moons(workdir, *args):
+  return [sys.executable, "-m", "experiments.two_moons", "--workdir", str(workdir), *args]
+
+
+def start(command):
+  return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def wait_for(predicate, child, seconds=120):
+  import time
+
+  deadline = time.monotonic() + seconds
+  while not predicate():
+    assert time.monotonic() < deadline and child.poll() is None, child.communicate()
+    time.sleep(0.02)
+
+
+def untimed(path):
+  lines = path.read_text().splitlines()
+  keep = [i for i, c in enumerate(lines[0].split(",")) if c not in TIMED]
+  return [[line.split(",")[i] for i in keep] for line in lines]
+
+
+def has_checkpoint(workdir):
+  checkpoints = workdir / "checkpoints"
+  return checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir())
+
+
+def test_two_runs_at_once_one_exits_2_and_the_other_is_a_lone_run(tmp_path):
+  lone, shared = tmp_path / "lone", tmp_path / "shared"
+  # Long enough (seconds of training) that the first still holds the lock when the
+  # second has started up.
+  args = ["--epochs", "600", "--checkpoint.every-epochs", "200"]
+  subprocess.run(moons(lone, *args), cwd=REPO, check=True, capture_output=True, timeout=300)
+  first = start(moons(shared, *args))
+  wait_for(lambda: (shared / ".lock").is_file() and (shared / ".lock").read_text(), first)
+  second = subprocess.run(moons(shared, *args), cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+  assert second.returncode == 2 and second.stderr.strip().splitlines() == [
+      f"error: workdir {str(shared)!r} is in use by another run (pid {first.pid}); wait for "
+      "it to end or choose another --workdir"], second.stderr
+  out, err = first.communicate(timeout=300)
+  assert first.returncode == 0, err
+  assert untimed(shared / "metrics.csv") == untimed(lone / "metrics.csv")
+  assert (shared / "steps.jsonl").read_bytes() == (lone / "steps.jsonl").read_bytes()
+
+
+def test_a_second_ctrl_c_aborts_in_one_line_and_the_checkpoint_stays(tmp_path):
+  import signal
+
+  workdir = tmp_path / "run"
+  child = start(moons(workdir, "--epochs", "100000", "--checkpoint.every-epochs", "1"))
+  wait_for(lambda: has_checkpoint(workdir), child)
+  import time
+
+  child.send_signal(signal.SIGINT)
+  time.sleep(0.1)  # two pending SIGINTs are one: the first must be received
+  child.send_signal(signal.SIGINT)
+  out, err = child.communicate(timeout=120)
+  assert child.returncode == 130, err
+  assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+  import jaxtrain
+
+  steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  state = jaxtrain.checkpoint.load(workdir)  # the latest checkpoint reads whole
+  assert int(state.step) == steps[-1] > 0
+
+
+@pytest.mark.parametrize("mode", ["--full-batch", "--seeds"])
+def test_sigterm_in_another_mode_exits_0_and_the_rerun_is_a_lone_run(tmp_path, mode):
+  import signal
+  import time
+
+  args = (["--epochs", "200", "--full-batch"] if mode == "--full-batch" else
+          ["--epochs", "1000", "--seeds", "4"])
+  lone, workdir = tmp_path / "lone", tmp_path / "run"
+  subprocess.run(moons(lone, *args), cwd=REPO, check=True, capture_output=True, timeout=300)
+  child = start(moons(workdir, *args))
+  if mode == "--full-batch":  # mid-way through its first (full-batch) run
+    log = workdir / "full_batch" / "metrics.csv"
+    wait_for(lambda: log.is_file() and len(log.read_text().splitlines()) > 2, child)
+  else:  # --seeds writes nothing before it ends: after start-up, while it compiles or trains
+    time.sleep(3.0)
+  child.send_signal(signal.SIGTERM)
+  out, err = child.communicate(timeout=120)
+  assert child.returncode == 0 and "Traceback" not in err, err
+  assert "SIGTERM" in out, out[-1000:]
+  rerun = subprocess.run(moons(workdir, *args), cwd=REPO, capture_output=True, text=True,
+                         timeout=300)
+  assert rerun.returncode == 0, rerun.stderr
+  for name in (["metrics.csv", "full_batch/metrics.csv"] if mode == "--full-batch"
+               else ["seeds.csv"]):
+    assert untimed(workdir / name) == untimed(lone / name), name
+
+
+def test_the_default_cadence_checkpoints_within_the_first_half_of_a_20_s_run(tmp_path):
+  """Adaptive: the first time-based save once 5 s have passed (20x a save's
+  cost is far less here), not after the 300 s ceiling."""
+  import signal
+  import time
+
+  workdir = tmp_path / "run"
+  child = start(moons(workdir, "--epochs", "1000000"))  # minutes of training
+  steps = workdir / "steps.jsonl"
+  wait_for(lambda: steps.is_file() and steps.stat().st_size > 0, child)
+  began = time.monotonic()
+  wait_for(lambda: has_checkpoint(workdir), child, seconds=60)
+  first = time.monotonic() - began
+  child.send_signal(signal.SIGTERM)
+  out, err = child.communicate(timeout=120)
+  assert child.returncode == 0, err
+  assert first < 10.0, f"first checkpoint after {first:.1f} s of training"

@@ -104,6 +104,7 @@ def test_random_search_draws_from_its_seed_within_the_ranges():
     (["learning_rate=0.1", "learning-rate=0.2"], 0, "swept twice"),
     (["optimizer=sgd:adam"], 3, "numeric field"),
     ([], 3, "need --sweep"),
+    (["hidden=4,8"], 5, r"--sweep-trials 5 drew only 2 distinct members"),
 ])
 def test_bad_sweeps_are_refused_naming_the_spec(tmp_path, specs, trials, message):
   with pytest.raises(ValueError, match=message):
@@ -122,6 +123,9 @@ def test_a_run_directory_or_another_sweep_is_not_clobbered(tmp_path):
   with pytest.raises(ValueError, match="holds a different sweep"):
     two_moons.main(sweep_config(tmp_path / "s", "seed=0,2", epochs=1))
   assert (tmp_path / "s" / "sweep.json").read_text() == before
+  with pytest.raises(ValueError, match=r"holds a sweep \(sweep\.json\)"):  # a plain run
+    two_moons.main(dataclasses.replace(BASE, workdir=tmp_path / "s", epochs=1))
+  assert not (tmp_path / "s" / "metrics.csv").exists()
   two_moons.main(dataclasses.replace(BASE, workdir=tmp_path / "run", epochs=1))
   with pytest.raises(ValueError, match="holds a run"):
     two_moons.main(sweep_config(tmp_path / "run", "seed=0,1", epochs=1))

@@ -16,10 +16,10 @@ pickled.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import json
-import logging
 import math
 import os
 import pathlib
@@ -31,36 +31,9 @@ from typing import Any
 import jax
 
 from jaxtrain.core.state import TrainState, state_arrays, with_arrays
+from jaxtrain.rundir import integrity
 from jaxtrain.rundir.compat import CheckpointError, check_compatible
-
-# Orbax warnings that say what was asked for: a save without a metric
-# (mid-epoch saves carry none on purpose: only epoch ends are ranked for
-# "best"), and a reader's read-only manager (load() reads, never writes).
-_EXPECTED_WARNINGS = ("tracked_metric", "read_only=True", "Given directory is read only")
-
-
-class _QuietOrbax(logging.Filter):
-  """Drops Orbax's routine records from the absl logger: its INFO lines (every
-  save logs several) and the warnings for what jaxtrain asks on purpose. Every
-  other library's absl records pass unchanged."""
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    if f"{os.sep}orbax{os.sep}" not in record.pathname:
-      return True
-    if record.levelno < logging.WARNING:
-      return False
-    message = record.getMessage()
-    return not any(expected in message for expected in _EXPECTED_WARNINGS)
-
-
-def _orbax():
-  """Orbax, imported on first use (about 1.3 s): ``import jaxtrain`` stays light."""
-  import orbax.checkpoint as ocp
-
-  absl = logging.getLogger("absl")
-  if not any(isinstance(f, _QuietOrbax) for f in absl.filters):
-    absl.addFilter(_QuietOrbax())
-  return ocp
+from jaxtrain.rundir.integrity import CheckpointSaveError  # noqa: F401 - part of this API
 
 DIRECTORY = "checkpoints"
 
@@ -120,7 +93,9 @@ class Checkpointer:
     self.config = config or CheckpointConfig()
     self.read_only = read_only
     self.directory = pathlib.Path(workdir).absolute() / DIRECTORY
-    self._ocp = ocp = _orbax()
+    self._ocp = ocp = integrity.import_orbax()
+    if jax.process_index() == 0:
+      integrity.check_side_files(self.directory, read_only=read_only)
     from orbax.checkpoint import checkpoint_managers as managers
 
     sign = -1.0 if self.config.mode == "min" else 1.0
@@ -140,6 +115,7 @@ class Checkpointer:
             best_fn=lambda m: m["value"], best_mode=self.config.mode,
             # A reader must not touch a save in progress by the training run.
             cleanup_tmp_directories=not read_only, read_only=read_only,
+            todelete_subdir=None if read_only else integrity.DELETING,
         ),
         item_handlers={"arrays": ocp.StandardCheckpointHandler(),
                        "meta": ocp.JsonCheckpointHandler()},
@@ -165,11 +141,16 @@ class Checkpointer:
     started = time.perf_counter()
     metrics = None if metric is None or math.isnan(metric) else {"value": float(metric)}
     ocp = self._ocp
-    self.manager.save(
-        step,
-        args=ocp.args.Composite(arrays=ocp.args.StandardSave(arrays),
-                                meta=ocp.args.JsonSave(meta)),
-        metrics=metrics, force=True)
+    try:  # a failed asynchronous save raises here, at the next one, or in wait()
+      if jax.process_index() == 0:
+        integrity.purge_deleted(self.directory)
+      self.manager.save(
+          step,
+          args=ocp.args.Composite(arrays=ocp.args.StandardSave(arrays),
+                                  meta=ocp.args.JsonSave(integrity.with_digest(meta))),
+          metrics=metrics, force=True)
+    except Exception as error:  # noqa: BLE001 - every write failure is reported the same
+      raise integrity.save_failed(self.directory, error) from error
     self.save_seconds.append(time.perf_counter() - started)
     self.last_save = time.monotonic()
 
@@ -206,6 +187,7 @@ class Checkpointer:
         restored = self.manager.restore(candidate, args=ocp.args.Composite(
             arrays=ocp.args.StandardRestore({**abstract, **rest}),
             meta=ocp.args.JsonRestore()))
+        integrity.check_digest(restored["meta"])
         self._set_aside(damaged)
         arrays = {k: v for k, v in restored["arrays"].items() if k in like}
         return candidate, arrays, restored["meta"]
@@ -248,11 +230,22 @@ class Checkpointer:
     return min(scored)[1] if scored else None
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    """Waits for the save in flight; CheckpointSaveError if it failed."""
+    try:
+      self.manager.wait_until_finished()
+    except Exception as error:  # noqa: BLE001
+      raise integrity.save_failed(self.directory, error) from error
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
+    try:
+      self.wait()
+    except BaseException:
+      with contextlib.suppress(Exception):  # the save's error is the one to report
+        self.manager.close()
+      raise
     self.manager.close()
+    if not self.read_only and jax.process_index() == 0:
+      integrity.purge_deleted(self.directory, closing=True)
 
 
 def load(run_dir: str | os.PathLike, step: int | str | None = None, *,

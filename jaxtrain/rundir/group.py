@@ -254,6 +254,7 @@ class _Member:
   def finish(self, state: TrainState, best, test: dict | None) -> FitResult:
     """Saves the last state (unless it diverged) and plots the curves."""
     call, workdir = self.call, pathlib.Path(self.call.workdir)
+    step_log = self.monitor.step_log()
     self.monitor.close()
     if call.checkpoint is not None and not self.stopped:
       saved = {"state": state_arrays(state)}
@@ -264,7 +265,7 @@ class _Member:
       meta = {"position": self.position.to_json(), "seed": call.config.seed,
               "num_train": length(call.train),
               "run_key": np.asarray(jax.random.key_data(
-                  jax.random.key(call.config.seed))).tolist()}
+                  jax.random.key(call.config.seed))).tolist(), "step_log": step_log}
       checkpointer = Checkpointer(workdir, call.checkpoint)
       try:
         checkpointer.save(self.position.step(self.spe), saved, meta, metric)

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from jaxtrain.rundir.plots import plot_curves, read_history
 from jaxtrain.rundir.record import write_config
+from jaxtrain.train.ledger import StepLog
 
 # plot_curves, read_history and write_config are re-exported: they were
 # monitor's before plots.py and record.py took them over.
@@ -88,8 +89,10 @@ class RunMonitor:
       ``None``: a bar when stderr is a terminal.
     resume_rows: Epoch rows already done (from a checkpoint): ``metrics.csv``
       is rewritten with exactly these rows. Empty for a fresh run.
-    resume_step_records: Keep the first N lines of ``steps.jsonl`` (``None``:
-      start it afresh).
+    resume_step_records: ``steps.jsonl`` as a resumed checkpoint counts it: a
+      :class:`~jaxtrain.train.ledger.StepLog` (the lines themselves: the file
+      is rewritten with them, whatever became of it), or N (keep its first N
+      lines); ``None``: start it afresh.
     quiet: Print nothing (the files only).
 
   Example:
@@ -109,7 +112,7 @@ class RunMonitor:
   def __init__(self, workdir: str | os.PathLike, *, columns: Sequence[str],
                total_steps: int, steps_per_epoch: int,
                progress: bool | None = None, resume_rows: Sequence[dict] = (),
-               resume_step_records: int | None = None, quiet: bool = False):
+               resume_step_records: StepLog | int | None = None, quiet: bool = False):
     from tensorboardX import SummaryWriter  # Lazy: imports protobuf.
 
     self.workdir = os.fspath(workdir)
@@ -120,7 +123,7 @@ class RunMonitor:
     self._closed, self._quiet = False, quiet
 
     # Steps done before this session: the bar and the ETA start from here.
-    start = resume_step_records or 0
+    start = int(resume_step_records or 0)
     if resume_rows and resume_rows[-1].get("step") is not None:
       start = int(_py(resume_rows[-1]["step"]))
     self._step = start
@@ -136,8 +139,8 @@ class RunMonitor:
     self._csv_file.flush()
 
     steps_path = os.path.join(self.workdir, "steps.jsonl")
-    if resume_step_records is not None:
-      _truncate_lines(steps_path, int(resume_step_records))
+    # The lines logged so far, compressed per checkpoint (step_log()).
+    self._log, self._fresh = self._resume_steps(steps_path, resume_step_records), []
     self._steps_file = open(steps_path, "w" if resume_step_records is None
                             else "a", buffering=1 << 16)
 
@@ -188,6 +191,7 @@ class RunMonitor:
           Summary.Value(tag=f"train/step_{k}", simple_value=v)
           for k, v in values.items()]), int(step))
     self._steps_file.writelines(lines)
+    self._fresh += lines
     self._step += len(steps)
     now = time.time()
     if self._last is not None and self._step > self._last[1]:
@@ -197,6 +201,29 @@ class RunMonitor:
       if "loss" in columns:
         self._bar.set_postfix(loss=f"{columns['loss'][-1]:.4g}", refresh=False)
       self._bar.update(len(steps))
+
+  @staticmethod
+  def _resume_steps(path: str, records: StepLog | int | None) -> list[str]:
+    """Makes ``path`` hold exactly the resumed run's step records; their chunks."""
+    if records is None:
+      return []
+    if isinstance(records, StepLog) and records.chunks:
+      text = records.text()
+      if text.count("\n") == records.count:  # else: an older writer's log; keep the file's
+        with open(path, "w") as f:
+          f.write(text)
+        return list(records.chunks)
+    _truncate_lines(path, int(records))
+    with open(path) as f:
+      kept = f.read()
+    return [StepLog.chunk([kept])] if kept else []
+
+  def step_log(self) -> list[str]:
+    """The chunks of every step record logged (a checkpoint saves them)."""
+    if self._fresh:
+      self._log.append(StepLog.chunk(self._fresh))
+      self._fresh = []
+    return list(self._log)
 
   def log_epoch(self, row: Mapping[str, Any]) -> None:
     """Logs an epoch row: ``metrics.csv``, ``epoch/<name>`` scalars, a line.

@@ -94,10 +94,12 @@ def check_workdir(workdir: str | os.PathLike, record: Mapping[str, Any] | None =
   workdir = pathlib.Path(workdir)
   if workdir.exists() and not workdir.is_dir():
     raise RunDirError(f"workdir {str(workdir)!r} exists and is not a directory")
+  hint = "choose another --workdir or pass --overwrite to replace it"
+  if not overwrite and (workdir / "sweep.json").exists():  # experiments' --sweep
+    raise RunDirError(f"workdir {str(workdir)!r} holds a sweep (sweep.json); {hint}")
   existing = [name for name in RUN_FILES if (workdir / name).exists()]
   if not existing or overwrite:
     return False
-  hint = "choose another --workdir or pass --overwrite to replace it"
   config_path = workdir / "config.json"
   if record is None or not config_path.exists():
     raise RunDirError(f"workdir {str(workdir)!r} already holds a run "
@@ -177,8 +179,12 @@ class _RunDirectory:
 
   def open(self) -> Checkpointer | None:
     if distributed.is_primary():
-      self.workdir.mkdir(parents=True, exist_ok=True)
-      self.lock = RunDirLock(self.workdir)  # before anything there changes
+      try:  # the lock is the first write: a read-only or full disk ends here
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.lock = RunDirLock(self.workdir)  # before anything there changes
+      except OSError as error:
+        raise RunDirError(f"workdir {str(self.workdir)!r} cannot be written "
+                          f"({error.strerror or error}); nothing was changed") from None
       if not self.resume:
         clear_run(self.workdir)
     _wait_for_every_process("jaxtrain: run directory ready")

@@ -183,10 +183,10 @@ def fit(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
     # Copies: placing one array twice may give one buffer, donated twice.
     tree["best"] = jax.tree.map(jnp.copy, {k: tree["state"][k]
                                            for k in ("params", "batch_stats")})
-  position, tree = resume(checkpointer, tree, log or print,
+  position, tree, step_log = resume(checkpointer, tree, log or print,
                            Position.at(int(np.asarray(state.step)), spe), feed.spec.num_train,
                            config.epochs)
-  monitor, owns_monitor = open_monitor(monitor, position)
+  monitor, owns_monitor = open_monitor(monitor, position, step_log)
   try:
     run = _Run(config, feed,
                plan_cadence(config, spe, checkpointer, monitor, every_epoch=plan.keep
@@ -335,6 +335,8 @@ def _save(run: _Run, position: Position, carry: Carry, best, *, metric=None) -> 
   meta = {"position": position.to_json(), "seed": run.config.seed,
           "num_train": run.feed.spec.num_train,
           "run_key": np.asarray(jax.random.key_data(run.run_key)).tolist()}
+  if hasattr(run.monitor, "step_log"):  # steps.jsonl so far: a resume rewrites it
+    meta["step_log"] = run.monitor.step_log()
   run.checkpointer.save(position.step(run.feed.spec.steps_per_epoch), saved, meta, metric)
 
 

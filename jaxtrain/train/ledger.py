@@ -13,8 +13,10 @@ same ledger.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import math
+import zlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -69,6 +71,32 @@ class Position:
   @classmethod
   def from_json(cls, record: Mapping[str, Any]) -> Position:
     return cls(**{**record, "best": Best(**record["best"])})
+
+
+@dataclasses.dataclass(frozen=True)
+class StepLog:
+  """The step records a checkpoint holds: ``steps.jsonl`` as written up to its
+  step, in zlib-compressed base64 chunks (each save adds the lines since the
+  previous one), so a resumed run rewrites the file whatever became of it.
+  Used as an int it is the number of records (``step_records``).
+
+  >>> log = StepLog(2, (StepLog.chunk(['{"step": 1}\\n', '{"step": 2}\\n']),))
+  >>> int(log), log.text()
+  (2, '{"step": 1}\\n{"step": 2}\\n')
+  """
+
+  count: int
+  chunks: tuple[str, ...] = ()
+
+  def __index__(self) -> int:
+    return self.count
+
+  @staticmethod
+  def chunk(lines) -> str:
+    return base64.b64encode(zlib.compress("".join(lines).encode(), 6)).decode("ascii")
+
+  def text(self) -> str:
+    return "".join(zlib.decompress(base64.b64decode(c)).decode() for c in self.chunks)
 
 
 @dataclasses.dataclass(frozen=True)

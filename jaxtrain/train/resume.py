@@ -11,19 +11,20 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxtrain.train.ledger import Position
+from jaxtrain.train.ledger import Position, StepLog
 
 
 def resume(checkpointer, tree, say, start: Position, num_train: int, epochs: int | None = None
-           ) -> tuple[Position, Any]:
-  """The position and arrays of the latest good checkpoint, else ``start``.
+           ) -> tuple[Position, Any, StepLog | None]:
+  """The position, arrays and step log (None when the checkpoint holds none)
+  of the latest good checkpoint, else ``start``.
 
   A checkpoint past ``epochs`` is refused (ValueError): a finished run is not
   shortened, and nothing has been written yet."""
   restored = (checkpointer.restore(lambda saved: {k: v for k, v in tree.items() if k in saved})
               if checkpointer is not None else None)
   if restored is None:
-    return start, tree
+    return start, tree, None
   step, restored, meta = restored
   if meta.get("num_train", num_train) != num_train:
     raise ValueError(f"the training set has {num_train} rows, but the checkpoint at step {step} "
@@ -47,14 +48,17 @@ def resume(checkpointer, tree, say, start: Position, num_train: int, epochs: int
   tree = restored
   say(f"resuming from the checkpoint at step {step} (epoch {position.epoch + 1}, "
       f"batch {position.batch}) in {checkpointer.directory}")
-  return position, tree
+  log = meta.get("step_log")
+  return position, tree, None if log is None else StepLog(position.step_records, tuple(log))
 
 
-def open_monitor(monitor, position: Position):
+def open_monitor(monitor, position: Position, step_log: StepLog | None = None):
   """A monitor, built now from a factory ``(rows, step_records) -> monitor``
-  once the position is known; returns ``(monitor, owned)``."""
+  once the position is known (``step_records``: the checkpoint's
+  :class:`StepLog` when it holds one, else the count); returns
+  ``(monitor, owned)``."""
   if monitor is None or hasattr(monitor, "log_steps"):
     return monitor, False
   fresh = position.epoch == 0 and position.batch == 0
-  made = monitor(position.rows, None if fresh else position.step_records)
+  made = monitor(position.rows, None if fresh else step_log or position.step_records)
   return made, made is not None

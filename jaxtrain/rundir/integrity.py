@@ -1,0 +1,185 @@
+"""Keeping a checkpoint directory readable and its damage quiet.
+
+What :class:`jaxtrain.checkpoint.Checkpointer` does around Orbax so that a
+damaged or half-deleted directory costs one warning line, never the run:
+
+- Side files Orbax reads for every checkpoint when it opens the directory (a
+  step's ``metrics/metrics``, ``_CHECKPOINT_METADATA``) are checked first; a
+  damaged one is moved to ``checkpoints_damaged/`` with a warning naming it (the
+  checkpoint itself stays: only its rank for "best" or its timestamp is lost).
+- Old checkpoints are deleted by renaming them into ``checkpoints/deleting/``
+  (atomic) and removing that folder's contents afterwards, so a kill during a
+  deletion leaves no half-deleted step that looks like a checkpoint.
+- Each checkpoint's position (epoch rows, step records, best epoch) carries a
+  SHA-256 of its JSON; an edited or damaged one reads as a damaged checkpoint.
+- Orbax's routine absl records, and the tracebacks a failed read leaves behind
+  ("Event loop is closed" from tensorstore callbacks, abandoned read
+  coroutines), are dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import pathlib
+import shutil
+import sys
+import time
+import warnings
+from typing import Any
+
+DELETING = "deleting"  # the subfolder Orbax renames deleted checkpoints into
+# Orbax warnings that say what was asked for: a save without a metric
+# (mid-epoch saves carry none on purpose: only epoch ends are ranked for
+# "best"), a reader's read-only manager (load() reads, never writes), and the
+# side files check_side_files has already reported and moved aside.
+_EXPECTED_WARNINGS = ("tracked_metric", "read_only=True", "Given directory is read only",
+                      "Metadata file does not exist", "could not be restored. Please provide")
+
+
+class QuietOrbax(logging.Filter):
+  """Drops Orbax's routine records from the absl logger: its INFO lines (every
+  save logs several), the warnings for what jaxtrain asks on purpose, and its
+  ERROR records (with tracebacks, several per failed save): each failure
+  reaches jaxtrain as an exception and is reported in one line
+  (``JAXTRAIN_DEBUG=1`` shows them). Other libraries' records pass unchanged."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if f"{os.sep}orbax{os.sep}" not in record.pathname:
+      return True
+    if record.levelno < logging.WARNING:
+      return False
+    if record.levelno >= logging.ERROR:
+      return bool(os.environ.get("JAXTRAIN_DEBUG"))
+    message = record.getMessage()
+    return not any(expected in message for expected in _EXPECTED_WARNINGS)
+
+
+def _failed_read_noise(unraisable) -> bool:
+  """Whether an unraisable exception is the echo of a failed Orbax read (which
+  the fallback's warning has reported): a tensorstore callback on the closed
+  event loop, or an abandoned Orbax read coroutine's error."""
+  error, where = unraisable.exc_value, unraisable.object
+  if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+    return True
+  code = getattr(where, "cr_code", None)
+  return code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename
+
+
+def import_orbax():
+  """Orbax, imported on first use (about 1.3 s: ``import jaxtrain`` stays
+  light), with its routine logging and closed-loop noise silenced."""
+  import orbax.checkpoint as ocp
+
+  absl = logging.getLogger("absl")
+  if not any(isinstance(f, QuietOrbax) for f in absl.filters):
+    absl.addFilter(QuietOrbax())
+  previous = sys.unraisablehook
+  if not getattr(previous, "drops_failed_read_noise", False):
+    # After a failed read, tensorstore completes its futures on the event
+    # loop Orbax already closed, and Orbax's abandoned read coroutines are
+    # collected with their errors: Python prints each as a traceback.
+    def hook(unraisable):
+      if not _failed_read_noise(unraisable):
+        previous(unraisable)
+
+    hook.drops_failed_read_noise = True
+    sys.unraisablehook = hook
+  return ocp
+
+
+class CheckpointSaveError(OSError):
+  """A checkpoint could not be written (a full or failing disk); the ones
+  saved before it are intact."""
+
+
+def save_failed(directory: pathlib.Path, error: BaseException) -> CheckpointSaveError:
+  """The one-line error for a failed save, naming what is left on disk."""
+  text = str(error)
+  if isinstance(error, OSError) and error.strerror:
+    reason = error.strerror
+  elif "RESOURCE_EXHAUSTED" in text or "No space left" in text:
+    reason = "no space left on the device"
+  else:
+    reason = f"{type(error).__name__}: {text.splitlines()[0][:160] if text else ''}"
+  try:
+    kept = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+  except OSError:
+    kept = []
+  left = (f"the checkpoints before it are intact (steps {', '.join(map(str, kept))})"
+          if kept else "no earlier checkpoint exists")
+  return CheckpointSaveError(f"saving a checkpoint in {directory} failed ({reason}); {left}; "
+                             "fix the disk and run the same command to resume")
+
+
+def _readable_json(path: pathlib.Path) -> str | None:
+  """Why ``path`` (if it exists) is not a JSON object, or None."""
+  try:
+    value = json.loads(path.read_bytes().decode("utf-8"))
+  except FileNotFoundError:
+    return None
+  except (OSError, ValueError) as error:
+    return f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
+  return None if isinstance(value, dict) else f"not a JSON object: {str(value)[:40]!r}"
+
+
+def check_side_files(directory: pathlib.Path, *, read_only: bool) -> None:
+  """Reports and moves aside damaged side files before Orbax reads them
+  (a reader, ``read_only``, cannot move them: its error names the file)."""
+  if not directory.is_dir():
+    return
+  for step in sorted((p for p in directory.iterdir() if p.name.isdigit()),
+                     key=lambda p: int(p.name)):
+    for name in ("metrics/metrics", "_CHECKPOINT_METADATA"):
+      path = step / name
+      why = _readable_json(path)
+      if why is None:
+        continue
+      if read_only:
+        from jaxtrain.rundir.compat import CheckpointError
+
+        raise CheckpointError(f"{path} is damaged ({why})")
+      aside = directory.parent / f"{directory.name}_damaged"
+      aside.mkdir(exist_ok=True)
+      target = aside / f"{step.name}-{name.replace('/', '-')}-{time.time_ns()}"
+      path.rename(target)
+      effect = ("is no longer ranked for the best checkpoint" if name.startswith("metrics")
+                else "keeps its arrays")
+      warnings.warn(f"{path} is damaged ({why}); moved to {target}: checkpoint "
+                    f"{step.name} {effect}", stacklevel=3)
+
+
+def purge_deleted(directory: pathlib.Path, *, closing: bool = False) -> None:
+  """Removes the checkpoints Orbax has renamed into ``deleting/`` (and the
+  folder itself once the manager is ``closing``)."""
+  for path in (directory / DELETING).glob("*"):
+    shutil.rmtree(path, ignore_errors=True)
+  if closing:
+    try:
+      (directory / DELETING).rmdir()
+    except OSError:  # absent, or not empty
+      pass
+
+
+def digest(position: Any) -> str:
+  """The SHA-256 of a position's JSON (keys sorted)."""
+  text = json.dumps(position, sort_keys=True, allow_nan=True)
+  return hashlib.sha256(text.encode()).hexdigest()
+
+
+def with_digest(meta: dict) -> dict:
+  """``meta`` with its position's digest, as a checkpoint saves it."""
+  if "position" not in meta:
+    return meta
+  return {**meta, "position_sha256": digest(meta["position"])}
+
+
+def check_digest(meta: dict) -> None:
+  """Raises ValueError when a checkpoint's position does not match its digest
+  (checkpoints written before the digest have none and pass)."""
+  wanted = meta.get("position_sha256")
+  if wanted is not None and digest(meta.get("position")) != wanted:
+    raise ValueError("its epoch rows and position do not match their SHA-256 "
+                     "(edited or damaged meta/metadata)")

@@ -1,0 +1,220 @@
+"""A damaged run directory costs one warning line, never the run: damaged
+Orbax side files, an edited checkpoint position, a cut or deleted steps.jsonl
+and a half-done deletion all resume to the uninterrupted run's files."""
+
+import json
+import pathlib
+import re
+import shutil
+import warnings
+
+import pytest
+
+from experiments import _cli, two_moons
+
+RUN = ["--samples", "200", "--batch-size", "40", "--checkpoint.every-epochs", "1"]
+EPOCHS, SPE = 6, 4  # 160 training points in batches of 40
+TIMED = ("seconds", "examples_per_second", "flops_per_second", "peak_fraction")
+
+
+def moons(workdir, epochs):
+  _cli.main(two_moons.Config, two_moons.main,
+            [*RUN, "--epochs", str(epochs), "--workdir", str(workdir)])
+
+
+def untimed_rows(workdir):
+  lines = (workdir / "metrics.csv").read_text().splitlines()
+  keep = [i for i, c in enumerate(lines[0].split(",")) if c not in TIMED]
+  return [[line.split(",")[i] for i in keep] for line in lines]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  """The uninterrupted run, and the same run stopped after EPOCHS - 1 epochs."""
+  root = tmp_path_factory.mktemp("integrity")
+  moons(root / "whole", EPOCHS)
+  moons(root / "part", EPOCHS - 1)
+  return root / "whole", root / "part"
+
+
+def flip(path):
+  data = path.read_bytes()
+  path.write_bytes(data[:20] + bytes([data[20] ^ 0xFF]) + data[21:])
+
+
+def cut(path):
+  path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def edit_a_row(path):
+  text = path.read_text()
+  match = re.search(r'"val_loss": 0\.(\d)', text)
+  digit = match.end() - 1
+  path.write_text(text[:digit] + str((int(text[digit]) + 1) % 10) + text[digit + 1:])
+
+
+LAST, FIRST = EPOCHS - 1, EPOCHS - 2  # the two kept checkpoints, in epochs
+CASES = {  # name: (file under checkpoints/<step>, damage, checkpoint it resumes from, warning)
+    "latest metrics flipped": ("metrics/metrics", LAST, flip, LAST, r"metrics/metrics is damaged"),
+    "oldest metrics cut": ("metrics/metrics", FIRST, cut, LAST, r"metrics/metrics is damaged"),
+    "latest checkpoint metadata cut": ("_CHECKPOINT_METADATA", LAST, cut, LAST,
+                                       r"_CHECKPOINT_METADATA is damaged"),
+    "latest epoch rows edited": ("meta/metadata", LAST, edit_a_row, FIRST,
+                                 r"do not match their SHA-256"),
+    "latest array metadata cut": ("arrays/array_metadatas/process_0", LAST, cut, FIRST,
+                                  r"checkpoint \d+ in .* is damaged"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_damaged_checkpoint_file_costs_one_warning_naming_it(runs, tmp_path, capsys, case):
+  whole, part = runs
+  name, epoch, how, resumed, warning = CASES[case]
+  workdir = tmp_path / "run"
+  shutil.copytree(part, workdir)
+  how(workdir / "checkpoints" / str(epoch * SPE) / name)
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    moons(workdir, EPOCHS)
+  messages = [str(w.message) for w in caught]
+  assert len(messages) == 1 and re.search(warning, messages[0]), messages
+  assert f"resuming from the checkpoint at step {resumed * SPE} " in capsys.readouterr().out
+  assert untimed_rows(workdir) == untimed_rows(whole)
+  assert (workdir / "steps.jsonl").read_bytes() == (whole / "steps.jsonl").read_bytes()
+
+
+@pytest.mark.parametrize("how", ["cut mid-line", "deleted", "a value edited", "emptied"])
+def test_steps_jsonl_is_rewritten_from_the_checkpoint(runs, tmp_path, how):
+  whole, part = runs
+  workdir = tmp_path / "run"
+  shutil.copytree(part, workdir)
+  log = workdir / "steps.jsonl"
+  if how == "cut mid-line":
+    log.write_bytes(log.read_bytes()[:333])
+  elif how == "deleted":
+    log.unlink()
+  elif how == "a value edited":
+    log.write_text(log.read_text().replace('"step": 3,', '"step": 4,'))
+  else:
+    log.write_text("")
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # nothing to warn about: the checkpoint has the lines
+    moons(workdir, EPOCHS)
+  assert log.read_bytes() == (whole / "steps.jsonl").read_bytes()
+  assert len(log.read_text().splitlines()) == EPOCHS * SPE
+
+
+def test_the_checkpoint_holds_steps_jsonl_and_a_digest_of_its_position(runs):
+  _, part = runs
+  meta = json.loads((part / "checkpoints" / str(LAST * SPE) / "meta" / "metadata").read_text())
+  from jaxtrain.rundir.integrity import digest
+  from jaxtrain.train.ledger import StepLog
+
+  assert meta["position_sha256"] == digest(meta["position"])
+  log = StepLog(meta["position"]["step_records"], tuple(meta["step_log"]))
+  assert log.text() == (part / "steps.jsonl").read_text()
+  assert len(meta["step_log"]) == LAST  # one chunk per save: each adds only its new lines
+
+
+def test_a_half_done_deletion_is_finished_and_leaves_no_step_folder(runs, tmp_path):
+  whole, part = runs
+  workdir = tmp_path / "run"
+  shutil.copytree(part, workdir)
+  # Orbax renames a checkpoint it deletes into checkpoints/deleting/ (atomic);
+  # a kill before the folder was removed leaves it there.
+  orphan = workdir / "checkpoints" / "deleting" / str(2 * SPE)
+  shutil.copytree(workdir / "checkpoints" / str(LAST * SPE), orphan)
+  moons(workdir, EPOCHS)
+  listing = sorted(p.name for p in (workdir / "checkpoints").iterdir())
+  assert listing == sorted(p.name for p in (whole / "checkpoints").iterdir())
+  assert "deleting" not in listing and str(EPOCHS * SPE) in listing
+  assert untimed_rows(workdir) == untimed_rows(whole)
+
+
+# -- full and read-only disks -----------------------------------------------------
+
+def test_a_failed_save_raises_one_line_naming_the_intact_checkpoints(tmp_path, monkeypatch):
+  import numpy as np
+
+  from jaxtrain.rundir.checkpoint import (
+    CheckpointConfig,
+    Checkpointer,
+    CheckpointSaveError,
+  )
+
+  checkpointer = Checkpointer(tmp_path, CheckpointConfig(async_save=False))
+  arrays = {"state": {"w": np.arange(4.0)}}
+  checkpointer.save(10, arrays, {"position": {"epoch": 1}})
+  checkpointer.wait()
+
+  def full(*args, **kwargs):
+    raise ValueError('RESOURCE_EXHAUSTED: Error writing local file "x": No space left on device')
+
+  monkeypatch.setattr(checkpointer.manager, "save", full)
+  with pytest.raises(CheckpointSaveError) as failed:
+    checkpointer.save(20, arrays, {"position": {"epoch": 2}})
+  message = str(failed.value)
+  assert "\n" not in message
+  assert message.startswith(f"saving a checkpoint in {tmp_path / 'checkpoints'} failed "
+                            "(no space left on the device); the checkpoints before it are "
+                            "intact (steps 10)")
+  monkeypatch.undo()
+  step, restored, meta = checkpointer.restore({"state": {"w": np.zeros(4)}})
+  assert step == 10 and meta["position"] == {"epoch": 1}
+  checkpointer.close()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  """A 2 MiB tmpfs (needs mount rights: root, or CAP_SYS_ADMIN)."""
+  import subprocess
+
+  mount = tmp_path / "disk"
+  mount.mkdir()
+  done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2M", "tmpfs", str(mount)],
+                        capture_output=True, text=True)
+  if done.returncode:
+    pytest.skip(f"cannot mount a small tmpfs here ({done.stderr.strip()[:80]})")
+  yield mount
+  subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_a_full_disk_exits_4_in_one_line_and_the_rerun_is_the_same_run(small_disk, tmp_path):
+  import os
+  import subprocess
+  import sys
+
+  REPO = pathlib.Path(__file__).resolve().parents[1]
+
+  def command(workdir):
+    return [sys.executable, "-m", "experiments.two_moons", *RUN, "--epochs", "30",
+            "--workdir", str(workdir)]
+
+  env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+  subprocess.run(command(tmp_path / "whole"), cwd=REPO, env=env, check=True,
+                 capture_output=True)
+  filler = small_disk / "filler"
+  filler.write_bytes(bytes(1900 * 1024))  # a few checkpoints' room, not 30
+  workdir = small_disk / "run"
+  done = subprocess.run(command(workdir), cwd=REPO, env=env, capture_output=True, text=True,
+                        timeout=120)  # never hangs
+  errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+  assert done.returncode == 4, done.stderr[-2000:]
+  assert "Traceback" not in done.stderr and len(done.stderr.splitlines()) <= 2, done.stderr
+  assert re.match(r"error: saving a checkpoint in .* failed \(no space left on the device\); "
+                  r"the checkpoints before it are intact \(steps \d+", errors[0]), errors
+  filler.unlink()
+  done = subprocess.run(command(workdir), cwd=REPO, env=env, capture_output=True, text=True,
+                        timeout=120)
+  assert done.returncode == 0 and "resuming from the checkpoint" in done.stdout, done.stderr
+  assert untimed_rows(workdir) == untimed_rows(tmp_path / "whole")
+  assert (workdir / "steps.jsonl").read_bytes() == (tmp_path / "whole" / "steps.jsonl").read_bytes()
+  # Read-only: refused before anything changes, in one line.
+  subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+  before = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
+  done = subprocess.run([*command(workdir)[:-4], "--epochs", "40", "--workdir", str(workdir)],
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+  assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+      f"error: workdir {str(workdir)!r} cannot be written (Read-only file system); "
+      "nothing was changed"], done.stderr
+  assert {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()} == before
