@@ -237,7 +237,7 @@ def groups(sweep: Sequence[Member], base, vmapped: Sequence[str]) -> list[list[M
 
 def check_directory(config, sweep: Sequence[Member]) -> dict:
   """The sweep's record; refuses a workdir holding another sweep or a run."""
-  from jaxtrain.rundir.run import RUN_FILES, RunDirError
+  from jaxtrain.rundir.run import NOT_IDENTITY, RUN_FILES, RunDirError
 
   workdir = config.workdir
   record = {"sweep": list(config.sweep.sweep), "trials": config.sweep.sweep_trials,
@@ -261,7 +261,12 @@ def check_directory(config, sweep: Sequence[Member]) -> dict:
     except (OSError, ValueError) as error:
       raise RunDirError(f"{str(path)!r} cannot be read ({error}); {hint}") from None
     saved.pop("programs", None)  # how members trained: not the sweep's identity
-    if saved != json.loads(json.dumps(record, default=str)):
+
+    def identity(sweep_record):  # as a run's: epochs, cadence etc. may change
+      base = {k: v for k, v in sweep_record.get("base", {}).items() if k not in NOT_IDENTITY}
+      return {**sweep_record, "base": base}
+
+    if identity(saved) != identity(json.loads(json.dumps(record, default=str))):
       raise RunDirError(f"workdir {str(workdir)!r} holds a different sweep; {hint}")
   elif (workdir / "members").exists():
     raise RunDirError(f"workdir {str(workdir)!r} holds members of an unknown sweep; {hint}")

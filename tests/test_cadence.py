@@ -5,6 +5,7 @@ import itertools
 import pytest
 
 from jaxtrain.train.cadence import (
+  CALL_GROWTH,
   CALL_SECONDS,
   FIRST_CALL_STEPS,
   Boundary,
@@ -85,9 +86,20 @@ def test_pace_grows_calls_to_about_a_second_after_the_first_timed_call():
   pace = pace.after_call(10.0, steps_per_epoch=SPE, epochs=800)  # compiling: ignored
   assert pace.call_steps == 0
   pace = pace.after_call(0.001, steps_per_epoch=SPE, epochs=800)
-  assert pace.call_steps == int(CALL_SECONDS / (0.001 * SPE)) * SPE == 100 * SPE
+  # A second's worth is 100 epochs; a call grows at most 8x: 64 steps, 6 epochs.
+  assert int(CALL_SECONDS / (0.001 * SPE)) == 100
+  assert pace.call_steps == (FIRST_CALL_STEPS * CALL_GROWTH // SPE) * SPE == 6 * SPE
+  for _ in range(2):
+    pace = pace.after_call(0.001, steps_per_epoch=SPE, epochs=800)
+  assert pace.call_steps == 100 * SPE  # 60 -> 480 -> 1000 steps
   assert pace.limit(30, steps_per_epoch=SPE, max_steps=4096) == 30 + 100 * SPE
   assert pace.limit(30, steps_per_epoch=SPE, max_steps=64) == 94
+
+
+def test_one_near_zero_measurement_grows_a_call_8x_not_to_the_whole_span():
+  # Two calls' results fetched back to back read as ~0 s a step.
+  pace = Pace(call_steps=40, timed=2).after_call(1e-9, steps_per_epoch=100, epochs=1000)
+  assert pace.call_steps == 300  # 320 steps capped, floored to 3 whole epochs
 
 
 def test_pace_splits_an_epoch_longer_than_a_call():

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -283,6 +284,10 @@ def test_cnn_sigterm_saves_says_so_and_exits_0(mnist_path, tmp_path):
   assert proc.returncode == 0, err[-2000:]
   assert "Traceback" not in out + err
   assert "SIGTERM: saved a checkpoint" in out and "test accuracy" not in out, out[-2000:]
-  done = subprocess.run(args[:-4] + ["--epochs", "2", "--checkpoint.every-epochs", "1"],
+  # One more epoch than the checkpoint holds ("at step S (epoch E, batch B)":
+  # E - 1 done when B is 0); fewer than it holds would be refused.
+  epoch, batch = map(int, re.search(r"\(epoch (\d+), batch (\d+)\)", out).groups())
+  done = subprocess.run(args[:-4] + ["--epochs", str(epoch + bool(batch)),
+                                     "--checkpoint.every-epochs", "1"],
                         cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
   assert done.returncode == 0 and "test accuracy" in done.stdout, done.stderr[-2000:]

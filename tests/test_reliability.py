@@ -88,9 +88,25 @@ def moons(workdir, *args):
   return [sys.executable, "-m", "experiments.two_moons", "--workdir", str(workdir), *args]
 
 
-def start(command):
-  return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+class start(subprocess.Popen):
+  """A child writing into temporary files (a pipe nobody reads while it runs
+  fills up and blocks its prints); ``communicate`` reads them at the end."""
+
+  def __init__(self, command):
+    import tempfile
+
+    self.files = [tempfile.TemporaryFile("w+") for _ in range(2)]
+    super().__init__(command, cwd=REPO, stdout=self.files[0], stderr=self.files[1],
+                     text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+  def communicate(self, timeout=None):
+    self.wait(timeout=timeout)
+    out = []
+    for f in self.files:
+      f.seek(0)
+      out.append(f.read())
+      f.close()
+    return tuple(out)
 
 
 def wait_for(predicate, child, seconds=120):
@@ -98,7 +114,10 @@ def wait_for(predicate, child, seconds=120):
 
   deadline = time.monotonic() + seconds
   while not predicate():
-    assert time.monotonic() < deadline and child.poll() is None, child.communicate()
+    if time.monotonic() > deadline or child.poll() is not None:
+      child.kill()  # never left running (or waited on) after a failure
+      out, err = child.communicate()
+      pytest.fail(f"exit {child.returncode}; stdout {out[-1000:]!r}; stderr {err[-1000:]!r}")
     time.sleep(0.02)
 
 
@@ -158,8 +177,8 @@ def test_sigterm_in_another_mode_exits_0_and_the_rerun_is_a_lone_run(tmp_path, m
   import signal
   import time
 
-  args = (["--epochs", "200", "--full-batch"] if mode == "--full-batch" else
-          ["--epochs", "1000", "--seeds", "4"])
+  args = (["--epochs", "100", "--full-batch"] if mode == "--full-batch" else
+          ["--epochs", "2000", "--seeds", "4"])
   lone, workdir = tmp_path / "lone", tmp_path / "run"
   subprocess.run(moons(lone, *args), cwd=REPO, check=True, capture_output=True, timeout=300)
   child = start(moons(workdir, *args))
@@ -167,7 +186,7 @@ def test_sigterm_in_another_mode_exits_0_and_the_rerun_is_a_lone_run(tmp_path, m
     log = workdir / "full_batch" / "metrics.csv"
     wait_for(lambda: log.is_file() and len(log.read_text().splitlines()) > 2, child)
   else:  # --seeds writes nothing before it ends: after start-up, while it compiles or trains
-    time.sleep(3.0)
+    time.sleep(3.5)
   child.send_signal(signal.SIGTERM)
   out, err = child.communicate(timeout=120)
   assert child.returncode == 0 and "Traceback" not in err, err
@@ -194,6 +213,9 @@ def test_the_default_cadence_checkpoints_within_the_first_half_of_a_20_s_run(tmp
   wait_for(lambda: has_checkpoint(workdir), child, seconds=60)
   first = time.monotonic() - began
   child.send_signal(signal.SIGTERM)
-  out, err = child.communicate(timeout=120)
+  try:
+    out, err = child.communicate(timeout=60)
+  finally:
+    child.kill()
   assert child.returncode == 0, err
   assert first < 10.0, f"first checkpoint after {first:.1f} s of training"

@@ -123,6 +123,12 @@ def test_a_run_directory_or_another_sweep_is_not_clobbered(tmp_path):
   with pytest.raises(ValueError, match="holds a different sweep"):
     two_moons.main(sweep_config(tmp_path / "s", "seed=0,2", epochs=1))
   assert (tmp_path / "s" / "sweep.json").read_text() == before
+  # Another checkpoint cadence or more epochs: the same sweep, continued.
+  from jaxtrain.rundir.checkpoint import CheckpointConfig
+
+  two_moons.main(sweep_config(tmp_path / "s", "seed=0,1", epochs=2,
+                              checkpoint=CheckpointConfig(every_epochs=1)))
+  assert len(rows(tmp_path / "s" / "members" / "00-seed=0" / "metrics.csv")) == 2
   with pytest.raises(ValueError, match=r"holds a sweep \(sweep\.json\)"):  # a plain run
     two_moons.main(dataclasses.replace(BASE, workdir=tmp_path / "s", epochs=1))
   assert not (tmp_path / "s" / "metrics.csv").exists()

@@ -139,7 +139,8 @@ class RunMonitor:
     self._csv_file.flush()
 
     steps_path = os.path.join(self.workdir, "steps.jsonl")
-    # The lines logged so far, compressed per checkpoint (step_log()).
+    # The lines logged so far, compressed per checkpoint (step_log()); None
+    # until a checkpoint first asks (the file has them until then).
     self._log, self._fresh = self._resume_steps(steps_path, resume_step_records), []
     self._steps_file = open(steps_path, "w" if resume_step_records is None
                             else "a", buffering=1 << 16)
@@ -191,7 +192,11 @@ class RunMonitor:
           Summary.Value(tag=f"train/step_{k}", simple_value=v)
           for k, v in values.items()]), int(step))
     self._steps_file.writelines(lines)
-    self._fresh += lines
+    if self._log is not None:
+      self._fresh += lines
+      if len(self._fresh) >= 4096:  # bounded: a long stretch between saves
+        self._log.append(StepLog.chunk(self._fresh))
+        self._fresh = []
     self._step += len(steps)
     now = time.time()
     if self._last is not None and self._step > self._last[1]:
@@ -203,23 +208,26 @@ class RunMonitor:
       self._bar.update(len(steps))
 
   @staticmethod
-  def _resume_steps(path: str, records: StepLog | int | None) -> list[str]:
-    """Makes ``path`` hold exactly the resumed run's step records; their chunks."""
-    if records is None:
-      return []
+  def _resume_steps(path: str, records: StepLog | int | None) -> list[str] | None:
+    """Makes ``path`` hold exactly the resumed run's step records; their
+    chunks, or None to read them back from the file when first asked."""
     if isinstance(records, StepLog) and records.chunks:
       text = records.text()
       if text.count("\n") == records.count:  # else: an older writer's log; keep the file's
         with open(path, "w") as f:
           f.write(text)
         return list(records.chunks)
-    _truncate_lines(path, int(records))
-    with open(path) as f:
-      kept = f.read()
-    return [StepLog.chunk([kept])] if kept else []
+    if records is not None:
+      _truncate_lines(path, int(records))
+    return None
 
   def step_log(self) -> list[str]:
     """The chunks of every step record logged (a checkpoint saves them)."""
+    if self._log is None:  # the first save: the file holds every line so far
+      self._steps_file.flush()
+      with open(self._steps_file.name) as f:
+        kept = f.read()
+      self._log = [StepLog.chunk([kept])] if kept else []
     if self._fresh:
       self._log.append(StepLog.chunk(self._fresh))
       self._fresh = []

@@ -43,7 +43,7 @@ class RunDirError(ValueError):
 RUN_FILES = ("config.json", "metrics.csv", "steps.jsonl", "curves.png", "tensorboard",
              DIRECTORY, f"{DIRECTORY}_damaged")
 # Settings that may change between a run and its resumption.
-_NOT_IDENTITY = {"epochs", "overwrite", "workdir", "progress", "checkpoint", "versions",
+NOT_IDENTITY = {"epochs", "overwrite", "workdir", "progress", "checkpoint", "versions",
                  "backend", "devices_info", "every_epochs", "every_steps", "every_seconds",
                  "build", "distributed", "data", "profile_steps"}
 _ENVIRONMENT = {"versions", "backend", "devices"}
@@ -52,7 +52,7 @@ _ENVIRONMENT = {"versions", "backend", "devices"}
 def _identity(record: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
   flat = {}
   for key, value in record.items():
-    if key in _NOT_IDENTITY or (not prefix and key in _ENVIRONMENT):
+    if key in NOT_IDENTITY or (not prefix and key in _ENVIRONMENT):
       continue
     if isinstance(value, Mapping):
       flat.update(_identity(value, f"{prefix}{key}."))

@@ -21,6 +21,7 @@ from jaxtrain.engine import distributed
 
 CALL_SECONDS = 1.0  # the wall time one compiled call aims for
 FIRST_CALL_STEPS = 8  # the steps of the first two calls (at most an epoch)
+CALL_GROWTH = 8  # a call spans at most this many times the steps of the one before
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,14 +151,15 @@ class Pace:
   Then calls grow or shrink to about ``CALL_SECONDS`` of work, so signals and
   time-based saves are seen about that often on any model: whole epochs' worth
   of steps when an epoch takes less, part of an epoch when it takes more;
-  and at most an eighth of the run, so the host logs one call while the device
+  growing at most ``CALL_GROWTH`` times from one call to the next, and at most
+  an eighth of the run, so the host logs one call while the device
   runs the next rather than everything after the last. The numbers of a run
   never depend on where its calls end.
 
   >>> pace = Pace().after_call(0.01, steps_per_epoch=10, epochs=80)
   >>> pace = pace.after_call(0.01, steps_per_epoch=10, epochs=80)
   >>> pace.call_steps, pace.limit(13, steps_per_epoch=10, max_steps=1000)
-  (100, 113)
+  (60, 73)
   >>> Pace().after_call(1, steps_per_epoch=10, epochs=8).after_call(
   ...     0.3, steps_per_epoch=10, epochs=8).call_steps
   3
@@ -173,6 +175,10 @@ class Pace:
     if timed < 2:
       return dataclasses.replace(self, timed=timed, fetched_at=fetched_at)
     steps = int(CALL_SECONDS / max(seconds_per_step, 1e-9))
+    # At most CALL_GROWTH times the last call: one bad measurement (two calls'
+    # results fetched back to back on a loaded host read as ~0 s a step) must
+    # not make a call of minutes; the next measurement corrects it.
+    steps = min(steps, (self.call_steps or FIRST_CALL_STEPS) * CALL_GROWTH)
     if steps >= steps_per_epoch:
       steps = min(steps // steps_per_epoch, -(-epochs // 8)) * steps_per_epoch
     return Pace(max(1, steps), timed, fetched_at)
