@@ -153,11 +153,17 @@ def main(config_type: type[T], run: Callable[[T], object], args: list[str] | Non
   except OSError as error:  # a failed save names its checkpoints; a log write, its errno
     if os.environ.get("JAXTRAIN_DEBUG"):
       raise
+    import errno
+
     from jaxtrain.rundir.integrity import CheckpointSaveError
 
-    message = str(error).splitlines()[0] if isinstance(error, CheckpointSaveError) else (
-        f"writing the run failed ({error}); its last checkpoint is intact: fix the disk "
-        "and run the same command to resume")
+    if isinstance(error, CheckpointSaveError):
+      message = str(error).splitlines()[0]
+    elif error.errno in (errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EIO):
+      message = (f"writing the run failed ({error}); its checkpoints so far are intact: "
+                 "fix the disk and run the same command to resume")
+    else:  # not a write of the run: reading the data, connecting to the other processes
+      fail(str(error).splitlines()[0] if str(error) else type(error).__name__)
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(WRITE_FAILED) from None
   diverged = [r.stop_reason for r in results if (r.stop_reason or "").startswith("non-finite")]
@@ -176,7 +182,6 @@ def command(config_type: type[T], run: Callable[[T], object]) -> None:
   handlers (logging, JAX, Orbax) the process ends without it.
   """
   import atexit
-  import threading
 
   try:
     main(config_type, run)
@@ -185,15 +190,26 @@ def command(config_type: type[T], run: Callable[[T], object]) -> None:
     code = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
     if isinstance(exit_.code, str):
       print(exit_.code, file=sys.stderr)
-    # A thread left blocked by the failure (a writer on a full disk) must not
-    # hold the exit: the exit handlers get 10 s.
-    threading.Timer(10.0, os._exit, (code,)).start()
+    _exit_within(10.0, code)
+  except BaseException:  # a traceback (a bug): printed, then the exit is not held either
+    _exit_within(10.0, 1)
+    raise
   sys.stdout.flush()
   sys.stderr.flush()
   atexit._run_exitfuncs()
   sys.stdout.flush()
   sys.stderr.flush()
   os._exit(code)
+
+
+def _exit_within(seconds: float, code: int) -> None:
+  """Ends the process after ``seconds`` whatever is still running: a thread
+  left blocked by a failure (a writer on a full disk) must not hold the exit."""
+  import threading
+
+  timer = threading.Timer(seconds, os._exit, (code,))
+  timer.daemon = True
+  timer.start()
 
 
 def to_record(config) -> dict:

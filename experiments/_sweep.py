@@ -191,8 +191,12 @@ def members(config) -> list[Member]:
       _config(base, [(axis, value)])
   if sweep.sweep_trials:
     rng = np.random.default_rng(sweep.sweep_seed)
-    drawn = [tuple(_draw(a, rng) for a in axes) for _ in range(sweep.sweep_trials)]
-    points = list(dict.fromkeys(drawn))  # distinct, in order drawn
+    points: dict = {}  # distinct, in the order drawn: a repeat is drawn again
+    for _ in range(100 * sweep.sweep_trials):
+      if len(points) == sweep.sweep_trials:
+        break
+      points.setdefault(tuple(_draw(a, rng) for a in axes), None)
+    points = list(points)
     if len(points) < sweep.sweep_trials:
       raise ValueError(f"--sweep-trials {sweep.sweep_trials} drew only {len(points)} "
                        "distinct members from these values: ask for fewer trials, give more "

@@ -61,6 +61,9 @@ CASES = {  # name: (file under checkpoints/<step>, damage, checkpoint it resumes
                                        r"_CHECKPOINT_METADATA is damaged"),
     "latest epoch rows edited": ("meta/metadata", LAST, edit_a_row, FIRST,
                                  r"do not match their SHA-256"),
+    "latest step log edited": ("meta/metadata", LAST, lambda p: p.write_text(
+        p.read_text().replace('"step_log": ["', '"step_log": ["A', 1)), FIRST,
+                               r"do not match their SHA-256"),
     "latest array metadata cut": ("arrays/array_metadatas/process_0", LAST, cut, FIRST,
                                   r"checkpoint \d+ in .* is damaged"),
 }
@@ -110,7 +113,7 @@ def test_the_checkpoint_holds_steps_jsonl_and_a_digest_of_its_position(runs):
   from jaxtrain.rundir.integrity import digest
   from jaxtrain.train.ledger import StepLog
 
-  assert meta["position_sha256"] == digest(meta["position"])
+  assert meta["sha256"] == digest({k: v for k, v in meta.items() if k != "sha256"})
   log = StepLog(meta["position"]["step_records"], tuple(meta["step_log"]))
   assert log.text() == (part / "steps.jsonl").read_text()
   assert len(meta["step_log"]) == LAST  # one chunk per save: each adds only its new lines
@@ -218,3 +221,44 @@ def test_a_full_disk_exits_4_in_one_line_and_the_rerun_is_the_same_run(small_dis
       f"error: workdir {str(workdir)!r} cannot be written (Read-only file system); "
       "nothing was changed"], done.stderr
   assert {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()} == before
+
+
+def test_an_unwritable_run_directory_exits_2_and_a_failed_write_exits_4(tmp_path, capsys,
+                                                                        monkeypatch):
+  """Without mount rights: the OS errors a read-only disk and a full one raise."""
+  import errno
+  import pathlib as pathlib_
+
+  from jaxtrain.rundir.checkpoint import Checkpointer
+
+  real_mkdir = pathlib_.Path.mkdir
+
+  def read_only(self, *args, **kwargs):
+    if self.name == "ro":
+      raise OSError(errno.EROFS, "Read-only file system", str(self))
+    return real_mkdir(self, *args, **kwargs)
+
+  monkeypatch.setattr(pathlib_.Path, "mkdir", read_only)
+  with pytest.raises(SystemExit) as exit_:
+    moons(tmp_path / "ro", 2)
+  assert exit_.value.code == 2
+  assert capsys.readouterr().err.strip().splitlines() == [
+      f"error: workdir {str(tmp_path / 'ro')!r} cannot be written (Read-only file system); "
+      "nothing was changed"]
+  assert not (tmp_path / "ro").exists()
+  monkeypatch.undo()
+
+  def full(self, *args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+  moons(tmp_path / "run", 2)  # a first checkpoint at the end
+  monkeypatch.setattr(Checkpointer, "save", full)
+  with pytest.raises(SystemExit) as exit_:
+    moons(tmp_path / "run", 4)
+  assert exit_.value.code == 4
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err == ["error: writing the run failed ([Errno 28] No space left on device); its "
+                 "checkpoints so far are intact: fix the disk and run the same command to "
+                 "resume"], err
+  monkeypatch.undo()
+  moons(tmp_path / "run", 4)  # resumes from the intact checkpoint

@@ -111,6 +111,14 @@ def test_bad_sweeps_are_refused_naming_the_spec(tmp_path, specs, trials, message
     _sweep.members(sweep_config(tmp_path / "s", *specs, trials=trials))
 
 
+def test_a_random_search_draws_again_until_its_members_are_distinct(tmp_path):
+  # Five integers: five trials find them all (repeats drawn again), six cannot.
+  drawn = _sweep.members(sweep_config(tmp_path / "s", "batch_size=16:20", trials=5))
+  assert sorted(m.config.batch_size for m in drawn) == [16, 17, 18, 19, 20]
+  with pytest.raises(ValueError, match=r"--sweep-trials 6 drew only 5 distinct members"):
+    _sweep.members(sweep_config(tmp_path / "s", "batch_size=16:20", trials=6))
+
+
 def test_a_bad_member_is_refused_before_anything_is_written(tmp_path):
   with pytest.raises(ValueError, match=r"sweep member 01-batch_size=0: batch_size"):
     two_moons.main(sweep_config(tmp_path / "s", "batch_size=16,0"))

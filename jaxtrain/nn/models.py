@@ -10,6 +10,7 @@ a sharded global batch already gives global statistics).
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Sequence
 
 import flax.linen as nn
@@ -217,7 +218,7 @@ class CNN(nn.Module):
     _conv.check_impl(self.conv_impl)
     if self.pool not in ("each", "last"):
       raise ValueError(f"pool must be 'each' or 'last', got {self.pool!r}")
-    if any(not isinstance(w, int) or w < 1 for w in self.features):
+    if any(not isinstance(w, numbers.Integral) or w < 1 for w in self.features):
       raise ValueError(f"features must be channel counts >= 1, got {tuple(self.features)}")
     if self.dense < 0 or self.outputs < 1:
       raise ValueError(f"dense must be >= 0 and outputs >= 1, got dense={self.dense} "

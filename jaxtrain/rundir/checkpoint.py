@@ -149,8 +149,9 @@ class Checkpointer:
           args=ocp.args.Composite(arrays=ocp.args.StandardSave(arrays),
                                   meta=ocp.args.JsonSave(integrity.with_digest(meta))),
           metrics=metrics, force=True)
-    except Exception as error:  # noqa: BLE001 - every write failure is reported the same
-      raise integrity.save_failed(self.directory, error) from error
+    except Exception as error:  # noqa: BLE001 - a write failure, named; else a bug: raised
+      raise integrity.save_failed(self.directory, error) if integrity.is_write_failure(
+          error) else error
     self.save_seconds.append(time.perf_counter() - started)
     self.last_save = time.monotonic()
 
@@ -234,7 +235,8 @@ class Checkpointer:
     try:
       self.manager.wait_until_finished()
     except Exception as error:  # noqa: BLE001
-      raise integrity.save_failed(self.directory, error) from error
+      raise integrity.save_failed(self.directory, error) if integrity.is_write_failure(
+          error) else error
 
   def close(self) -> None:
     try:

@@ -214,14 +214,13 @@ class _Member:
   """One member's run directory, written as ``fit`` would write it."""
 
   def __init__(self, call: RunCall, logged, plan, epochs: int):
-    from jaxtrain.rundir.run import RUN_FILES, RunDirLock, clear_run
+    from jaxtrain.rundir.run import RUN_FILES, clear_run, lock_run_dir
 
     self.call, self.plan = call, plan
     record = call.full_record()
     check_record(record)
     workdir = pathlib.Path(call.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    self.lock = RunDirLock(workdir)
+    self.lock = lock_run_dir(workdir)
     if any((workdir / name).exists() for name in RUN_FILES):
       clear_run(workdir)
     write_config(workdir, record)

@@ -10,8 +10,8 @@ damaged or half-deleted directory costs one warning line, never the run:
 - Old checkpoints are deleted by renaming them into ``checkpoints/deleting/``
   (atomic) and removing that folder's contents afterwards, so a kill during a
   deletion leaves no half-deleted step that looks like a checkpoint.
-- Each checkpoint's position (epoch rows, step records, best epoch) carries a
-  SHA-256 of its JSON; an edited or damaged one reads as a damaged checkpoint.
+- Each checkpoint's JSON (epoch rows, step log, position, seed) carries a
+  SHA-256 of itself; an edited or damaged one reads as a damaged checkpoint.
 - Orbax's routine absl records, and the tracebacks a failed read leaves behind
   ("Event loop is closed" from tensorstore callbacks, abandoned read
   coroutines), are dropped.
@@ -37,23 +37,28 @@ DELETING = "deleting"  # the subfolder Orbax renames deleted checkpoints into
 # side files check_side_files has already reported and moved aside.
 _EXPECTED_WARNINGS = ("tracked_metric", "read_only=True", "Given directory is read only",
                       "Metadata file does not exist", "could not be restored. Please provide")
+# Orbax ERROR records that precede an exception jaxtrain reports in one line (a
+# failed save, a damaged side file already reported); other ERROR records pass.
+_REPORTED_ERRORS = ("raised an exception", "Failed to run", "Save Finalize thread",
+                    "Failed to read Metadata file", "Failed to json parse Metadata")
 
 
 class QuietOrbax(logging.Filter):
   """Drops Orbax's routine records from the absl logger: its INFO lines (every
-  save logs several), the warnings for what jaxtrain asks on purpose, and its
-  ERROR records (with tracebacks, several per failed save): each failure
-  reaches jaxtrain as an exception and is reported in one line
-  (``JAXTRAIN_DEBUG=1`` shows them). Other libraries' records pass unchanged."""
+  save logs several), the warnings for what jaxtrain asks on purpose, and the
+  ERROR records (with tracebacks, several per failed save) of failures that
+  reach jaxtrain as an exception it reports in one line (``JAXTRAIN_DEBUG=1``
+  shows them). Other ERROR records, and other libraries', pass unchanged."""
 
   def filter(self, record: logging.LogRecord) -> bool:
     if f"{os.sep}orbax{os.sep}" not in record.pathname:
       return True
     if record.levelno < logging.WARNING:
       return False
-    if record.levelno >= logging.ERROR:
-      return bool(os.environ.get("JAXTRAIN_DEBUG"))
     message = record.getMessage()
+    if record.levelno >= logging.ERROR:
+      return bool(os.environ.get("JAXTRAIN_DEBUG")) or not any(
+          reported in message for reported in _REPORTED_ERRORS)
     return not any(expected in message for expected in _EXPECTED_WARNINGS)
 
 
@@ -93,6 +98,20 @@ def import_orbax():
 class CheckpointSaveError(OSError):
   """A checkpoint could not be written (a full or failing disk); the ones
   saved before it are intact."""
+
+
+# How tensorstore and Orbax word a failed write (they raise ValueError, RuntimeError).
+_WRITE_FAILURES = ("RESOURCE_EXHAUSTED", "No space left", "PERMISSION_DENIED", "DATA_LOSS",
+                   "Read-only file system", "Disk quota")
+
+
+def is_write_failure(error: BaseException) -> bool:
+  """Whether a save's error is the disk's (reported as CheckpointSaveError),
+  not a bug in what was saved (raised as it is)."""
+  if isinstance(error, OSError):
+    return True
+  text = str(error)
+  return any(marker in text for marker in _WRITE_FAILURES)
 
 
 def save_failed(directory: pathlib.Path, error: BaseException) -> CheckpointSaveError:
@@ -164,22 +183,31 @@ def purge_deleted(directory: pathlib.Path, *, closing: bool = False) -> None:
 
 
 def digest(position: Any) -> str:
-  """The SHA-256 of a position's JSON (keys sorted)."""
+  """The SHA-256 of a JSON value (keys sorted)."""
   text = json.dumps(position, sort_keys=True, allow_nan=True)
   return hashlib.sha256(text.encode()).hexdigest()
 
 
+DIGEST = "sha256"  # the key of a checkpoint meta's digest of everything else in it
+
+
 def with_digest(meta: dict) -> dict:
-  """``meta`` with its position's digest, as a checkpoint saves it."""
-  if "position" not in meta:
-    return meta
-  return {**meta, "position_sha256": digest(meta["position"])}
+  """``meta`` with the digest of its contents (position, step log, seed...),
+  as a checkpoint saves it."""
+  return {**meta, DIGEST: digest(meta)}
 
 
 def check_digest(meta: dict) -> None:
-  """Raises ValueError when a checkpoint's position does not match its digest
-  (checkpoints written before the digest have none and pass)."""
-  wanted = meta.get("position_sha256")
-  if wanted is not None and digest(meta.get("position")) != wanted:
-    raise ValueError("its epoch rows and position do not match their SHA-256 "
+  """Raises ValueError when a checkpoint's meta does not match its digest, or
+  its step log does not decode (checkpoints written before the digest pass)."""
+  wanted = meta.get(DIGEST)
+  if wanted is not None and digest({k: v for k, v in meta.items() if k != DIGEST}) != wanted:
+    raise ValueError("its epoch rows, step log or position do not match their SHA-256 "
                      "(edited or damaged meta/metadata)")
+  if meta.get("step_log") is not None:
+    from jaxtrain.train.ledger import StepLog
+
+    try:
+      StepLog(0, tuple(meta["step_log"])).text()
+    except Exception as error:  # noqa: BLE001 - zlib, base64, unicode: all damage
+      raise ValueError(f"its step log does not decode ({type(error).__name__})") from None

@@ -159,6 +159,17 @@ class RunDirLock:
       self._fd = None
 
 
+def lock_run_dir(workdir: pathlib.Path) -> RunDirLock:
+  """Makes ``workdir`` and takes its lock: the run's first write, so a
+  read-only or full disk is refused here (RunDirError), before training."""
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+    return RunDirLock(workdir)
+  except OSError as error:
+    raise RunDirError(f"workdir {str(workdir)!r} cannot be written "
+                      f"({error.strerror or error}); nothing was changed") from None
+
+
 class _RunDirectory:
   """Opens the run directory for ``fit`` once its config is checked: only then
   is a different run there cleared, and the checkpointer made."""
@@ -179,12 +190,7 @@ class _RunDirectory:
 
   def open(self) -> Checkpointer | None:
     if distributed.is_primary():
-      try:  # the lock is the first write: a read-only or full disk ends here
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.lock = RunDirLock(self.workdir)  # before anything there changes
-      except OSError as error:
-        raise RunDirError(f"workdir {str(self.workdir)!r} cannot be written "
-                          f"({error.strerror or error}); nothing was changed") from None
+      self.lock = lock_run_dir(self.workdir)  # before anything there changes
       if not self.resume:
         clear_run(self.workdir)
     _wait_for_every_process("jaxtrain: run directory ready")

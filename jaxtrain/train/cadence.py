@@ -178,7 +178,8 @@ class Pace:
     # At most CALL_GROWTH times the last call: one bad measurement (two calls'
     # results fetched back to back on a loaded host read as ~0 s a step) must
     # not make a call of minutes; the next measurement corrects it.
-    steps = min(steps, (self.call_steps or FIRST_CALL_STEPS) * CALL_GROWTH)
+    steps = min(steps, (self.call_steps or min(FIRST_CALL_STEPS, steps_per_epoch))
+                * CALL_GROWTH)
     if steps >= steps_per_epoch:
       steps = min(steps // steps_per_epoch, -(-epochs // 8)) * steps_per_epoch
     return Pace(max(1, steps), timed, fetched_at)
