@@ -92,6 +92,9 @@ def import_orbax():
 
     hook.drops_failed_read_noise = True
     sys.unraisablehook = hook
+    # The same abandoned read, when collected before it started.
+    warnings.filterwarnings("ignore", r"coroutine '_read_array_index_and_device_put' was "
+                            "never awaited", RuntimeWarning)
   return ocp
 
 
