@@ -137,6 +137,9 @@ def test_a_half_done_deletion_is_finished_and_leaves_no_step_folder(runs, tmp_pa
 # -- full and read-only disks -----------------------------------------------------
 
 def test_a_failed_save_raises_one_line_naming_the_intact_checkpoints(tmp_path, monkeypatch):
+  import errno
+  import os
+
   import numpy as np
 
   from jaxtrain.rundir.checkpoint import (
@@ -150,18 +153,22 @@ def test_a_failed_save_raises_one_line_naming_the_intact_checkpoints(tmp_path, m
   checkpointer.save(10, arrays, {"position": {"epoch": 1}})
   checkpointer.wait()
 
-  def full(*args, **kwargs):
-    raise ValueError('RESOURCE_EXHAUSTED: Error writing local file "x": No space left on device')
+  # tensorstore words a full disk in a ValueError, Python's own writes in an OSError.
+  for error in (ValueError('RESOURCE_EXHAUSTED: Error writing local file "x": No space left '
+                           'on device'), OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))):
 
-  monkeypatch.setattr(checkpointer.manager, "save", full)
-  with pytest.raises(CheckpointSaveError) as failed:
-    checkpointer.save(20, arrays, {"position": {"epoch": 2}})
-  message = str(failed.value)
-  assert "\n" not in message
-  assert message.startswith(f"saving a checkpoint in {tmp_path / 'checkpoints'} failed "
-                            "(no space left on the device); the checkpoints before it are "
-                            "intact (steps 10)")
-  monkeypatch.undo()
+    def full(*args, error=error, **kwargs):
+      raise error
+
+    monkeypatch.setattr(checkpointer.manager, "save", full)
+    with pytest.raises(CheckpointSaveError) as failed:
+      checkpointer.save(20, arrays, {"position": {"epoch": 2}})
+    message = str(failed.value)
+    assert "\n" not in message
+    assert message.startswith(f"saving a checkpoint in {tmp_path / 'checkpoints'} failed "
+                              "(no space left on the device); the checkpoints before it are "
+                              "intact (steps 10)"), message
+    monkeypatch.undo()
   step, restored, meta = checkpointer.restore({"state": {"w": np.zeros(4)}})
   assert step == 10 and meta["position"] == {"epoch": 1}
   checkpointer.close()

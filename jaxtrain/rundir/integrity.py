@@ -19,6 +19,7 @@ damaged or half-deleted directory costs one warning line, never the run:
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -120,7 +121,9 @@ def is_write_failure(error: BaseException) -> bool:
 def save_failed(directory: pathlib.Path, error: BaseException) -> CheckpointSaveError:
   """The one-line error for a failed save, naming what is left on disk."""
   text = str(error)
-  if isinstance(error, OSError) and error.strerror:
+  if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+    reason = "no space left on the device"  # the same words whichever layer failed
+  elif isinstance(error, OSError) and error.strerror:
     reason = error.strerror
   elif "RESOURCE_EXHAUSTED" in text or "No space left" in text:
     reason = "no space left on the device"
