@@ -1,5 +1,7 @@
 """Small builders shared by tests."""
 
+import pathlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -39,3 +41,18 @@ def tree_allclose(a, b, **kw) -> bool:
   return len(la) == len(lb) and all(
       np.allclose(np.asarray(x), np.asarray(y), **kw) for x, y in zip(la, lb)
   )
+
+
+# Columns that time the run: they differ between two runs of the same numbers.
+TIMED = ("seconds", "examples_per_second", "flops_per_second", "peak_fraction")
+
+
+def untimed_rows(path) -> list[list[str]]:
+  """A metrics CSV's cells without its timing columns: ``path`` is the file,
+  or a run directory (its metrics.csv)."""
+  path = pathlib.Path(path)
+  if path.is_dir():
+    path = path / "metrics.csv"
+  lines = path.read_text().splitlines()
+  keep = [i for i, c in enumerate(lines[0].split(",")) if c not in TIMED]
+  return [[line.split(",")[i] for i in keep] for line in lines]

@@ -11,21 +11,15 @@ import warnings
 import pytest
 
 from experiments import _cli, two_moons
+from tests.helpers import untimed_rows
 
 RUN = ["--samples", "200", "--batch-size", "40", "--checkpoint.every-epochs", "1"]
 EPOCHS, SPE = 6, 4  # 160 training points in batches of 40
-TIMED = ("seconds", "examples_per_second", "flops_per_second", "peak_fraction")
 
 
 def moons(workdir, epochs):
   _cli.main(two_moons.Config, two_moons.main,
             [*RUN, "--epochs", str(epochs), "--workdir", str(workdir)])
-
-
-def untimed_rows(workdir):
-  lines = (workdir / "metrics.csv").read_text().splitlines()
-  keep = [i for i, c in enumerate(lines[0].split(",")) if c not in TIMED]
-  return [[line.split(",")[i] for i in keep] for line in lines]
 
 
 @pytest.fixture(scope="module")

@@ -11,10 +11,12 @@ from jaxtrain import conv, models
 @pytest.mark.parametrize("shape", [(2, 28, 28, 1), (2, 32, 32, 3), (2, 28, 28)])
 def test_cnn_shapes(shape):
   model = models.CNN(features=(8, 16), dense=32, outputs=10, dropout_rate=0.2)
-  variables = model.init(jax.random.key(0), jnp.zeros(shape), train=False)
+  variables = jax.jit(model.init, static_argnames="train")(jax.random.key(0), jnp.zeros(shape),
+                                                          train=False)
   assert "batch_stats" in variables
-  out, _ = model.apply(variables, jnp.ones(shape), train=True, mutable=["batch_stats"],
-                       rngs={"dropout": jax.random.key(1)})
+  out, _ = jax.jit(model.apply, static_argnames=("train", "mutable"))(
+      variables, jnp.ones(shape), train=True, mutable=("batch_stats",),
+      rngs={"dropout": jax.random.key(1)})
   assert out.shape == (2, 10)
 
 

@@ -11,6 +11,7 @@ import pytest
 from jaxtrain.rundir.checkpoint import CheckpointConfig, Checkpointer
 from jaxtrain.rundir.monitor import RunMonitor
 from jaxtrain.rundir.run import RunDirError, RunDirLock
+from tests.helpers import untimed_rows
 
 
 def test_a_second_lock_on_a_run_directory_names_the_holder(tmp_path):
@@ -81,7 +82,6 @@ def test_sigterm_in_the_first_second_exits_0_in_one_line(tmp_path):
 # -- whole processes: concurrency, double Ctrl-C, the other modes' signals ---------
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TIMED = ("seconds", "examples_per_second", "flops_per_second", "peak_fraction")
 
 
 def moons(workdir, *args):
@@ -121,12 +121,6 @@ def wait_for(predicate, child, seconds=120):
     time.sleep(0.02)
 
 
-def untimed(path):
-  lines = path.read_text().splitlines()
-  keep = [i for i, c in enumerate(lines[0].split(",")) if c not in TIMED]
-  return [[line.split(",")[i] for i in keep] for line in lines]
-
-
 def has_checkpoint(workdir):
   checkpoints = workdir / "checkpoints"
   return checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir())
@@ -147,7 +141,7 @@ def test_two_runs_at_once_one_exits_2_and_the_other_is_a_lone_run(tmp_path):
       "it to end or choose another --workdir"], second.stderr
   out, err = first.communicate(timeout=300)
   assert first.returncode == 0, err
-  assert untimed(shared / "metrics.csv") == untimed(lone / "metrics.csv")
+  assert untimed_rows(shared / "metrics.csv") == untimed_rows(lone / "metrics.csv")
   assert (shared / "steps.jsonl").read_bytes() == (lone / "steps.jsonl").read_bytes()
 
 
@@ -196,7 +190,7 @@ def test_sigterm_in_another_mode_exits_0_and_the_rerun_is_a_lone_run(tmp_path, m
   assert rerun.returncode == 0, rerun.stderr
   for name in (["metrics.csv", "full_batch/metrics.csv"] if mode == "--full-batch"
                else ["seeds.csv"]):
-    assert untimed(workdir / name) == untimed(lone / name), name
+    assert untimed_rows(workdir / name) == untimed_rows(lone / name), name
 
 
 def test_the_default_cadence_checkpoints_within_the_first_half_of_a_20_s_run(tmp_path):

@@ -17,7 +17,7 @@ import tensorflow_datasets as tfds
 import jaxtrain
 from jaxtrain import data
 from jaxtrain.rundir.checkpoint import CheckpointConfig, Checkpointer
-from tests.helpers import tree_equal
+from tests.helpers import tree_equal, untimed_rows
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 MOONS = data.load("two_moons", key=jax.random.key(0), n_samples=500)  # 300 train rows
@@ -54,17 +54,11 @@ def mlp_state():
       jax.random.key(1), MOONS.train["inputs"][:1], loss_fn=jaxtrain.losses.cross_entropy)
 
 
-def without_seconds(workdir) -> list[str]:
-  lines = (pathlib.Path(workdir) / "metrics.csv").read_text().splitlines()
-  at = lines[0].split(",").index("seconds")
-  return [",".join(c for i, c in enumerate(line.split(",")) if i != at) for line in lines]
-
-
 def train_into(workdir, train, val, test=None, **config):
   config = jaxtrain.FitConfig(**{"epochs": 4, "batch_size": 32, "progress": False, **config})
   result = jaxtrain.run.run(mlp_state(), train, config=config, workdir=workdir, val=val, test=test,
                         record={"experiment": "test_stream"}, checkpoint=None)
-  return result, without_seconds(workdir)
+  return result, untimed_rows(workdir)
 
 
 @pytest.mark.parametrize("where, devices", [
@@ -126,7 +120,7 @@ def test_streamed_cnn_experiment_equals_the_resident_one(mnist_path, tmp_path):
     mnist_cnn.main(mnist_cnn.Config(
         workdir=workdir, data_dir=mnist_path, limit=600, epochs=2, features=(8, 16), dense=32,
         batch_size=64, devices=2, data=where))
-    out[where] = (without_seconds(workdir), (workdir / "steps.jsonl").read_bytes())
+    out[where] = (untimed_rows(workdir), (workdir / "steps.jsonl").read_bytes())
   assert out["device"] == out["stream"] and len(out["device"][0]) == 3
 
 
