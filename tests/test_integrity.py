@@ -6,8 +6,11 @@ import json
 import pathlib
 import re
 import shutil
+import tempfile
 import warnings
 
+import jax
+import numpy as np
 import pytest
 
 from experiments import _cli, two_moons
@@ -127,6 +130,33 @@ def test_a_half_done_deletion_is_finished_and_leaves_no_step_folder(runs, tmp_pa
   assert "deleting" not in listing and str(EPOCHS * SPE) in listing
   assert untimed_rows(workdir) == untimed_rows(whole)
 
+
+
+@pytest.mark.parametrize("name", ["metrics/metrics", "_CHECKPOINT_METADATA"])
+def test_load_reads_past_a_damaged_side_file_and_changes_nothing(runs, tmp_path, name,
+                                                                 monkeypatch):
+  import jaxtrain
+
+  views = tmp_path / "tmp"  # where the reader's temporary view goes
+  views.mkdir()
+  monkeypatch.setattr(tempfile, "tempdir", str(views))
+  whole, part = runs
+  workdir = tmp_path / "run"
+  shutil.copytree(part, workdir)
+  expected = jaxtrain.checkpoint.load(part)
+  flip(workdir / "checkpoints" / str(LAST * SPE) / name)
+  before = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    state = jaxtrain.checkpoint.load(workdir)
+    best = jaxtrain.checkpoint.best_epoch(workdir)
+  messages = [str(w.message) for w in caught]
+  assert messages and all(f"{LAST * SPE}/{name} is damaged" in m for m in messages), messages
+  assert int(state.step) == LAST * SPE
+  assert jax.tree.all(jax.tree.map(np.array_equal, state.params, expected.params))
+  assert best == jaxtrain.checkpoint.best_epoch(part)
+  assert {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()} == before
+  assert not list(views.iterdir())  # the view is removed
 
 # -- full and read-only disks -----------------------------------------------------
 

@@ -11,6 +11,7 @@ import dataclasses
 import math
 import os
 import pathlib
+import shutil
 import time
 import warnings
 from typing import Any
@@ -78,8 +79,9 @@ class Checkpointer:
     self.config = config or CheckpointConfig()
     self.read_only = read_only
     self.directory = pathlib.Path(workdir).absolute() / DIRECTORY
+    self._view = None  # a reader's view of the checkpoints without damaged side files
     if jax.process_index() == 0:
-      integrity.check_side_files(self.directory, read_only=read_only)
+      self._view = integrity.check_side_files(self.directory, read_only=read_only)
     self.manager = self._open_manager()
     self.last_save = time.monotonic()
     self.save_seconds: list[float] = []
@@ -96,7 +98,7 @@ class Checkpointer:
           get_metric_fn=lambda m: sign * m["value"], n=1,
           keep_checkpoints_without_metrics=False))
     return ocp.CheckpointManager(
-        self.directory,
+        self._view or self.directory,
         options=ocp.CheckpointManagerOptions(
             enable_async_checkpointing=self.config.async_save,
             preservation_policy=managers.AnyPreservationPolicy(policies),
@@ -234,11 +236,15 @@ class Checkpointer:
 
   def close(self) -> None:
     try:
-      self.wait()
-    except BaseException:
-      with contextlib.suppress(Exception):  # the save's error is the one to report
-        self.manager.close()
-      raise
-    self.manager.close()
+      try:
+        self.wait()
+      except BaseException:
+        with contextlib.suppress(Exception):  # the save's error is the one to report
+          self.manager.close()
+        raise
+      self.manager.close()
+    finally:
+      if self._view is not None:
+        shutil.rmtree(self._view, ignore_errors=True)  # links only
     if not self.read_only and jax.process_index() == 0:
       integrity.purge_deleted(self.directory, closing=True)
