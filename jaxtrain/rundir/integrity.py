@@ -189,16 +189,21 @@ def _view_without(directory: pathlib.Path, damaged: dict[pathlib.Path, list[str]
   import tempfile
 
   view = pathlib.Path(tempfile.mkdtemp(prefix="jaxtrain-checkpoints-"))
-  for entry in directory.iterdir():
-    if entry not in damaged:
-      (view / entry.name).symlink_to(entry)
-      continue
-    for part in entry.rglob("*"):
-      if part.is_dir() or part.relative_to(entry).as_posix() in damaged[entry]:
+  try:
+    for entry in directory.iterdir():
+      if entry not in damaged:
+        (view / entry.name).symlink_to(entry)
         continue
-      target = view / entry.name / part.relative_to(entry)
-      target.parent.mkdir(parents=True, exist_ok=True)
-      target.symlink_to(part)
+      (view / entry.name).mkdir()
+      for part in sorted(entry.rglob("*")):  # parents before their contents
+        target = view / entry.name / part.relative_to(entry)
+        if part.is_dir():
+          target.mkdir()
+        elif part.relative_to(entry).as_posix() not in damaged[entry]:
+          target.symlink_to(part)
+  except BaseException:
+    shutil.rmtree(view, ignore_errors=True)
+    raise
   return view
 
 
