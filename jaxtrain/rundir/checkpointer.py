@@ -255,6 +255,8 @@ class Checkpointer:
       self.manager.close()
     finally:
       self._remove_view()
+    if not self.read_only and jax.process_index() == 0:
+      integrity.purge_deleted(self.directory, closing=True)
 
   def _remove_view(self) -> None:
     if self._view is not None:
@@ -266,5 +268,3 @@ class Checkpointer:
     if self._view is not None:
       text = text.replace(str(self._view), str(self.directory))
     return text.splitlines()[0][:200] if first_line and text else text
-    if not self.read_only and jax.process_index() == 0:
-      integrity.purge_deleted(self.directory, closing=True)
