@@ -6,8 +6,11 @@ import json
 import pathlib
 import re
 import shutil
+import tempfile
 import warnings
 
+import jax
+import numpy as np
 import pytest
 
 from experiments import _cli, two_moons
@@ -126,6 +129,62 @@ def test_a_half_done_deletion_is_finished_and_leaves_no_step_folder(runs, tmp_pa
   assert listing == sorted(p.name for p in (whole / "checkpoints").iterdir())
   assert "deleting" not in listing and str(EPOCHS * SPE) in listing
   assert untimed_rows(workdir) == untimed_rows(whole)
+
+
+@pytest.mark.parametrize("name", ["metrics/metrics", "_CHECKPOINT_METADATA"])
+@pytest.mark.parametrize("epoch", [LAST, FIRST])
+def test_load_reads_past_a_damaged_side_file_and_changes_nothing(runs, tmp_path, name, epoch,
+                                                                 monkeypatch):
+  import jaxtrain
+
+  views = tmp_path / "tmp"  # where a reader's temporary views go
+  views.mkdir()
+  monkeypatch.setattr(tempfile, "tempdir", str(views))
+  made = []
+  mkdtemp = tempfile.mkdtemp
+  monkeypatch.setattr(tempfile, "mkdtemp", lambda **kw: made.append(mkdtemp(**kw)) or made[-1])
+  whole, part = runs
+  workdir = tmp_path / "run"
+  shutil.copytree(part, workdir)
+  expected = jaxtrain.checkpoint.load(part), jaxtrain.checkpoint.load(part, "best")
+  assert not made  # nothing damaged: no view
+  flip(workdir / "checkpoints" / str(epoch * SPE) / name)
+  before = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    states = jaxtrain.checkpoint.load(workdir), jaxtrain.checkpoint.load(workdir, "best")
+    best = jaxtrain.checkpoint.best_epoch(workdir)
+  messages = [str(w.message) for w in caught]
+  assert len(messages) == 3 and all(
+      m.startswith(f"{workdir / 'checkpoints' / str(epoch * SPE) / name} is damaged")
+      for m in messages), messages
+  assert len(made) == 3  # each reader read through a view of its own...
+  assert not list(views.iterdir())  # ...and removed it
+  for state, want in zip(states, expected):
+    assert int(state.step) == int(want.step)
+    assert jax.tree.all(jax.tree.map(np.array_equal, state.params, want.params))
+  assert best == jaxtrain.checkpoint.best_epoch(part)
+  assert {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()} == before
+
+
+def test_a_reader_that_fails_to_open_removes_its_view(runs, tmp_path, monkeypatch):
+  from jaxtrain.rundir.checkpointer import Checkpointer
+
+  views = tmp_path / "tmp"
+  views.mkdir()
+  monkeypatch.setattr(tempfile, "tempdir", str(views))
+  workdir = tmp_path / "run"
+  shutil.copytree(runs[1], workdir)
+  flip(workdir / "checkpoints" / str(LAST * SPE) / "metrics/metrics")
+
+  def fails(self):
+    assert list(views.iterdir())  # the view exists while the manager opens
+    raise OSError("cannot open")
+
+  monkeypatch.setattr(Checkpointer, "_open_manager", fails)
+  with pytest.warns(UserWarning, match="is damaged"), pytest.raises(OSError, match="cannot open"):
+    Checkpointer(workdir, read_only=True)
+  assert not list(views.iterdir())
 
 
 # -- full and read-only disks -----------------------------------------------------

@@ -11,8 +11,10 @@ import dataclasses
 import math
 import os
 import pathlib
+import shutil
 import time
 import warnings
+import weakref
 from typing import Any
 
 import jax
@@ -78,9 +80,19 @@ class Checkpointer:
     self.config = config or CheckpointConfig()
     self.read_only = read_only
     self.directory = pathlib.Path(workdir).absolute() / DIRECTORY
-    if jax.process_index() == 0:
-      integrity.check_side_files(self.directory, read_only=read_only)
-    self.manager = self._open_manager()
+    integrity.import_orbax()
+    # A writer (process 0) moves damaged side files aside; every reader gets its
+    # own temporary view of the checkpoints without them (None: nothing damaged).
+    self._view = None
+    if read_only or jax.process_index() == 0:
+      self._view = integrity.check_side_files(self.directory, read_only=read_only)
+    if self._view is not None:
+      weakref.finalize(self, shutil.rmtree, self._view, True)  # also if never closed
+    try:
+      self.manager = self._open_manager()
+    except BaseException:
+      self._remove_view()
+      raise
     self.last_save = time.monotonic()
     self.save_seconds: list[float] = []
 
@@ -96,7 +108,7 @@ class Checkpointer:
           get_metric_fn=lambda m: sign * m["value"], n=1,
           keep_checkpoints_without_metrics=False))
     return ocp.CheckpointManager(
-        self.directory,
+        self._view or self.directory,
         options=ocp.CheckpointManagerOptions(
             enable_async_checkpointing=self.config.async_save,
             preservation_policy=managers.AnyPreservationPolicy(policies),
@@ -185,10 +197,10 @@ class Checkpointer:
       except Exception as error:  # noqa: BLE001 - any read failure means damaged
         if step is not None:
           raise CheckpointError(
-              f"checkpoint {step} in {self.directory} cannot be read: {error}") from error
+              f"checkpoint {step} in {self.directory} cannot be read: {self._named(error)}") from error
         warnings.warn(
             f"checkpoint {candidate} in {self.directory} is damaged "
-            f"({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
+            f"({type(error).__name__}: {self._named(error, first_line=True)}); "
             "falling back to the previous one", stacklevel=2)
         damaged.append(candidate)
     self._set_aside(damaged)
@@ -234,11 +246,25 @@ class Checkpointer:
 
   def close(self) -> None:
     try:
-      self.wait()
-    except BaseException:
-      with contextlib.suppress(Exception):  # the save's error is the one to report
-        self.manager.close()
-      raise
-    self.manager.close()
+      try:
+        self.wait()
+      except BaseException:
+        with contextlib.suppress(Exception):  # the save's error is the one to report
+          self.manager.close()
+        raise
+      self.manager.close()
+    finally:
+      self._remove_view()
     if not self.read_only and jax.process_index() == 0:
       integrity.purge_deleted(self.directory, closing=True)
+
+  def _remove_view(self) -> None:
+    if self._view is not None:
+      shutil.rmtree(self._view, ignore_errors=True)  # links only
+
+  def _named(self, error: BaseException, *, first_line: bool = False) -> str:
+    """An Orbax error's text (or first line), naming the run's directory, not a view."""
+    text = str(error)
+    if self._view is not None:
+      text = text.replace(str(self._view), str(self.directory))
+    return text.splitlines()[0][:200] if first_line and text else text

@@ -150,11 +150,16 @@ def _readable_json(path: pathlib.Path) -> str | None:
   return None if isinstance(value, dict) else f"not a JSON object: {str(value)[:40]!r}"
 
 
-def check_side_files(directory: pathlib.Path, *, read_only: bool) -> None:
-  """Reports and moves aside damaged side files before Orbax reads them
-  (a reader, ``read_only``, cannot move them: its error names the file)."""
+def check_side_files(directory: pathlib.Path, *, read_only: bool) -> pathlib.Path | None:
+  """Reports and moves aside damaged side files before Orbax reads them.
+
+  A reader (``read_only``) changes nothing: it gets a temporary view of the
+  checkpoints (symbolic links) without the damaged files, returned for Orbax
+  to read instead (the caller removes it); None when nothing is damaged.
+  """
   if not directory.is_dir():
-    return
+    return None
+  damaged: dict[pathlib.Path, list[str]] = {}
   for step in sorted((p for p in directory.iterdir() if p.name.isdigit()),
                      key=lambda p: int(p.name)):
     for name in ("metrics/metrics", "_CHECKPOINT_METADATA"):
@@ -163,9 +168,9 @@ def check_side_files(directory: pathlib.Path, *, read_only: bool) -> None:
       if why is None:
         continue
       if read_only:
-        from jaxtrain.rundir.compat import CheckpointError
-
-        raise CheckpointError(f"{path} is damaged ({why})")
+        warnings.warn(f"{path} is damaged ({why}); read without it", stacklevel=3)
+        damaged.setdefault(step, []).append(name)
+        continue
       aside = directory.parent / f"{directory.name}_damaged"
       aside.mkdir(exist_ok=True)
       target = aside / f"{step.name}-{name.replace('/', '-')}-{time.time_ns()}"
@@ -174,6 +179,32 @@ def check_side_files(directory: pathlib.Path, *, read_only: bool) -> None:
                 else "keeps its arrays")
       warnings.warn(f"{path} is damaged ({why}); moved to {target}: checkpoint "
                     f"{step.name} {effect}", stacklevel=3)
+  return _view_without(directory, damaged) if damaged else None
+
+
+def _view_without(directory: pathlib.Path, damaged: dict[pathlib.Path, list[str]]
+                  ) -> pathlib.Path:
+  """A temporary directory linking to everything in ``directory`` but the
+  ``damaged`` side files (by step folder)."""
+  import tempfile
+
+  view = pathlib.Path(tempfile.mkdtemp(prefix="jaxtrain-checkpoints-"))
+  try:
+    for entry in directory.iterdir():
+      if entry not in damaged:
+        (view / entry.name).symlink_to(entry)
+        continue
+      (view / entry.name).mkdir()
+      for part in sorted(entry.rglob("*")):  # parents before their contents
+        target = view / entry.name / part.relative_to(entry)
+        if part.is_dir():
+          target.mkdir()
+        elif part.relative_to(entry).as_posix() not in damaged[entry]:
+          target.symlink_to(part)
+  except BaseException:
+    shutil.rmtree(view, ignore_errors=True)
+    raise
+  return view
 
 
 def purge_deleted(directory: pathlib.Path, *, closing: bool = False) -> None:
