@@ -80,7 +80,7 @@ class Checkpointer:
     self.config = config or CheckpointConfig()
     self.read_only = read_only
     self.directory = pathlib.Path(workdir).absolute() / DIRECTORY
-    integrity.import_orbax()
+    self._ocp = integrity.import_orbax()
     # A writer (process 0) moves damaged side files aside; every reader gets its
     # own temporary view of the checkpoints without them (None: nothing damaged).
     self._view = None
@@ -97,7 +97,7 @@ class Checkpointer:
     self.save_seconds: list[float] = []
 
   def _open_manager(self):
-    ocp = integrity.import_orbax()
+    ocp = self._ocp
     from orbax.checkpoint import checkpoint_managers as managers
 
     sign = -1.0 if self.config.mode == "min" else 1.0
@@ -140,7 +140,7 @@ class Checkpointer:
     """Saves (asynchronously by default); returns once the arrays are copied."""
     started = time.perf_counter()
     metrics = None if metric is None or math.isnan(metric) else {"value": float(metric)}
-    ocp = integrity.import_orbax()
+    ocp = self._ocp
     try:  # a failed asynchronous save raises here, at the next one, or in wait()
       if jax.process_index() == 0:
         integrity.purge_deleted(self.directory)
@@ -179,7 +179,7 @@ class Checkpointer:
         check_compatible({k: v for k, v in saved.items() if k in like}, like,
                          f"{self.directory / str(candidate)}")
         like_arrays = like
-        ocp = integrity.import_orbax()
+        ocp = self._ocp
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like_arrays)
         # Parts of the checkpoint not asked for (e.g. the best epoch's
         # parameters) are read as saved and dropped: Orbax restores whole trees.
@@ -209,7 +209,7 @@ class Checkpointer:
   def read_meta(self, step: int) -> dict[str, Any]:
     """The JSON part of checkpoint ``step`` (position, step log, seed), without
     its arrays."""
-    ocp = integrity.import_orbax()
+    ocp = self._ocp
     return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
   def _set_aside(self, steps) -> None:
