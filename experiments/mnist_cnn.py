@@ -25,6 +25,7 @@ datasets bigger than memory; the run is the same, bit for bit.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import pathlib
 from typing import Annotated, Literal
 
@@ -59,6 +60,9 @@ class Config:
   data: Literal["auto", "device", "stream"] = _cli.added_flag("auto")
   val_fraction: float = 0.1  # Share of the training images held out for validation.
   limit: int = 0  # Use only the first N training and N test images (0: all; quick checks).
+  # The CNN's Flax API: Linen, or the same network in NNX (jaxtrain.nn.nnx_models),
+  # started from the same initial variables.
+  api: Literal["linen", "nnx"] = _cli.added_flag("linen")
   features: tuple[int, ...] = (32, 64)  # Channels of each conv block.
   dense: int = 128  # Width of the hidden dense layer (0: none).
   dropout: float = 0.25  # Dropout rate before the dense layer and the head.
@@ -172,10 +176,16 @@ def create_state(config: Config, num_train: int) -> jaxtrain.TrainState:
                      dropout_rate=config.dropout,
                      axis_name=parallel.AXIS if num_devices(config) > 1 else None)
   shape = data.TFDS_IMAGE_SHAPES[config.dataset]
-  return jaxtrain.create_train_state(model, tx, jax.random.key(config.seed),
-                                     np.zeros((1, *shape), np.float32),
-                                     loss_fn=losses.cross_entropy, regularization=config.reg,
-                                     ema_decay=config.ema, precision=config.precision)
+  create = functools.partial(
+      jaxtrain.create_train_state, tx=tx, key=jax.random.key(config.seed),
+      example_inputs=np.zeros((1, *shape), np.float32), loss_fn=losses.cross_entropy,
+      regularization=config.reg, ema_decay=config.ema, precision=config.precision)
+  state = create(model)
+  if config.api == "nnx":  # the same network in NNX, holding the Linen one's initial variables
+    from jaxtrain.nn import nnx_models
+
+    state = create(nnx_models.cnn_from_linen(shape, model, state.variables))
+  return state
 
 
 def config_from_record(record: dict) -> Config:
@@ -194,6 +204,9 @@ def main(config: Config) -> None:
     return _sweep.run(config, main, vmapped=("weight_decay", "seed"))
   if config.shift < 0:
     raise ValueError(f"--shift must be >= 0, got {config.shift}")
+  if not config.features:  # "--features" alone: no conv block, not a CNN at all
+    raise ValueError("--features needs the channels of at least one conv block "
+                     "(e.g. --features 32 64), got none")
   devices = num_devices(config)
   train_set, val_set, test_set = load_data(config)
   sizes = {"train": data.length(train_set), "val": data.length(val_set),

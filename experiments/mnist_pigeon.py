@@ -131,6 +131,11 @@ def main(config: Config) -> None:
   result = run(state, train_set, config=fit_config, workdir=config.workdir, record=record,
                val=val_set, overwrite=config.overwrite, checkpoint=config.checkpoint,
                build=_cli.builder(globals(), "state_from_record"))
+  interrupted = (result.stop_reason or "").startswith("interrupted")
+  if interrupted or not result.history["epoch"].get("epoch"):
+    # A signal stopped the run (it said so, maybe before any epoch ended), or it
+    # diverged in its first epoch (the command line says so): no epoch to report.
+    return
   last = {k: v[-1] for k, v in result.history["epoch"].items()}
   print(f"hidden {config.hidden}: train accuracy {last['train_accuracy']:.4f}  "
         f"validation accuracy {last['val_accuracy']:.4f}  ->  {config.workdir}")

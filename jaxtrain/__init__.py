@@ -8,13 +8,26 @@ The package is laid out by concern (see the README's module map): ``core`` (keys
 state, steps, metrics, losses, optimizers), ``nn`` (models, convolutions),
 ``data`` (batching, sources), ``engine`` (compiled programs, feeds, devices),
 ``train`` (``fit`` and its pure bookkeeping) and ``rundir`` (run directories:
-checkpoints, logs, plots). Submodules used from research code are attributes
-of the package, imported on first use: ``jaxtrain.checkpoint``, ``jaxtrain.run``,
+checkpoints, logs, plots). Submodules used from research code have short
+names, imported on first use: ``jaxtrain.checkpoint``, ``jaxtrain.run``,
 ``jaxtrain.many``, ``jaxtrain.monitor``, ``jaxtrain.datasets`` (``jaxtrain.data``),
-``jaxtrain.optim``, ``jaxtrain.plateau``, ``jaxtrain.conv``, ``jaxtrain.matmul`` and others.
+``jaxtrain.losses``, ``jaxtrain.models``, ``jaxtrain.optim``, ``jaxtrain.parallel``,
+``jaxtrain.plateau``, ``jaxtrain.conv``, ``jaxtrain.matmul`` and others. Each is
+both an attribute and an importable module, and it is the very module it names,
+so patching one patches the other:
+
+>>> import sys
+>>> import jaxtrain.optim
+>>> from jaxtrain.losses import cross_entropy
+>>> jaxtrain.optim is sys.modules["jaxtrain.core.optim"] is sys.modules["jaxtrain.optim"]
+True
+>>> cross_entropy is jaxtrain.core.losses.cross_entropy
+True
 """
 
 import importlib
+import importlib.machinery
+import sys
 
 from jaxtrain import data
 from jaxtrain.core import losses
@@ -35,18 +48,23 @@ from jaxtrain.train.stopping import EarlyStopping
 __version__ = "0.1.0"
 
 # Public submodules by their short names, imported when first used: Orbax,
-# tensorboardX and matplotlib load only with the modules that need them.
+# tensorboardX and matplotlib load only with the modules that need them. Each
+# short name is a module too (`import jaxtrain.checkpoint`, `from jaxtrain.losses
+# import cross_entropy`): `_Aliases` below resolves it to the module it names.
 _SUBMODULES = {
     "cache": "jaxtrain.engine.cache",
     "checkpoint": "jaxtrain.rundir.checkpoint",
     "conv": "jaxtrain.nn.conv",
     "datasets": "jaxtrain.data",
     "keys": "jaxtrain.core.keys",
+    "losses": "jaxtrain.core.losses",
     "many": "jaxtrain.train.many",
     "matmul": "jaxtrain.nn.matmul",
     "metrics": "jaxtrain.core.metrics",
+    "models": "jaxtrain.nn.models",
     "monitor": "jaxtrain.rundir.monitor",
     "optim": "jaxtrain.core.optim",
+    "parallel": "jaxtrain.engine.parallel",
     "plateau": "jaxtrain.core.plateau",
     "plots": "jaxtrain.rundir.plots",
     "run": "jaxtrain.rundir.run",
@@ -56,16 +74,51 @@ _SUBMODULES = {
 }
 
 
+class _Aliases:
+  """Finds ``jaxtrain.<short name>`` and loads it as the module it names: the
+  import system creates a placeholder module, ``exec_module`` puts the real one
+  in its place in ``sys.modules``, and the import binds what is there then.
+  The real module's ``__name__`` and ``__spec__`` stay its own."""
+
+  def find_spec(self, fullname, path=None, target=None):
+    package, _, short = fullname.rpartition(".")
+    if package != __name__ or short not in _SUBMODULES:
+      return None
+    return importlib.machinery.ModuleSpec(fullname, self, origin=_SUBMODULES[short])
+
+  def create_module(self, spec):
+    return None  # the default placeholder
+
+  def exec_module(self, module):
+    short = module.__name__.rpartition(".")[2]
+    sys.modules[module.__name__] = importlib.import_module(_SUBMODULES[short])
+
+
+# Once per interpreter, whatever reloads the package; last, so that a real file
+# (or a finder before ours) would win.
+if not any(type(f).__qualname__ == _Aliases.__qualname__ and type(f).__module__ == __name__
+           for f in sys.meta_path):
+  sys.meta_path.append(_Aliases())
+
+
+# Functions loaded with their module on first use (flax.nnx loads only with NNX).
+_LAZY_FUNCTIONS = {"to_module": "jaxtrain.core.nnx_model", "with_module": "jaxtrain.core.nnx_model"}
+
+
 def __getattr__(name: str):
-  if name in _SUBMODULES:
-    module = importlib.import_module(_SUBMODULES[name])
+  if name in _LAZY_FUNCTIONS:
+    value = getattr(importlib.import_module(_LAZY_FUNCTIONS[name]), name)
+    globals()[name] = value
+    return value
+  if name in _SUBMODULES:  # one rule: the attribute is what `import jaxtrain.<name>` gives
+    module = importlib.import_module(f"{__name__}.{name}")
     globals()[name] = module
     return module
   raise AttributeError(f"module 'jaxtrain' has no attribute {name!r}")
 
 
 def __dir__():
-  return sorted(set(globals()) | set(_SUBMODULES))
+  return sorted(set(globals()) | set(_SUBMODULES) | set(_LAZY_FUNCTIONS))
 
 
 __all__ = [
@@ -89,5 +142,7 @@ __all__ = [
     "parallel",
     "predict",
     "summarize",
+    "to_module",
     "train_step",
+    "with_module",
 ]

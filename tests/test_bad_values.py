@@ -4,13 +4,17 @@ anything is written; values that mean the same run are the same run."""
 import json
 import re
 
+import jax
 import numpy as np
 import pytest
 
+import jaxtrain
 from experiments import _cli, mnist_cnn, two_moons
 from jaxtrain import models
+from jaxtrain.engine.distributed import DistributedConfig
 from jaxtrain.rundir.monitor import RunMonitor
 from jaxtrain.rundir.run import check_workdir
+from jaxtrain.train.config import validate
 
 TINY = ["--samples", "200", "--epochs", "2", "--batch-size", "40"]
 
@@ -25,6 +29,15 @@ TINY = ["--samples", "200", "--epochs", "2", "--batch-size", "40"]
     (["--workdir", ""], r"--workdir needs a value, got an empty string"),
     (["--workdir="], r"--workdir needs a value, got an empty string"),
     (["--checkpoint.every-seconds", "nan"], r"every_seconds must be >= 0, got nan"),
+    (["--distributed.heartbeat-seconds", "0"],
+     r"--distributed\.heartbeat-seconds must be a whole number of seconds >= 1, got 0"),
+    (["--distributed.heartbeat-seconds", "-5"], r"--distributed\.heartbeat-seconds .* got -5"),
+    (["--distributed.heartbeat-seconds", "nan"], r"--distributed\.heartbeat-seconds.*'nan'"),
+    # Refused as given, not later for a process id it leaves no room for.
+    (["--distributed.num-processes", "0"], r"--distributed\.num-processes must be >= 1, got 0"),
+    (["--distributed.num-processes", "-2", "--distributed.process-id", "0",
+      "--distributed.coordinator", "localhost:1"],
+     r"--distributed\.num-processes must be >= 1, got -2"),
 ])
 def test_a_value_no_flag_means_exits_2_naming_it(capsys, args, message):
   with pytest.raises(SystemExit) as exit_:
@@ -45,6 +58,66 @@ def test_the_largest_seed_is_accepted_and_seeds_may_not_pass_it():
 def test_a_sweep_member_with_an_aliasing_seed_is_refused():
   with pytest.raises(ValueError, match=r"--seed must be in 0\.\.4294967295"):
     _cli.parse_with_default(two_moons.Config, ["--seed", "4294967296"], two_moons.Config())
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"heartbeat_seconds": float("nan")}, r"heartbeat-seconds must be a whole number .* got nan"),
+    ({"heartbeat_seconds": 2.5}, r"got 2\.5"),
+    ({"heartbeat_seconds": True}, r"got True"),
+    ({"num_processes": 0}, r"--distributed\.num-processes must be >= 1, got 0"),
+])
+def test_distributed_values_are_checked_when_the_config_is_made(kwargs, message):
+  with pytest.raises(ValueError, match=message):
+    DistributedConfig(**kwargs)
+
+
+def test_no_processes_from_the_environment_names_the_variable(monkeypatch):
+  monkeypatch.setenv("JAX_NUM_PROCESSES", "0")
+  with pytest.raises(ValueError, match=r"\$JAX_NUM_PROCESSES must be >= 1, got '0'"):
+    DistributedConfig().resolved()
+
+
+# (training rows, batch_size, accumulate_steps, drop_remainder): steps per epoch
+@pytest.mark.parametrize("n, batch_size, accumulate, drop, steps_per_epoch", [
+    (64, 16, 1, False, 4),
+    (100, 16, 2, False, 4),  # 32 rows per update: 3 and a partial one
+    (100, 16, 2, True, 3),
+])
+def test_a_run_of_more_steps_than_the_int32_counter_holds_is_refused(
+    n, batch_size, accumulate, drop, steps_per_epoch):
+  def config(epochs):
+    return jaxtrain.FitConfig(epochs=epochs, batch_size=batch_size,
+                              accumulate_steps=accumulate, drop_remainder=drop)
+
+  most = (2**31 - 1) // steps_per_epoch
+  validate(config(most), n)  # the last step is 2**31 - 1 at most: it fits
+  with pytest.raises(ValueError, match=(
+      rf"^--epochs {most + 1} makes {(most + 1) * steps_per_epoch} steps "
+      rf"\({steps_per_epoch} per epoch\), more than the int32 step counter holds "
+      rf"\(2\*\*31 - 1 = 2147483647\); at most {most} epochs$")):
+    validate(config(most + 1), n)
+
+
+def test_fit_refuses_an_overflowing_step_count_before_it_compiles():
+  x = np.zeros((64, 2), np.float32)
+  arrays = {"inputs": x, "targets": np.zeros(64, np.int32)}
+  state = jaxtrain.create_train_state(
+      models.MLP(hidden_sizes=(4,), outputs=2), jaxtrain.make_optimizer("sgd", 0.1),
+      jax.random.key(0), x[:1], loss_fn=jaxtrain.losses.cross_entropy)
+  with pytest.raises(ValueError, match=r"--epochs 10000000000000 .* 2147483647"):
+    jaxtrain.fit(state, arrays, config=jaxtrain.FitConfig(epochs=10**13, batch_size=16,
+                                                          progress=False))
+
+
+def test_mnist_cnn_features_without_a_value_is_refused(tmp_path, capsys):
+  workdir = tmp_path / "run"
+  with pytest.raises(SystemExit) as exit_:
+    _cli.main(mnist_cnn.Config, mnist_cnn.main, ["--workdir", str(workdir), "--features"])
+  assert exit_.value.code == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err == ["error: --features needs the channels of at least one conv block "
+                 "(e.g. --features 32 64), got none"], err
+  assert not workdir.exists()
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -244,6 +244,13 @@ BAD_INPUT = [
     (["--eps", "-1"], r"eps", r"-1(\.0)?"),
     (["--profile-steps", "5:2"], r"--profile-steps", r"'?5:2'?"),
     (["--profile-steps", "10:100000"], r"--profile-steps", r"100000"),
+    # 5 steps per epoch: the int32 step counter would overflow (an 18-million-hour ETA).
+    (["--epochs", "10000000000000"], r"--epochs .*int32 step counter .*2147483647",
+     r"10000000000000"),
+    (["--epochs", "429496730"], r"--epochs .*at most 429496729 epochs", r"429496730"),
+    (["--distributed.heartbeat-seconds", "0"], r"--distributed\.heartbeat-seconds", r"0"),
+    (["--distributed.num-processes", "0"], r"--distributed\.num-processes must be >= 1",
+     r"0"),
 ]
 
 
@@ -367,3 +374,69 @@ def test_old_flat_optimizer_keys_rebuild_the_same_config():
   assert config.optim.optimizer == "sgd" and config.epochs == 3
   nested = two_moons.config_from_record({"config": {"optim": {"learning_rate": 0.5}}})
   assert nested.optim.momentum == 0.9  # the experiment's default, not the class's
+
+
+# ---------------------------------------------------------------------- signals
+
+
+def _idx_bytes(array) -> bytes:
+  header = bytes([0, 0, 8, array.ndim]) + b"".join(
+      int(d).to_bytes(4, "big") for d in array.shape)
+  return header + array.astype("uint8").tobytes()
+
+
+@contextlib.contextmanager
+def _signal_at_poll(at_poll: int):
+  """run()'s signal handling, scripted: its ``at_poll``-th poll answers SIGTERM
+  (poll 1 comes before the first compiled call, then one per call boundary)."""
+  from jaxtrain.rundir import run as jrun
+
+  @contextlib.contextmanager
+  def fake():
+    polls = []
+
+    def should_stop():
+      polls.append(1)
+      return "SIGTERM" if len(polls) >= at_poll else None
+
+    yield should_stop
+
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(jrun, "stop_on_signals", fake)
+    yield
+
+
+@pytest.mark.parametrize("at_poll, flags, said", [
+    (1, [], "SIGTERM: stopped before training began; nothing to save"),
+    # Calls end at checkpoints: the second poll is at step 2 of 4 in epoch 1.
+    (2, ["--checkpoint.every-steps", "2"],
+     "SIGTERM: saved a checkpoint at step 2 (epoch 1, batch 2)"),
+])
+def test_pigeon_stopped_before_its_first_epoch_row_exits_0_saying_so(tmp_path, at_poll, flags,
+                                                                     said):
+  """It read the last epoch row of an empty history: IndexError, exit 1."""
+  import numpy as np
+
+  from experiments import mnist_pigeon
+
+  data_dir = tmp_path / "mnist"
+  data_dir.mkdir()
+  rng = np.random.default_rng(0)
+  for prefix in ("train", "t10k"):
+    (data_dir / f"{prefix}-images-idx3-ubyte").write_bytes(
+        _idx_bytes(rng.integers(0, 256, (96, 28, 28))))
+    (data_dir / f"{prefix}-labels-idx1-ubyte").write_bytes(
+        _idx_bytes(rng.integers(0, 10, 96)))
+  workdir = tmp_path / "run"
+  args = ["--data-dir", data_dir, "--workdir", workdir, "--train-size", "64", "--val-size",
+          "32", "--batch-size", "16", "--epochs", "2", *flags]
+  out, err = io.StringIO(), io.StringIO()
+  with _signal_at_poll(at_poll), contextlib.redirect_stdout(out), \
+      contextlib.redirect_stderr(err):
+    _cli.main(mnist_pigeon.Config, mnist_pigeon.main, args=[str(a) for a in args])
+  out, err = out.getvalue(), err.getvalue()
+  assert "Traceback" not in out + err and "error" not in err, err
+  lines = out.strip().splitlines()
+  assert lines[-1].startswith(said), out[-1000:]
+  assert "hidden 30" not in out  # no epoch to report
+  assert read_csv(workdir / "metrics.csv") == []

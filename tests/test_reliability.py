@@ -172,7 +172,7 @@ def test_sigterm_in_another_mode_exits_0_and_the_rerun_is_a_lone_run(tmp_path, m
   import time
 
   args = (["--epochs", "100", "--full-batch"] if mode == "--full-batch" else
-          ["--epochs", "2000", "--seeds", "4"])
+          ["--epochs", "10000", "--seeds", "4"])  # ~4 s of training: the signal lands in it
   lone, workdir = tmp_path / "lone", tmp_path / "run"
   subprocess.run(moons(lone, *args), cwd=REPO, check=True, capture_output=True, timeout=300)
   child = start(moons(workdir, *args))

@@ -12,7 +12,6 @@ unchanged.
 from __future__ import annotations
 
 import jax
-from flax import linen as nn
 
 from jaxtrain.core.state import TrainState
 from jaxtrain.core.step import Batch, compute_gradients
@@ -21,8 +20,8 @@ from jaxtrain.core.step import Batch, compute_gradients
 def activations(state: TrainState, inputs: jax.Array) -> dict[str, jax.Array]:
   """The outputs of every submodule of ``state``'s model on ``inputs``, in
   evaluation mode (no dropout, batch norm on its running averages), by module
-  path; the model's own output is ``"output"``. Empty when ``state.apply_fn``
-  is not a Linen module's ``apply``.
+  path; the model's own output is ``"output"`` (``"output/<i>"`` for each
+  leaf of an output pytree). Empty when the model is no Linen module.
 
   >>> import jax, jax.numpy as jnp, jaxtrain
   >>> state = jaxtrain.create_train_state(
@@ -32,20 +31,40 @@ def activations(state: TrainState, inputs: jax.Array) -> dict[str, jax.Array]:
   >>> {name: a.shape for name, a in activations(state, jnp.ones((4, 3))).items()}
   {'Dense_0': (4, 8), 'Dense_1': (4, 2), 'output': (4, 2)}
   """
-  if not isinstance(getattr(state.apply_fn, "__self__", None), nn.Module):
+  model = state.model
+  if model.kind not in ("linen", "nnx"):
     return {}
-  _, mutated = state.apply_fn(state.variables, inputs, capture_intermediates=True,
-                              mutable=["intermediates"], **state.call_kwargs(train=False))
+  variables = state.variables
+  _, mutated = model.apply(variables, inputs, train=False, capture_intermediates=True,
+                           mutable=("intermediates",),
+                           rngs=model.rngs(None, variables, inputs, train=False))
+  if model.kind == "nnx":  # named by the module path already
+    return dict(sorted(mutated["intermediates"].items()))
   found = {}
   for path, value in jax.tree_util.tree_flatten_with_path(mutated["intermediates"])[0]:
-    parts = []
-    for key in path:
-      name = getattr(key, "key", getattr(key, "idx", None))
-      if name == "__call__" or (isinstance(name, int) and name == 0):
-        continue
-      parts.append(str(name))
-    found["/".join(parts) or "output"] = value
+    found[_name(path)] = value
   return dict(sorted(found.items()))
+
+
+def _name(path) -> str:
+  """A captured value's name: its module path, ``output`` for the model's own
+  outputs, then the outputs' own structure (``output/1`` for a tuple's second)."""
+  names = [getattr(k, "key", getattr(k, "idx", None)) for k in path]
+  parts, i = [], 0
+  while i < len(names):
+    if names[i] == "__call__":  # the method, then the call's index (a 1-tuple per call)
+      if i == 0:
+        parts.append("output")
+      if i + 1 < len(names) and names[i + 1] not in (0, None):
+        parts.append(str(names[i + 1]))  # a module called more than once
+      i += 2
+      continue
+    parts.append(str(names[i]))
+    i += 1
+  if len(names) >= 2 and names[-1] == 0 and isinstance(names[-2], str) \
+      and names[-2] != "__call__":
+    parts.pop()  # a value sown once: its tuple's only entry
+  return "/".join(parts) or "output"
 
 
 def gradients_and_activations(state: TrainState, batch: Batch, key) -> tuple:

@@ -10,6 +10,14 @@ column (outputs of shape ``targets.shape + (1,)``, e.g. ``[B, 1]`` against
 ``[B]``) is squeezed, and any other mismatch raises ``ValueError`` instead of
 silently broadcasting ``[B, 1] - [B]`` to ``[B, B]``.
 
+Accuracy belongs to a classification loss, not to a dtype: each of
+:func:`cross_entropy`, :func:`binary_cross_entropy_with_logits` and :func:`hinge`
+carries ``loss.accuracy(outputs, targets) -> [batch]``, the per-example accuracy
+jaxtrain logs beside it (argmax against integer labels; the sign of a single
+logit against 0/1 or -1/+1 targets). Any other loss, :func:`mse` and your own
+included, logs no accuracy unless you give one (``create_train_state(...,
+accuracy=fn)``, or :func:`with_accuracy`).
+
 Example:
   >>> import jax.numpy as jnp
   >>> loss_fn = get_loss("cross_entropy")
@@ -20,6 +28,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import types
 from collections.abc import Callable
 
@@ -33,6 +42,7 @@ __all__ = [
     "get_loss",
     "hinge",
     "mse",
+    "with_accuracy",
 ]
 
 LossFn = Callable[[jax.Array, jax.Array], jax.Array]
@@ -190,6 +200,65 @@ def hinge(outputs: jax.Array, targets: jax.Array) -> jax.Array:
   is_target = jnp.arange(num_classes) == targets[..., None]
   losses = jnp.sum(jnp.where(is_target, 0, margins), axis=-1) / num_classes
   return _mean_over_trailing_axes(losses)
+
+
+def _class_accuracy(outputs: jax.Array, labels: jax.Array) -> jax.Array:
+  """``argmax(outputs, -1) == labels``, averaged over trailing axes: [batch]."""
+  return _mean_over_trailing_axes((jnp.argmax(outputs, axis=-1) == labels).astype(jnp.float32))
+
+
+def _sign_accuracy(threshold: float):
+  def accuracy(outputs: jax.Array, targets: jax.Array) -> jax.Array:
+    outputs, targets = _fit_shapes(outputs, targets)
+    correct = (outputs > 0) == (targets.astype(jnp.float32) > threshold)
+    return _mean_over_trailing_axes(correct.astype(jnp.float32))
+  return accuracy
+
+
+def _hinge_accuracy(outputs: jax.Array, targets: jax.Array) -> jax.Array:
+  outputs, targets = jnp.asarray(outputs), jnp.asarray(targets)
+  if outputs.ndim == targets.ndim + 1 and outputs.shape[-1] != 1:
+    return _class_accuracy(outputs, targets)
+  return _sign_accuracy(0.0)(outputs, targets)
+
+
+cross_entropy.accuracy = _class_accuracy
+# Targets in [0, 1]: the positive class is a target above one half.
+binary_cross_entropy_with_logits.accuracy = _sign_accuracy(0.5)
+hinge.accuracy = _hinge_accuracy
+
+
+@dataclasses.dataclass(frozen=True)
+class WithAccuracy:
+  """A loss that logs an accuracy beside it (see :func:`with_accuracy`); equal
+  loss and accuracy functions make equal losses, so compiled programs are
+  shared."""
+
+  loss_fn: LossFn
+  accuracy: Callable[[jax.Array, jax.Array], jax.Array]
+
+  def __call__(self, outputs, targets):
+    return self.loss_fn(outputs, targets)
+
+  @property
+  def __name__(self):
+    return getattr(self.loss_fn, "__name__", "loss")
+
+
+def with_accuracy(loss_fn: LossFn, accuracy: Callable[[jax.Array, jax.Array], jax.Array]
+                  ) -> LossFn:
+  """``loss_fn`` that logs ``accuracy(outputs, targets) -> [batch]`` (values
+  in [0, 1]) beside it, e.g. a loss of your own wrapping :func:`cross_entropy`.
+
+  >>> import jax.numpy as jnp
+  >>> loss = with_accuracy(lambda out, y: cross_entropy(out[0], y),
+  ...                      lambda out, y: cross_entropy.accuracy(out[0], y))
+  >>> loss.accuracy((jnp.array([[2.0, 0.0], [0.0, 1.0]]), None), jnp.array([0, 0])).tolist()
+  [1.0, 0.0]
+  """
+  if not callable(loss_fn) or not callable(accuracy):
+    raise ValueError(f"with_accuracy takes two callables, got {loss_fn!r} and {accuracy!r}")
+  return WithAccuracy(loss_fn, accuracy)
 
 
 #: Losses by name, for picking one from a config or the command line.

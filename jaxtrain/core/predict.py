@@ -13,7 +13,6 @@ import functools
 from collections.abc import Callable
 from typing import NamedTuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,6 +23,9 @@ from jaxtrain.core.state import TrainState
 
 class Prediction(NamedTuple):
   """Monte Carlo dropout predictions over ``S`` masks.
+
+  Each field has the structure of the model's (transformed) outputs: one
+  array, or the same pytree (a tuple, a dict) with one array per leaf.
 
   Attributes:
     mean: the mean over samples of the (transformed) outputs, ``[n, ...]``.
@@ -36,43 +38,23 @@ class Prediction(NamedTuple):
   samples: jax.Array | None = None
 
 
-def _dropout_on(next_fun, args, kwargs, context):
-  """An interceptor that makes ``nn.Dropout`` drop even when deterministic, as
-  flax's own Dropout does in training (same key, same mask)."""
-  module = context.module
-  if not isinstance(module, nn.Dropout) or context.method_name != "__call__":
-    return next_fun(*args, **kwargs)
-  inputs = args[0]
-  rate = module.rate
-  if rate == 0.0:
-    return inputs
-  if rate == 1.0:
-    return jnp.zeros_like(inputs)
-  rng = kwargs.get("rng")
-  if rng is None:
-    rng = module.make_rng(module.rng_collection)
-  shape = list(inputs.shape)
-  for dim in module.broadcast_dims:
-    shape[dim] = 1
-  keep = jax.random.bernoulli(rng, p=1.0 - rate, shape=shape)
-  keep = jnp.broadcast_to(keep, inputs.shape)
-  return jax.lax.select(keep, inputs / (1.0 - rate), jnp.zeros_like(inputs))
-
-
 def _outputs(state: TrainState, inputs, key):
-  kwargs = state.call_kwargs(train=False)
+  model, variables = state.model, state.variables
   if key is None:
-    return state.apply_fn(state.variables, inputs, **kwargs)
-  with nn.intercept_methods(_dropout_on):
-    return state.apply_fn(state.variables, inputs, rngs={"dropout": key}, **kwargs)
+    rngs = model.rngs(None, variables, inputs, train=False)
+    return model.apply(variables, inputs, train=False, rngs=rngs)[0]
+  # Every stream draws from the sample's key, as in a training step.
+  rngs = {**model.rngs(key, variables, inputs, train=True), "dropout": key}
+  return model.apply(variables, inputs, train=False, rngs=rngs, dropout=True)[0]
 
 
 @functools.partial(jax.jit, static_argnames=("samples", "transform", "keep"))
 def _mc(state, inputs, key, *, samples: int, transform, keep: bool):
   keys = jax.random.split(key, samples)
   outs = jax.vmap(lambda k: transform(_outputs(state, inputs, k)))(keys)
-  outs = outs.astype(jnp.float32)
-  return Prediction(outs.mean(0), outs.var(0), outs if keep else None)
+  outs = jax.tree.map(lambda o: o.astype(jnp.float32), outs)
+  return Prediction(jax.tree.map(lambda o: o.mean(0), outs), jax.tree.map(lambda o: o.var(0), outs),
+                    outs if keep else None)
 
 
 @functools.partial(jax.jit, static_argnames=("transform",))
@@ -106,7 +88,9 @@ def predict(state: TrainState, inputs, *, key=None, mc_samples: int = 0,
     return_samples: also return every sample (``Prediction.samples``).
 
   Returns:
-    The outputs ``[n, ...]`` when ``mc_samples == 0``, else a :class:`Prediction`.
+    The outputs ``[n, ...]`` when ``mc_samples == 0`` (the same pytree as the
+    model returns: a tuple or dict of arrays stays one), else a
+    :class:`Prediction` whose fields have that structure.
 
   >>> import jax, jax.numpy as jnp, jaxtrain
   >>> state = jaxtrain.create_train_state(
@@ -134,11 +118,18 @@ def predict(state: TrainState, inputs, *, key=None, mc_samples: int = 0,
   transform = transform or _identity
   parts = [inputs[a:a + batch_size] for a in range(0, len(inputs), batch_size)]
   if not mc_samples:
-    return jnp.concatenate([_plain(state, x, transform=transform) for x in parts])
+    return _concatenate([_plain(state, x, transform=transform) for x in parts])
   key = as_key(key)
   out = [_mc(state, x, key, samples=int(mc_samples), transform=transform,
              keep=return_samples) for x in parts]
-  return Prediction(jnp.concatenate([p.mean for p in out]),
-                    jnp.concatenate([p.variance for p in out]),
-                    jnp.concatenate([p.samples for p in out], axis=1) if return_samples
+  return Prediction(_concatenate([p.mean for p in out]),
+                    _concatenate([p.variance for p in out]),
+                    _concatenate([p.samples for p in out], axis=1) if return_samples
                     else None)
+
+
+def _concatenate(parts, axis: int = 0):
+  """Row batches' outputs joined leaf by leaf (any output pytree)."""
+  if len(parts) == 1:
+    return parts[0]
+  return jax.tree.map(lambda *leaves: jnp.concatenate(leaves, axis=axis), *parts)

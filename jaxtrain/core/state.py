@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -14,6 +12,7 @@ import optax
 from flax import struct
 
 from jaxtrain.core.keys import as_key, key_for
+from jaxtrain.core.model import STATE_COLLECTIONS, Model, as_model, is_nnx
 from jaxtrain.core.precision import LossScale, compute_dtype
 from jaxtrain.core.regularize import Regularization
 
@@ -31,9 +30,15 @@ class TrainState(struct.PyTreeNode):
     params: the model's parameters.
     batch_stats: batch-norm running statistics (``{}`` when the model has none).
     opt_state: the optimizer's state.
-    apply_fn: ``module.apply``.
+    apply_fn: the model as :mod:`jaxtrain.core.model` adapts it (a
+      :class:`~jaxtrain.core.model.Model`; for a Linen module calling it is
+      ``module.apply``, for NNX see :func:`jaxtrain.to_module`), or a
+      module's ``apply`` / any ``apply(variables, inputs, **kw)`` in a state
+      built by hand. Every part of jaxtrain runs the model through
+      :attr:`model`.
     tx: the optax transformation.
-    loss_fn: ``loss_fn(outputs, targets) -> per-example loss [batch]``.
+    loss_fn: ``loss_fn(outputs, targets) -> per-example loss [batch]``, given
+      the model's outputs as it returned them (any pytree).
     takes_mask: whether the model's ``__call__`` takes ``mask=`` (the padding
       rows' weights > 0), which keeps padding out of batch-norm statistics;
       :func:`create_train_state` reads it from the module's signature. ``None``
@@ -41,6 +46,9 @@ class TrainState(struct.PyTreeNode):
     takes_train: whether ``__call__`` takes ``train=`` (dropout and batch norm
       modes); a plain module without it is called without it. ``None``: as
       for ``takes_mask`` (assumed when ``apply_fn`` is no bound module's).
+    accuracy_fn: ``accuracy_fn(outputs, targets) -> [batch]`` values in [0, 1],
+      logged as ``accuracy``; ``None``: the loss's own (``loss_fn.accuracy``,
+      which jaxtrain's classification losses carry), if any; ``False``: none.
     metrics_fn: ``metrics_fn(outputs, targets) -> {name: per-example values
       [batch]}``: your own metrics, weighted by the mask and aggregated like
       the loss (train steps log the batch mean ``name``; evaluations return
@@ -73,6 +81,8 @@ class TrainState(struct.PyTreeNode):
   takes_train: bool | None = struct.field(pytree_node=False, default=None)
   metrics_fn: Callable[[jax.Array, jax.Array], dict[str, jax.Array]] | None = struct.field(
       pytree_node=False, default=None)
+  accuracy_fn: Callable[[Any, jax.Array], jax.Array] | bool | None = struct.field(
+      pytree_node=False, default=None)
   plateau: Any = None
   regularization: Regularization | None = struct.field(pytree_node=False, default=None)
   ema: PyTree = None
@@ -88,28 +98,26 @@ class TrainState(struct.PyTreeNode):
     return {"params": self.params}
 
   @property
+  def model(self) -> Model:
+    """The model's adapter (:mod:`jaxtrain.core.model`): the one way to run it."""
+    return as_model(self.apply_fn, takes_train=self.takes_train, takes_mask=self.takes_mask)
+
+  @property
   def passes_mask(self) -> bool:
     """Whether the steps pass ``mask=`` to the model (see ``takes_mask``)."""
-    if self.takes_mask is not None:
-      return self.takes_mask
-    module = getattr(self.apply_fn, "__self__", None)
-    return isinstance(module, nn.Module) and "mask" in _keywords(type(module))
+    return self.model.takes_mask
 
   @property
   def passes_train(self) -> bool:
     """Whether the steps pass ``train=`` to the model (see ``takes_train``)."""
-    if self.takes_train is not None:
-      return self.takes_train
-    module = getattr(self.apply_fn, "__self__", None)
-    return not isinstance(module, nn.Module) or "train" in _keywords(type(module))
+    return self.model.takes_train
 
-  def call_kwargs(self, *, train: bool, mask=None) -> dict[str, Any]:
-    """The keywords ``apply_fn`` is called with: ``train`` and ``mask`` where
-    the model takes them (``mask`` only when given)."""
-    kwargs = {"train": train} if self.passes_train else {}
-    if mask is not None and self.passes_mask:
-      kwargs["mask"] = mask
-    return kwargs
+  @property
+  def accuracy(self) -> Callable[[Any, jax.Array], jax.Array] | None:
+    """The per-example accuracy logged as ``accuracy``, or None (see ``accuracy_fn``)."""
+    if self.accuracy_fn is False:
+      return None
+    return self.accuracy_fn or getattr(self.loss_fn, "accuracy", None)
 
   def apply_gradients(self, grads: PyTree, **changes) -> TrainState:
     """Returns the state after one optimizer update with ``grads``.
@@ -143,16 +151,8 @@ class TrainState(struct.PyTreeNode):
                                             self.params))
 
 
-@functools.lru_cache(maxsize=64)
-def _init_fn(model: nn.Module):
-  # One compiled init per model (modules hash by their fields), so states for
-  # many seeds do not recompile. train=False: no dropout key, batch norm idle.
-  kwargs = {"train": False} if "train" in _keywords(type(model)) else {}
-  return jax.jit(lambda key, x: model.init({"params": key}, x, **kwargs))
-
-
 def create_train_state(
-    model: nn.Module,
+    model,
     tx: optax.GradientTransformation,
     key,
     example_inputs,
@@ -162,11 +162,16 @@ def create_train_state(
     regularization: Regularization | None = None,
     ema_decay: float | None = None,
     precision: str = "fp32",
+    accuracy: Callable[[Any, jax.Array], jax.Array] | bool | None = None,
+    method: str | None = None,
 ) -> TrainState:
   """Initialises a model's variables and the optimizer state.
 
   Args:
-    model: a ``flax.linen.Module`` whose ``__call__`` takes ``(inputs, *, train)``.
+    model: a ``flax.linen.Module`` as published (see :mod:`jaxtrain.core.model`
+      for what it is passed: ``train=`` and ``mask=`` where its ``__call__``
+      names them, every RNG stream it asks for, a bound axis for its
+      collectives), or a :class:`~jaxtrain.core.model.Model`.
     tx: the optimizer, e.g. from :func:`jaxtrain.make_optimizer`.
     key: the init key (typed or legacy). Parameters and init-time dropout draw
       from keys derived from it by use.
@@ -182,6 +187,12 @@ def create_train_state(
     precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (with dynamic loss
       scaling): the dtype the model computes in; parameters, optimizer state
       and batch statistics stay float32 (:mod:`jaxtrain.core.precision`).
+    accuracy: ``accuracy(outputs, targets) -> [batch]`` values in [0, 1], logged
+      as ``accuracy``; None: the loss's own (``loss_fn.accuracy``: jaxtrain's
+      ``cross_entropy``, ``binary_cross_entropy_with_logits`` and ``hinge``
+      carry one; a loss of your own or a regression loss logs none); False:
+      no accuracy.
+    method: the module's method to train instead of ``__call__`` (its name).
 
   Returns:
     A :class:`TrainState` at step 0.
@@ -194,8 +205,12 @@ def create_train_state(
   >>> int(state.step), state.params["Dense_0"]["kernel"].shape
   (0, (3, 4))
   """
-  if not isinstance(model, nn.Module):
-    raise ValueError(f"model must be a flax.linen.Module, got {type(model).__name__}")
+  if not (isinstance(model, nn.Module | Model) or is_nnx(model)):
+    raise ValueError(f"model must be a flax.linen.Module or a flax.nnx.Module instance, got "
+                     f"{getattr(model, '__name__', type(model).__name__)}")
+  model = as_model(model, method=method)
+  if accuracy is not None and accuracy is not False and not callable(accuracy):
+    raise ValueError(f"accuracy must be callable, None or False, got {accuracy!r}")
   if metrics_fn is not None and not callable(metrics_fn):
     raise ValueError(f"metrics_fn must be callable or None, got {metrics_fn!r}")
   if regularization is not None and not isinstance(regularization, Regularization):
@@ -214,14 +229,21 @@ def create_train_state(
         f"shape {example_inputs.shape}"
     )
   key = as_key(key)
-  variables = _init_fn(model)(key_for(key, "init"), example_inputs)
-  params = variables["params"]
+  variables = dict(model.init(key_for(key, "init"), example_inputs))
+  for transient in ("intermediates",):
+    variables.pop(transient, None)
+  unknown = sorted(set(variables) - {"params", *STATE_COLLECTIONS})
+  if unknown:
+    raise ValueError(
+        f"the model's variable collection(s) {', '.join(map(repr, unknown))} are not supported: "
+        "jaxtrain trains 'params' and updates 'batch_stats' in training steps")
+  params = variables.get("params", {})
   return TrainState(
       step=jnp.zeros((), jnp.int32),
       params=params,
       batch_stats=variables.get("batch_stats", {}),
       opt_state=tx.init(params),
-      apply_fn=model.apply,
+      apply_fn=model,
       tx=tx,
       loss_fn=loss_fn,
       metrics_fn=metrics_fn,
@@ -231,15 +253,10 @@ def create_train_state(
       ema_decay=None if ema_decay is None else float(ema_decay),
       precision=precision,
       loss_scale=LossScale.create() if precision == "fp16" else None,
-      takes_mask="mask" in _keywords(type(model)),
-      takes_train="train" in _keywords(type(model)),
+      takes_mask=model.takes_mask,
+      takes_train=model.takes_train,
+      accuracy_fn=accuracy,
   )
-
-
-@functools.lru_cache(maxsize=None)
-def _keywords(module_type: type) -> frozenset[str]:
-  """Which of jaxtrain's keywords (``train``, ``mask``) a module's ``__call__`` names."""
-  return frozenset(inspect.signature(module_type.__call__).parameters) & {"train", "mask"}
 
 
 def state_arrays(state: TrainState) -> dict[str, Any]:

@@ -14,7 +14,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxtrain.core import losses
 from jaxtrain.core.keys import as_key, key_for
 from jaxtrain.core.metrics import means, safe_divide, summarize, weighted_sum
 from jaxtrain.core.precision import cast_floats, compute_dtype
@@ -25,10 +24,6 @@ __all__ = ["accumulate_gradients", "check_batch", "compute_gradients", "eval_ste
 
 Batch = Mapping[str, jax.Array]
 Metrics = dict[str, jax.Array]
-
-# Losses whose single output is a logit (or margin) for a 0/1 or -1/+1 target: the
-# sign of the output is the prediction, whatever the targets' dtype.
-_BINARY_LOSSES = (losses.binary_cross_entropy_with_logits, losses.hinge)
 
 
 def check_batch(batch: Batch) -> int:
@@ -59,26 +54,28 @@ def check_batch(batch: Batch) -> int:
 
 
 def _forward(state: TrainState, params, batch: Batch, weights, *, train: bool, key=None):
-  """Runs the model; returns outputs and the (possibly updated) batch stats."""
+  """Runs the model through its adapter; returns outputs and the (possibly
+  updated) batch stats. ``key``: the step's key (every RNG stream the model
+  asks for derives from it); None in evaluation (a fixed key)."""
   low = state.precision != "fp32"
+  inputs = batch["inputs"]
   if low:  # compute in bf16/fp16 from the float32 master weights
     dtype = compute_dtype(state.precision)
-    params, batch = cast_floats(params, dtype), {**batch, "inputs": cast_floats(
-        batch["inputs"], dtype)}
+    params, inputs = cast_floats(params, dtype), cast_floats(inputs, dtype)
   variables = {**state.variables, "params": params}
+  model = state.model
   # Our models pass the mask to batch norm so padded rows do not enter the batch
   # statistics; a model without that keyword still works (its batch norm then
   # sees padding rows in the one ragged batch of an epoch; fit warns).
-  kwargs = state.call_kwargs(train=train, mask=weights > 0 if train else None)
-  if train:
-    kwargs["rngs"] = {"dropout": key}
+  outputs, updates = model.apply(
+      variables, inputs, train=train, mask=weights > 0 if train else None,
+      rngs=model.rngs(key if train else None, variables, inputs, train=train),
+      mutable=("batch_stats",) if train and state.batch_stats else ())
   if train and state.batch_stats:
-    outputs, mutated = state.apply_fn(variables, batch["inputs"], mutable=["batch_stats"],
-                                      **kwargs)
-    stats = jax.tree.map(lambda new, old: new.astype(old.dtype), mutated["batch_stats"],
+    stats = jax.tree.map(lambda new, old: new.astype(old.dtype), updates["batch_stats"],
                          state.batch_stats)
     return _as_fp32(outputs, low), stats
-  return _as_fp32(state.apply_fn(variables, batch["inputs"], **kwargs), low), state.batch_stats
+  return _as_fp32(outputs, low), state.batch_stats
 
 
 def _as_fp32(outputs, low: bool):
@@ -95,24 +92,18 @@ def _per_example_loss(state: TrainState, outputs, targets, n: int) -> jax.Array:
   return per_example.astype(jnp.float32)
 
 
-def per_example_correct(outputs, targets, loss_fn=None) -> jax.Array | None:
-  """Per-example accuracy in [0, 1], or ``None`` when targets are not class labels.
-
-  Integer labels with a trailing class axis on the outputs: ``argmax == label``.
-  One output per target with integer/bool targets (or a binary loss): the sign of
-  the logit against the target (0/1 or -1/+1). Trailing axes are averaged.
-  """
-  is_label = jnp.issubdtype(targets.dtype, jnp.integer) or targets.dtype == jnp.bool_
-  if is_label and outputs.ndim == targets.ndim + 1 and outputs.shape[-1] > 1:
-    correct = jnp.argmax(outputs, axis=-1) == targets
-  elif (is_label or loss_fn in _BINARY_LOSSES) and outputs.shape in (
-      targets.shape,
-      targets.shape + (1,),
-  ):
-    correct = (outputs.reshape(targets.shape) > 0) == (targets > 0)
-  else:
+def per_example_correct(state: TrainState, outputs, targets, n: int) -> jax.Array | None:
+  """Per-example accuracy in [0, 1] from ``state.accuracy`` (the loss's own,
+  or the one given to :func:`~jaxtrain.create_train_state`), or None: a loss
+  without one logs no accuracy, whatever the targets' dtype."""
+  accuracy = state.accuracy
+  if accuracy is None:
     return None
-  return correct.reshape(correct.shape[0], -1).mean(axis=1, dtype=jnp.float32)
+  correct = accuracy(outputs, targets)
+  if jnp.shape(correct) != (n,):
+    raise ValueError(f"the accuracy function must return one value per example, shape "
+                     f"({n},), got shape {jnp.shape(correct)}")
+  return jnp.asarray(correct, jnp.float32)
 
 
 def _weights(batch: Batch, n: int) -> jax.Array:
@@ -199,7 +190,7 @@ def compute_gradients(
   metrics.update(grad_norm=optax.tree.norm(grads), count=count)
   if scale is not None:
     metrics["loss_scale"] = scale
-  correct = per_example_correct(outputs, batch["targets"], state.loss_fn)
+  correct = per_example_correct(state, outputs, batch["targets"], n)
   if correct is not None:
     metrics["accuracy"] = safe_divide(
         _psum(weighted_sum(correct, weights), axis_name), count
@@ -335,7 +326,7 @@ def eval_step(state: TrainState, batch: Batch, *, axis_name: str | None = None) 
       "loss_sum": _psum(weighted_sum(per_example, weights), axis_name),
       "count": _psum(jnp.sum(weights), axis_name),
   }
-  correct = per_example_correct(outputs, batch["targets"], state.loss_fn)
+  correct = per_example_correct(state, outputs, batch["targets"], n)
   if correct is not None:
     sums["correct"] = _psum(weighted_sum(correct, weights), axis_name)
   sums.update(_own_sums(state, outputs, batch["targets"], weights, n, axis_name))

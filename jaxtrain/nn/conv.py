@@ -14,6 +14,7 @@ between backends, and agree within float tolerance.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 
 import flax.linen as nn
 import jax
@@ -94,12 +95,14 @@ def _matmul_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation
   simple = (
       lhs.ndim == 4 and tuple(window_strides) == ones
       and tuple(lhs_dilation or ones) == ones and tuple(rhs_dilation or ones) == ones
-      and feature_group_count == 1 and precision is None and not kwargs
+      and feature_group_count == 1 and precision is None
+      and not any(v is not None for v in kwargs.values())  # nnx.Conv: out_sharding=None
       and tuple(dimension_numbers) == _FLAX_NHWC
       and rhs.shape[0] * rhs.shape[1] <= MAX_KERNEL_TAPS
       and (padding in ("SAME", "VALID") or (
           not isinstance(padding, str) and all(lo >= 0 and hi >= 0 for lo, hi in padding))))
   if not simple:
+    kwargs = {k: v for k, v in kwargs.items() if v is not None or k != "out_sharding"}
     return jax.lax.conv_general_dilated(
         lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
         rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
@@ -147,8 +150,29 @@ def flax_convs(impl: str = "auto"):
   if resolve_impl(impl) == "xla":
     yield
     return
-  with nn.intercept_methods(_swap_conv):
-    yield
+  token = _SWAP.set(True)
+  try:
+    with nn.intercept_methods(_swap_conv):
+      yield
+  finally:
+    _SWAP.reset(token)
+
+
+# Whether flax_convs is on: NNX modules (no interceptors) ask at their merge.
+_SWAP = contextvars.ContextVar("jaxtrain_flax_convs", default=False)
+
+
+def swap_nnx_convs(module) -> None:
+  """Within :func:`flax_convs`, points every plain ``nnx.Conv`` of ``module``
+  (a module jaxtrain just merged, never the user's) at the matmul path, as
+  ``nn.Conv`` layers are: the module's code and parameters are unchanged."""
+  if not _SWAP.get():
+    return
+  from flax import nnx
+
+  for _, sub in nnx.iter_graph(module):
+    if type(sub) is nnx.Conv and sub.conv_general_dilated is jax.lax.conv_general_dilated:
+      sub.conv_general_dilated = _matmul_conv_general_dilated
 
 
 def conv3x3_xla(x: jax.Array, kernel: jax.Array) -> jax.Array:

@@ -180,7 +180,8 @@ def run_group(calls: Sequence[RunCall], *, should_stop: Callable[[], str | None]
       if plan.keep and improved.any():  # each member's best epoch's variables, on the device
         best.update(_keep(best, {"params": stacked.params, "batch_stats": stacked.batch_stats},
                           jnp.asarray(improved)))
-      say(_line(epoch, config.epochs, members, plan.ranking.monitor))
+      if config.progress is not False:
+        say(_line(epoch, config.epochs, members, plan.ranking.monitor))
 
     result = many.fit_many(states, sets["train"], val=sets.get("val"), test=sets.get("test"),
                            seeds=[c.config.seed for c in calls], member_data=member_data,

@@ -6,7 +6,9 @@ epoch to :meth:`RunMonitor.log_epoch`. Files are buffered, flushed per epoch:
 ``metrics.csv`` (a row per epoch, floats as ``repr``: byte-identical reruns),
 ``steps.jsonl`` (a JSON object per step) and ``tensorboard/`` (tensorboardX event
 files, no TensorFlow). ``config.json`` is :mod:`jaxtrain.rundir.record`'s and
-``curves.png`` :mod:`jaxtrain.rundir.plots`'.
+``curves.png`` :mod:`jaxtrain.rundir.plots`'. The bar and the epoch lines are
+:class:`~jaxtrain.train.progress.Progress`'s, as ``fit`` shows them without a
+run directory.
 """
 
 from __future__ import annotations
@@ -15,28 +17,21 @@ import csv
 import json
 import math
 import os
-import sys
 import time
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from jaxtrain.rundir.plots import plot_curves, read_history
 from jaxtrain.rundir.record import write_config
 from jaxtrain.train.ledger import StepLog
+from jaxtrain.train.progress import Progress
 
 # plot_curves, read_history and write_config are re-exported: they were
 # monitor's before plots.py and record.py took them over.
 __all__ = ["RunMonitor", "plot_curves", "read_history", "write_config"]
-
-_SKIP_IN_LINE = ("epoch", "step", "seconds")  # Shown differently or not at all.
-# Rates fit adds to a row (TensorBoard and the line, not metrics.csv), as the line shows them.
-_RATES = {"examples_per_second": lambda v: f"{v:,.0f} ex/s",
-          "flops_per_second": lambda v: f"{v / 1e9:.3g} GFLOP/s",
-          "peak_fraction": lambda v: f"{100 * v:.3g}% of peak"}
 
 
 def _py(value: Any) -> Any:
@@ -77,16 +72,17 @@ def _truncate_lines(path: str, n: int) -> None:
                   stacklevel=3)
 
 
-class RunMonitor:
-  """Writes metrics, TensorBoard events and progress for one training run.
+class RunMonitor(Progress):
+  """Writes metrics and TensorBoard events for one training run, and shows its
+  progress as :class:`~jaxtrain.train.progress.Progress` does.
 
   Args:
     workdir: Run directory (created).
     columns: ``metrics.csv`` columns in order.
     total_steps: Steps of the whole run (progress bar, ETA).
     steps_per_epoch: Steps per epoch (for "epoch 3/100").
-    progress: ``True``: tqdm bar; ``False``: one plain line per epoch;
-      ``None``: a bar when stderr is a terminal.
+    progress: ``True``: tqdm bar (the epoch lines above it); ``False``: one
+      plain line per epoch; ``None``: a bar when stderr is a terminal.
     resume_rows: Epoch rows already done (from a checkpoint): ``metrics.csv``
       is rewritten with exactly these rows. Empty for a fresh run.
     resume_step_records: ``steps.jsonl`` as a resumed checkpoint counts it: a
@@ -94,6 +90,8 @@ class RunMonitor:
       is rewritten with them, whatever became of it), or N (keep its first N
       lines); ``None``: start it afresh.
     quiet: Print nothing (the files only).
+    lines: Print a line per epoch (``False`` with ``progress=False``: no
+      progress at all, as ``FitConfig(progress=False)``; messages still print).
 
   Example:
     >>> import tempfile
@@ -112,21 +110,18 @@ class RunMonitor:
   def __init__(self, workdir: str | os.PathLike, *, columns: Sequence[str],
                total_steps: int, steps_per_epoch: int,
                progress: bool | None = None, resume_rows: Sequence[dict] = (),
-               resume_step_records: StepLog | int | None = None, quiet: bool = False):
+               resume_step_records: StepLog | int | None = None, quiet: bool = False,
+               lines: bool = True):
     from tensorboardX import SummaryWriter  # Lazy: imports protobuf.
 
     self.workdir = os.fspath(workdir)
     os.makedirs(self.workdir, exist_ok=True)
-    self.columns = list(columns)
-    self.total_steps = int(total_steps)
-    self.num_epochs = -(-self.total_steps // max(int(steps_per_epoch), 1))
-    self._closed, self._quiet = False, quiet
+    self.columns, self._closed = list(columns), False
 
     # Steps done before this session: the bar and the ETA start from here.
     start = int(resume_step_records or 0)
     if resume_rows and resume_rows[-1].get("step") is not None:
       start = int(_py(resume_rows[-1]["step"]))
-    self._step = start
 
     # Rewriting metrics.csv from the checkpoint's rows (rather than appending)
     # drops rows logged after that checkpoint, keeping resumes byte-identical.
@@ -155,16 +150,9 @@ class RunMonitor:
                              purge_step=start + 1 if start else 0,
                              max_queue=1024, flush_secs=10,
                              filename_suffix=f".{time.time_ns() % 10**9:09d}")
-
-    # smoothing=0: speed = steps since mark_compiled / time since then.
-    show = sys.stderr.isatty() if progress is None else progress
-    self._bar = tqdm(total=self.total_steps, initial=start, unit="step",
-                     dynamic_ncols=True, smoothing=0) if show else None
-    self._t0, self._step0 = time.time(), start  # Rate clock.
-    # Seconds per step between recent log_steps calls (one compiled call
-    # each): the ETA takes their median, so a call that compiled (a new call
-    # length, as after a resume) does not stretch it.
-    self._paces, self._last = [], None
+    # Last: the bar and the rate clock start once the files are open.
+    super().__init__(columns, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
+                     bar=progress, lines=lines, start=start, quiet=quiet)
 
   def log_steps(self, steps: np.ndarray, metrics: Mapping[str, np.ndarray]) -> None:
     """Logs a chunk of steps: ``steps.jsonl``, ``train/step_<name>`` scalars.
@@ -197,15 +185,7 @@ class RunMonitor:
       if len(self._fresh) >= 4096:  # bounded: a long stretch between saves
         self._log.append(StepLog.chunk(self._fresh))
         self._fresh = []
-    self._step += len(steps)
-    now = time.time()
-    if self._last is not None and self._step > self._last[1]:
-      self._paces = [*self._paces, (now - self._last[0]) / (self._step - self._last[1])][-8:]
-    self._last = (now, self._step)
-    if self._bar is not None:
-      if "loss" in columns:
-        self._bar.set_postfix(loss=f"{columns['loss'][-1]:.4g}", refresh=False)
-      self._bar.update(len(steps))
+    super().log_steps(steps, columns)
 
   @staticmethod
   def _resume_steps(path: str, records: StepLog | int | None) -> list[str] | None:
@@ -250,7 +230,7 @@ class RunMonitor:
     self._csv_file.flush()
     self._steps_file.flush()
     self._tb.flush()
-    self.write(self._epoch_line(row))
+    super().log_epoch(row)
 
   def flush(self) -> None:
     """Writes everything logged so far to disk (before a checkpoint counts it)."""
@@ -282,37 +262,13 @@ class RunMonitor:
           self._tb.add_histogram(f"{prefix}/{name}", values, int(step))
     self._tb.flush()
 
-  def mark_compiled(self) -> None:
-    """Restarts the speed/ETA clock (call after the first compiled step)."""
-    self._t0, self._step0 = time.time(), self._step
-    self._paces, self._last = [], None  # the next log_steps (the compiled call's) starts them
-    if self._bar is not None:
-      bar = self._bar
-      bar.start_t = bar.last_print_t = time.time()
-      bar.initial = bar.last_print_n = bar.n
-
-  def write(self, message: str) -> None:
-    """Prints ``message`` to stdout without breaking the progress bar."""
-    if self._quiet:
-      return
-    if self._bar is not None:
-      tqdm.write(message)
-    else:
-      print(message, flush=True)
-
   def close(self) -> None:
     """Flushes and closes everything; safe to call twice."""
     if not self._closed:
       self._closed = True
-      for closable in (self._bar, self._csv_file, self._steps_file, self._tb):
-        if closable is not None:
-          closable.close()
-
-  def __enter__(self) -> RunMonitor:
-    return self
-
-  def __exit__(self, *exc) -> None:
-    self.close()
+      super().close()
+      for closable in (self._csv_file, self._steps_file, self._tb):
+        closable.close()
 
   def _check_open(self) -> None:
     if self._closed:
@@ -322,21 +278,3 @@ class RunMonitor:
     values = [_py(row.get(name)) for name in self.columns]
     self._csv.writerow(["" if v is None else repr(v) if isinstance(v, float)
                         else str(v) for v in values])
-
-  def _epoch_line(self, row: Mapping[str, Any]) -> str:
-    parts = [f"epoch {row.get('epoch', '?')}/{self.num_epochs}"]
-    for name in self.columns + [k for k in row if k not in self.columns]:
-      value = row.get(name)
-      if name in _SKIP_IN_LINE or name in _RATES or value is None or isinstance(value, str):
-        continue
-      parts.append(f"{name} {value:.4g}" if isinstance(value, float)
-                   else f"{name} {value}")
-    if row.get("seconds") is not None:
-      parts.append(f"{row['seconds']:.1f} s")
-    parts += [show(row[name]) for name, show in _RATES.items() if row.get(name) is not None]
-    elapsed, done = time.time() - self._t0, self._step - self._step0
-    if self._bar is None and done > 0 and self._step < self.total_steps:
-      pace = float(np.median(self._paces)) if self._paces else elapsed / done
-      eta = (self.total_steps - self._step) * pace
-      parts.append(f"eta {tqdm.format_interval(eta)}")
-    return "  ".join(parts)

@@ -334,6 +334,7 @@ def run(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
                                   config.drop_remainder)
     return RunMonitor(workdir, columns=columns(state, config, train, has_val=val is not None), total_steps=config.epochs * steps_per_epoch,
                       steps_per_epoch=steps_per_epoch, progress=config.progress,
+                      lines=config.progress is not False,
                       resume_rows=rows, resume_step_records=step_records)
 
   # matplotlib takes ~0.3 s to import; do it while the run trains.

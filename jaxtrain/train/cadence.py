@@ -1,5 +1,6 @@
 """When the host must act: one :class:`Cadence` that every periodic concern of a
-run answers through, and the :class:`Pace` that sizes compiled calls.
+run answers through, the :class:`Pace` that sizes compiled calls, and the one
+agreement per call boundary that makes every process of a run act alike.
 
 A compiled call runs on the device until the host must see the state: a
 checkpoint is due, weight histograms are due, early stopping must judge an
@@ -9,6 +10,25 @@ the host is needed?" (:meth:`Cadence.next_stop`) and "which concerns are due
 now?" (:meth:`Cadence.due`). Logging and evaluation every N steps never need
 the host: evaluations run inside the program, and a call's metrics are fetched
 one call late, while the next call runs.
+
+In a multi-process run the processes' inputs differ (clocks, paces, signals
+received, even cadences: process 0 alone has ``histograms``), but what they
+do after a boundary must not: the next call's size (its all-reduces), fetching
+now (so the ledger's early or non-finite stop comes at the same boundary),
+saving (Orbax's barriers), stopping (then no test evaluation). Each process
+sends one :class:`Proposal` of fixed fields in one :func:`distributed.agree`
+per boundary and acts on the :class:`Boundary` that :func:`decide` makes of
+the combined message alone: where the next call ends (the shortest proposal),
+the concerns due in any process (:data:`CONCERNS`) and any stop request.
+Their other inputs are the same everywhere by construction: step, config, and
+the fetched metrics of the global programs that the ledger judges.
+
+A new concern that changes what the processes do must go through it: a name
+in :data:`CONCERNS`, its per-process input in :func:`propose`, read by the
+driver from the :class:`Boundary`. :meth:`Proposal.values` refuses a concern
+the message lacks, and a choice made from one process's clock, pace, signal
+or cadence is exactly the one that differs between processes. Local acts
+stay local: process 0 draws histograms from a state every process holds.
 """
 
 from __future__ import annotations
@@ -118,8 +138,8 @@ class Cadence:
 
 @dataclasses.dataclass(frozen=True)
 class Boundary:
-  """The end of a call as the host sees it: the concerns due there and a
-  stop request (a signal's name).
+  """The end of a call as the host sees it: the concerns due there, a stop
+  request (a signal's name) and where the next call ends.
 
   >>> Boundary().fetch_now, Boundary(signal="SIGTERM").saves(reason=None, recorded=False)
   (False, True)
@@ -127,6 +147,7 @@ class Boundary:
 
   due: frozenset[str] = frozenset()
   signal: str | None = None
+  next_end: int | None = None  # where the next call ends (agreed), if asked
 
   @property
   def fetch_now(self) -> bool:
@@ -212,25 +233,114 @@ def save_interval(every_seconds: float, adaptive: bool, save_seconds) -> float:
   return min(every_seconds, max(ADAPTIVE_MIN_SECONDS, cost / SAVE_SHARE))
 
 
-_SIGNALS = (None, "SIGTERM", "SIGINT")
+# A stop request travels as its index here; any other reason as len(SIGNALS).
+SIGNALS = (None, "SIGTERM", "SIGINT")
+# The concerns the boundary message carries, a flag each ("end": the last step).
+CONCERNS = ("checkpoint", "histograms", "early_stopping", "best", "profile", "end")
+# How processes' proposals combine, per value of Proposal.values: the shortest
+# next call, the highest stop code, each concern due where any process has it.
+_HOW = ("min", "max") + ("max",) * len(CONCERNS)
 
 
-def agreed_boundary(cadence: Cadence, end: int, checkpointer, should_stop) -> Boundary:
-  """The boundary at step ``end``, the same in every process of a run: the
-  longest time since a save, a signal received by any process (it stops them
-  all), and a fetch where any process needs one (process 0's histograms), so
-  that every process sees a stop at the same call. Free in one process."""
-  idle = checkpointer.seconds_since_save() if checkpointer else 0.0
-  interval = getattr(checkpointer, "save_interval", None)
-  if interval is not None and idle >= interval():
-    idle = 1e18  # the adaptive cadence's time has come: due as by every_seconds
+@dataclasses.dataclass(frozen=True)
+class Proposal:
+  """One process's view of a call boundary, as sent to agree on it (combined
+  over the processes: the agreed view).
+
+  >>> p = Proposal(40, 1, frozenset({"checkpoint"}))
+  >>> Proposal.from_values(p.values()) == p
+  True
+  """
+
+  next_end: int  # where the next call would end (cadence, capped by the pace)
+  signal: int = 0  # the stop request's code (0: none; see SIGNALS)
+  due: frozenset[str] = frozenset()  # concerns due here, by cadence and clock
+
+  def values(self) -> list[int]:
+    unknown = sorted(self.due - set(CONCERNS))
+    if unknown:
+      raise ValueError(f"concerns {unknown} are not in the boundary message: add them "
+                       "to jaxtrain.train.cadence.CONCERNS")
+    return [self.next_end, self.signal] + [int(name in self.due) for name in CONCERNS]
+
+  @classmethod
+  def from_values(cls, values) -> Proposal:
+    next_end, signal, *flags = (int(v) for v in values)
+    return cls(next_end, signal, frozenset(n for n, f in zip(CONCERNS, flags, strict=True) if f))
+
+
+def _code(signal: str | None) -> int:
+  return SIGNALS.index(signal) if signal in SIGNALS else len(SIGNALS)
+
+
+def propose(cadence: Cadence, end: int, *, seconds_since_save: float | None = None,
+            save_interval: float | None = None, signal: str | None = None,
+            pace: Pace | None = None, max_steps: int | None = None,
+            start: bool = False) -> Proposal:
+  """This process's proposal at step ``end``, from its clock
+  (``seconds_since_save``, None without a checkpointer; ``save_interval``: its
+  adaptive time between saves), its stop request and its ``pace`` (None: the
+  next call ends at the cadence's next stop). ``start``: the boundary before
+  the first call, where nothing is due.
+
+  >>> cadence = Cadence(10, 100, {"checkpoint": Every(seconds=300.0)})
+  >>> propose(cadence, 20, seconds_since_save=6.0, save_interval=5.0, signal="SIGINT")
+  Proposal(next_end=100, signal=2, due=frozenset({'checkpoint'}))
+  """
+  due = frozenset()
+  if not start:
+    due = cadence.due(end, None if seconds_since_save is None
+                      else {"checkpoint": seconds_since_save})
+    if (cadence.concerns.get("checkpoint", Every()).seconds and save_interval is not None
+        and seconds_since_save is not None and seconds_since_save >= save_interval):
+      due |= {"checkpoint"}  # the adaptive cadence's time has come
+  next_end = cadence.next_stop(end)
+  if pace is not None:
+    next_end = min(next_end, pace.limit(end, steps_per_epoch=cadence.steps_per_epoch,
+                                        max_steps=max_steps or cadence.total_steps))
+  return Proposal(next_end, _code(signal), due)
+
+
+def combine_proposals(proposals) -> Proposal:
+  """The agreed proposal from every process's, as :func:`agreed_boundary`
+  combines the gathered messages."""
+  return Proposal.from_values(distributed.combine([p.values() for p in proposals], _HOW))
+
+
+def decide(agreed: Proposal, local_signal: str | None = None) -> Boundary:
+  """The boundary from the agreed proposal alone. A stop takes this process's
+  own reason as its name where that has the agreed code (a name only: whether
+  to stop is agreed)."""
+  signal = None
+  if agreed.signal:
+    signal = local_signal if _code(local_signal) == agreed.signal else (
+        SIGNALS[agreed.signal] if agreed.signal < len(SIGNALS) else "a stop request")
+  return Boundary(agreed.due, signal, agreed.next_end)
+
+
+def agreed_boundary(cadence: Cadence, end: int, checkpointer, should_stop, *,
+                    pace: Pace | None = None, max_steps: int | None = None,
+                    start: bool = False) -> Boundary:
+  """The boundary at step ``end``, the same in every process of a run, from
+  one agreement (one all-gather; free in one process): a concern due in any
+  process (a save due by its clock, process 0's histograms) is due in all, a
+  stop request received by any stops all, and the next call ends at the
+  shortest proposal (by ``pace``; without it, at the cadence's next stop)."""
+  seconds = interval = None
+  if checkpointer is not None and not start:
+    seconds = checkpointer.seconds_since_save()
+    if hasattr(checkpointer, "save_interval"):
+      interval = checkpointer.save_interval()
   signal = should_stop() if should_stop else None
-  code = _SIGNALS.index(signal) if signal in _SIGNALS else len(_SIGNALS)
-  idle, code = distributed.agree([idle, code], "max")
-  if signal is None and code:
-    signal = _SIGNALS[int(code)] if code < len(_SIGNALS) else "a stop request"
-  due = cadence.due(end, {"checkpoint": idle} if checkpointer else None)
-  boundary = Boundary(due, signal)
-  if distributed.agree([boundary.fetch_now], "max")[0] and not boundary.fetch_now:
-    boundary = Boundary(due | {"fetch"}, signal)
-  return boundary
+  local = propose(cadence, end, seconds_since_save=seconds, save_interval=interval,
+                  signal=signal, pace=pace, max_steps=max_steps, start=start)
+  agreed = distributed.agree(local.values(), _HOW, name="boundary")
+  return decide(Proposal.from_values(agreed), signal)
+
+
+def agreed_start(cadence: Cadence, first: int, should_stop, *, pace: Pace,
+                 max_steps: int | None = None) -> Boundary:
+  """The boundary before the first call (at step ``first``): a stop request
+  received during start-up by any process, and where the first call ends."""
+  return agreed_boundary(cadence, first, None, should_stop, pace=pace,
+                         max_steps=max_steps, start=True)

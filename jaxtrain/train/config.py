@@ -12,7 +12,7 @@ import jax
 import numpy as np
 
 from jaxtrain.core.plateau import ReduceLROnPlateau
-from jaxtrain.data.batching import check_arrays
+from jaxtrain.data.batching import check_arrays, num_batches
 from jaxtrain.data.indexed import Source, head
 from jaxtrain.nn import conv
 from jaxtrain.train.cadence import At, Cadence, Every
@@ -24,6 +24,7 @@ COLUMNS = ("epoch", "step", "train_loss", "train_accuracy", "val_loss", "val_acc
 EXECUTIONS = ("auto", "scan", "step")
 DATA = ("auto", "device", "stream", "host")  # "host": the earlier name of "stream"
 MAX_SPAN_STEPS = 4096  # steps one call may run (whole epochs, at least one)
+MAX_STEPS = 2**31 - 1  # the step counter is int32: a run's steps must fit in it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +55,11 @@ class FitConfig:
       the host must act: early stopping, histograms, checkpoints.
     devices: data-parallel devices (shard_map over the first N local devices).
     histogram_every: epochs between weight/gradient histograms (0: never).
-    progress: progress bar (``None``: when on a terminal).
+    progress: what the run shows while it trains (process 0): ``None``: a
+      tqdm bar on stderr when it is a terminal, and a line per epoch (to
+      ``fit``'s ``log``, else stdout); ``True``: the bar and the lines, terminal
+      or not; ``False``: neither (messages such as an early stop still print).
+      :func:`jaxtrain.many.fit_many` shows none.
     accumulate_steps: micro-batches of ``batch_size`` per optimizer update
       (gradient accumulation): an update sees ``batch_size * accumulate_steps``
       examples, and steps, epochs, schedules and cadences count updates.
@@ -138,6 +143,13 @@ def validate(config: FitConfig, n_train: int) -> None:
   profile_range(config.profile_steps)
   if config.drop_remainder and n_train < config.update_batch_size:
     bad("batch_size", config.batch_size, "with drop_remainder leaves no batch")
+  steps_per_epoch = num_batches(n_train, config.update_batch_size, config.drop_remainder)
+  if config.epochs * steps_per_epoch > MAX_STEPS:
+    # Past it the step counter wraps: schedules, keys and checkpoints would repeat steps.
+    raise ValueError(
+        f"--epochs {config.epochs} makes {config.epochs * steps_per_epoch} steps "
+        f"({steps_per_epoch} per epoch), more than the int32 step counter holds "
+        f"(2**31 - 1 = {MAX_STEPS}); at most {MAX_STEPS // steps_per_epoch} epochs")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,8 +202,8 @@ def plan_epochs(config: FitConfig, checkpoint, columns, *, has_val: bool) -> Epo
   logged = {c for c in columns if logs(c)}
   rule = config.early_stopping
   if rule is not None and rule.monitor not in logged:
-    why = ("needs validation data" if rule.monitor.startswith("val_")
-           and rule.monitor in COLUMNS else
+    why = ("needs validation data" if rule.monitor.startswith("val_") and not has_val
+           and rule.monitor in columns else
            f"is not a metric this run logs ({', '.join(sorted(logged))})")
     raise ValueError(f"early stopping monitor {rule.monitor!r} {why}")
   monitor = None
@@ -232,16 +244,20 @@ def plateau_rule(config: FitConfig, evaluated, columns) -> tuple | None:
 
 
 def columns(state, config: FitConfig, train, *, has_val: bool) -> tuple[str, ...]:
-  """metrics.csv's columns for a run: :data:`COLUMNS`, ``train_penalty``
+  """metrics.csv's columns for a run: :data:`COLUMNS` (without the accuracy
+  columns when the state logs no accuracy), ``train_penalty``
   before ``learning_rate`` when the state has a penalty term, and before
   ``train_loss_running``: ``train_<name>`` / ``val_<name>`` for each metric
   of ``state.metrics_fn``, then the evaluated sets' ``<set>_ema_<metric>``
   when the state keeps a moving average of its parameters."""
   base = COLUMNS
+  if getattr(state, "accuracy", None) is None:
+    # Accuracy is a metric of a classification loss: none for the others.
+    base = tuple(c for c in base if not c.endswith("_accuracy"))
   reg = getattr(state, "regularization", None)
   if reg is not None and reg.penalizes:
-    at = COLUMNS.index("learning_rate")
-    base = COLUMNS[:at] + ("train_penalty",) + COLUMNS[at:]
+    at = base.index("learning_rate")
+    base = base[:at] + ("train_penalty",) + base[at:]
   own = []
   if state.metrics_fn is not None:
     from jaxtrain.core.metrics import mean_name
@@ -253,7 +269,8 @@ def columns(state, config: FitConfig, train, *, has_val: bool) -> tuple[str, ...
   splits = (["train"] if config.evaluate_train else []) + (["val"] if has_val else [])
   added = [f"{s}_{n}" for s in splits for n in own]
   if getattr(state, "ema", None) is not None:
-    added += [f"{s}_ema_{n}" for s in splits for n in ("loss", "accuracy", *own)]
+    accuracy = ("accuracy",) if getattr(state, "accuracy", None) is not None else ()
+    added += [f"{s}_ema_{n}" for s in splits for n in ("loss", *accuracy, *own)]
   at = base.index("train_loss_running")
   return base[:at] + tuple(added) + base[at:]
 
@@ -277,14 +294,15 @@ def as_arrays(split: Mapping[str, Any] | Source | None, name: str):
 def plan_cadence(config: FitConfig, steps_per_epoch: int, checkpointer=None,
                  monitor=None, *, every_epoch: bool = False) -> Cadence:
   """The run's periodic concerns: checkpoints (by steps, epochs and seconds),
-  weight histograms (with a monitor) and the early-stopping check;
+  weight histograms (with a run directory's monitor; not with a
+  :class:`~jaxtrain.train.progress.Progress` alone) and the early-stopping check;
   ``every_epoch`` also ends a call at every epoch end (the host keeps the
   best epoch's parameters)."""
   concerns = {}
   if checkpointer is not None:
     c = checkpointer.config
     concerns["checkpoint"] = Every(c.every_steps, c.every_epochs, c.every_seconds)
-  if monitor is not None and config.histogram_every:
+  if hasattr(monitor, "log_histograms") and config.histogram_every:
     concerns["histograms"] = Every(epochs=config.histogram_every)
   if config.early_stopping is not None:
     concerns["early_stopping"] = Every(epochs=1)

@@ -31,7 +31,7 @@ from jaxtrain.engine import best as best_lib
 from jaxtrain.engine import distributed, parallel
 from jaxtrain.engine.feeds import Feed, fetch
 from jaxtrain.engine.programs import Carry
-from jaxtrain.train.cadence import Cadence, Pace, agreed_boundary
+from jaxtrain.train.cadence import Cadence, Pace, agreed_boundary, agreed_start
 from jaxtrain.train.config import (
   EpochPlan,
   FitConfig,
@@ -41,8 +41,16 @@ from jaxtrain.train.config import (
   plan_epochs,
   validate,
 )
-from jaxtrain.train.ledger import Advance, Fetched, Position, advance, extend
+from jaxtrain.train.ledger import (
+  Advance,
+  Fetched,
+  Position,
+  advance,
+  extend,
+  extend_rows,
+)
 from jaxtrain.train.planning import plan_feed
+from jaxtrain.train.progress import Progress
 from jaxtrain.train.resume import open_monitor, resume
 from jaxtrain.train.stopping import Best
 from jaxtrain.train.throughput import Profile, Throughput, measure_run
@@ -131,9 +139,13 @@ def fit(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
       with a key per step and row.
     monitor: a :class:`jaxtrain.monitor.RunMonitor`, or a function
       ``(rows, step_records) -> RunMonitor`` called once the run's position is
-      known (after a resume: the epoch rows and step records to keep).
-    log: where one-line messages (early stop, non-finite loss) go (default: the
-      monitor's ``write``, else ``print``).
+      known (after a resume: the epoch rows and step records to keep). Without
+      one, process 0 shows ``config.progress`` (a
+      :class:`~jaxtrain.train.progress.Progress`: the bar on a terminal, a
+      line per epoch) and writes no file.
+    log: where one-line messages (early stop, non-finite loss) and, without a
+      monitor, the epoch lines go (default: the monitor's ``write``, else
+      stdout).
     checkpointer: a :class:`jaxtrain.checkpoint.Checkpointer`, or a function
       returning one (or None), called once every argument is checked; the run
       resumes from its latest good checkpoint and saves on its cadence and at
@@ -152,6 +164,7 @@ def fit(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
   ...     jaxtrain.make_optimizer("sgd", 0.5), jax.random.key(0), x[:1],
   ...     loss_fn=jaxtrain.losses.cross_entropy)
   >>> result = fit(state, arrays, val=arrays, config=FitConfig(epochs=20, batch_size=16))
+  epoch 1/20  train_loss ...
   >>> result.history["epoch"]["val_accuracy"][-1] > 0.9
   True
   """
@@ -187,6 +200,11 @@ def fit(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
                            Position.at(int(np.asarray(state.step)), spe), feed.spec.num_train,
                            config.epochs)
   monitor, owns_monitor = open_monitor(monitor, position, step_log)
+  if monitor is None and config.progress is not False and distributed.is_primary():
+    # No run directory: the progress alone (its bar and lines), as a monitor's.
+    monitor, owns_monitor = Progress(logged, total_steps=total, steps_per_epoch=spe,
+                                     bar=config.progress, start=position.step(spe),
+                                     say=log), True
   try:
     run = _Run(config, feed,
                plan_cadence(config, spe, checkpointer, monitor, every_epoch=plan.keep
@@ -202,22 +220,20 @@ def fit(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
       best = None
     window = parallel.InFlight(parallel.default_max_in_flight(
         jax.local_devices()[: config.devices]))
-    history = {"epoch": {c: [] for c in logged}, "step": {}}
+    history = {"epoch": {}, "step": {}}
     for row in position.rows:
-      extend(history["epoch"], row)
+      extend_rows(history["epoch"], row)
     pace, lagged, reason = Pace(), None, position.stop_reason
     first = position.step(spe)
-    # A signal before training began (start-up, compilation of nothing yet):
-    # nothing new to save.
-    interrupted = should_stop() if should_stop is not None and first < total else None
+    # One agreement per call boundary (cadence.py), this one before the first
+    # call: a signal during start-up (nothing new to save), the first call's end.
+    boundary = agreed_start(run.cadence, first, should_stop if first < total else None,
+                            pace=pace, max_steps=feed.max_steps)
+    interrupted = boundary.signal
     started_at = first
     compiled = False
     while reason is None and interrupted is None and first < total:
-      end = min(run.cadence.next_stop(first),
-                pace.limit(first, steps_per_epoch=spe, max_steps=feed.max_steps))
-      # Every process calls the same programs: the call sizes (timed per
-      # process) are agreed on. Free in one process.
-      end = int(distributed.agree([end], "min")[0])
+      end = boundary.next_end  # agreed: every process calls the same programs
       started = time.perf_counter()
       profile.before(first, monitor)
       carry, chunks = feed.train(carry, run.run_key, first, end - first)
@@ -241,7 +257,8 @@ def fit(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
         if reason:
           break
       first = end
-      boundary = agreed_boundary(run.cadence, end, checkpointer, should_stop)
+      boundary = agreed_boundary(run.cadence, end, checkpointer, should_stop, pace=pace,
+                                 max_steps=feed.max_steps)
       interrupted = boundary.signal
       if not boundary.fetch_now:
         lagged = call
@@ -313,7 +330,7 @@ def _absorb(run: _Run, call: _Call, position: Position, pace: Pace, state, best,
   if done.nonfinite:
     run.log(done.nonfinite)
   for row in done.rows:
-    extend(history["epoch"], row)
+    extend_rows(history["epoch"], row)
     if run.monitor is not None:
       run.monitor.log_epoch({**row, **(run.throughput.rates(row.get("seconds"))
                                        if run.throughput else {})})

@@ -262,3 +262,22 @@ def extend(table: dict[str, list], values: Mapping[str, Any]) -> None:
       column.extend(value.tolist())
     else:
       column.append(value)
+
+
+def extend_rows(table: dict[str, list], row: Mapping[str, Any]) -> None:
+  """Appends one epoch ``row`` to ``table`` so that every column keeps one value
+  per row: a column the row lacks gets NaN, and a column first seen in it gets
+  NaN for the rows before (a history is never ragged).
+
+  >>> table = {}
+  >>> extend_rows(table, {"epoch": 1, "loss": 0.5})
+  >>> extend_rows(table, {"epoch": 2, "accuracy": 0.75})
+  >>> table
+  {'epoch': [1, 2], 'loss': [0.5, nan], 'accuracy': [nan, 0.75]}
+  """
+  rows = max((len(c) for c in table.values()), default=0)
+  for key, value in row.items():
+    table.setdefault(key, [math.nan] * rows).append(value)
+  for column in table.values():
+    if len(column) == rows:
+      column.append(math.nan)

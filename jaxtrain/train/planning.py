@@ -61,10 +61,14 @@ def choose_execution(state, config: FitConfig, example_inputs) -> str:
     return "scan"
   if not any(np.ndim(p) == 4 for p in jax.tree.leaves(state.params)):
     return "scan"  # no convolution kernel: skip tracing the model
+  model = state.model
+
+  def forward(variables, x):
+    return model.apply(variables, x, train=False,
+                       rngs=model.rngs(None, variables, x, train=False))[0]
+
   with conv.flax_convs(config.conv_impl):
-    jaxpr = jax.make_jaxpr(
-        lambda variables, x: state.apply_fn(variables, x, **state.call_kwargs(train=False)))(
-        state.variables, example_inputs)
+    jaxpr = jax.make_jaxpr(forward)(state.variables, example_inputs)
   return "step" if _runs_primitive(jaxpr.jaxpr, "conv_general_dilated") else "scan"
 
 
@@ -87,9 +91,12 @@ def warn_per_device_batch_norm(state, config: FitConfig, example_inputs) -> None
   naming its layers: each device would then normalise by its own shard."""
   if config.devices < 2 or not state.batch_stats:
     return
+  model = state.model
+
   def forward(variables, x):
-    return state.apply_fn(variables, x, mutable=["batch_stats"],
-                          rngs={"dropout": jax.random.key(0)}, **state.call_kwargs(train=True))
+    key = jax.random.key(0)
+    return model.apply(variables, x, train=True, mutable=("batch_stats",),
+                       rngs=model.rngs(key, variables, x, train=True))
 
   jaxpr = jax.make_jaxpr(forward, axis_env=[(parallel.AXIS, config.devices)])(
       state.variables, example_inputs)
