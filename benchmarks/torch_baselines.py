@@ -101,6 +101,30 @@ class FlaxExampleNet(nn.Module):
     return self.fc2(F.relu(self.fc1(x)))
 
 
+class TutorialNet(nn.Module):
+  """The Flax NNX MNIST tutorial's CNN (docs_nnx/mnist_tutorial.md): 3x3 'same'
+  conv 32 / dropout 0.025 / batch norm / ReLU / 2x2 average pool, conv 64 / batch
+  norm / ReLU / average pool, dense 256 / dropout 0.025 / ReLU, dense 10. Batch
+  norm as NNX's defaults (momentum 0.99 = PyTorch's 0.01, epsilon 1e-5)."""
+
+  def __init__(self):
+    super().__init__()
+    self.conv1 = nn.Conv2d(1, 32, 3, padding=1)
+    self.batch_norm1 = nn.BatchNorm2d(32, eps=1e-5, momentum=0.01)
+    self.dropout1 = nn.Dropout(0.025)
+    self.conv2 = nn.Conv2d(32, 64, 3, padding=1)
+    self.batch_norm2 = nn.BatchNorm2d(64, eps=1e-5, momentum=0.01)
+    self.linear1 = nn.Linear(7 * 7 * 64, 256)
+    self.dropout2 = nn.Dropout(0.025)
+    self.linear2 = nn.Linear(256, 10)
+
+  def forward(self, x):
+    x = F.avg_pool2d(F.relu(self.batch_norm1(self.dropout1(self.conv1(x)))), 2)
+    x = F.avg_pool2d(F.relu(self.batch_norm2(self.conv2(x))), 2)
+    x = torch.flatten(x, 1)
+    return self.linear2(F.relu(self.dropout2(self.linear1(x))))
+
+
 def _bce(out, y):
   return F.binary_cross_entropy_with_logits(out, y)
 
@@ -175,6 +199,10 @@ WORKLOADS = {
                       batch_size=128, evaluate=False, image=True),
     "flax_cnn": dict(model=FlaxExampleNet, opt=("sgd", 0.1), loss="ce", epochs=1,
                      batch_size=128, evaluate=False, image=True),
+    # benchmarks.nnx_cnn: optax.adamw(0.005, 0.9) as the tutorial (b1 0.9, b2 0.999,
+    # eps 1e-8, weight decay 1e-4).
+    "nnx_cnn": dict(model=TutorialNet, opt=("adamw", 0.005), weight_decay=1e-4, loss="ce",
+                    epochs=1, batch_size=32, evaluate=False, image=True),
 }
 
 
@@ -205,7 +233,8 @@ def build(name: str, seed: int):
   if kind == "sgd":
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
   else:
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr,
+                                  weight_decay=spec.get("weight_decay", 0.01))
   return model, optimizer
 
 
