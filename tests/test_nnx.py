@@ -1,7 +1,6 @@
 """Flax NNX models as first-class models: the tutorial's CNN pasted unchanged
 (tests/published.py) and small NNX modules through every path of jaxtrain."""
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -117,24 +116,21 @@ def test_four_devices_with_cross_device_batch_norm_equal_one():
   assert tree_allclose(one.batch_stats, four.batch_stats, atol=1e-5)
 
 
-def test_pmap_and_shard_map_steps_equal_jit():
-  state = _state(Net(axis_name=parallel.AXIS, rngs=nnx.Rngs(0)))
+def test_pmap_shard_map_and_sharded_jit_steps_equal_jit():
+  # Without dropout (each device draws its own masks) every path is one computation.
+  state = _state(Net(axis_name=parallel.AXIS, rate=0.0, rngs=nnx.Rngs(0)))
   batch = {k: v[:16] for k, v in _data().items()}
   key = jax.random.key(3)
-  # The per-device dropout keys differ from one device's: compare evaluations.
-  plain = _state(Net(axis_name=parallel.AXIS, rngs=nnx.Rngs(0)))
-  no_dropout = jax.jit(functools.partial(jaxtrain.eval_step))(plain, batch)
-  p_train, p_eval = parallel.pmap_steps(donate=False)
-  s_train, s_eval = parallel.shard_map_steps(donate=False)
-  pmapped = parallel.unreplicate(p_eval(parallel.replicate(plain), parallel.shard_batch(batch)))
-  sharded = s_eval(plain, batch)
-  for evaluated in (pmapped, sharded):
-    np.testing.assert_allclose(evaluated["loss"], no_dropout["loss"], rtol=1e-6)
-  # Training steps: pmap == shard_map (same per-device keys), finite, BN averaged.
-  a, _ = p_train(parallel.replicate(state), parallel.shard_batch(batch), key)
-  b, _ = s_train(state, batch, key)
-  assert tree_allclose(parallel.unreplicate(a).params, b.params, atol=1e-6)
-  assert tree_allclose(parallel.unreplicate(a).batch_stats, b.batch_stats, atol=1e-6)
+  alone, _ = jax.jit(jaxtrain.train_step)(state, batch, key)
+  p_train, _ = parallel.pmap_steps(donate=False)
+  s_train, _ = parallel.shard_map_steps(donate=False)
+  mesh = jax.make_mesh((jax.device_count(),), ("data",))
+  j_train, _ = parallel.sharded_jit_steps(mesh, donate=False)
+  pmapped = parallel.unreplicate(p_train(parallel.replicate(state), parallel.shard_batch(batch),
+                                         key)[0])
+  for other in (pmapped, s_train(state, batch, key)[0], j_train(state, batch, key)[0]):
+    assert tree_allclose(other.params, alone.params, atol=1e-6)
+    assert tree_allclose(other.batch_stats, alone.batch_stats, atol=1e-6)
 
 
 def test_mc_dropout_draws_masks_and_the_mean_is_reproducible():
@@ -353,3 +349,18 @@ def test_a_run_directory_logs_weight_gradient_and_activation_histograms(tmp_path
           if value.HasField("histo")}
   assert {"weights/linear1/kernel", "grads/linear1/kernel",
           "activations/linear1"} <= tags, sorted(tags)
+
+
+def test_a_new_instance_of_the_tutorial_cnn_reuses_the_compiled_step():
+  """Its avg_pool is a functools.partial, new (and unequal) in every instance."""
+  tx, x = optax.sgd(0.1), np.zeros((8, 28, 28, 1), np.float32)
+  states = [jaxtrain.create_train_state(published.CNN(rngs=nnx.Rngs(seed)), tx,
+                                        jax.random.key(0), x[:1], loss_fn=losses.cross_entropy)
+            for seed in (0, 1)]
+  assert states[0].apply_fn == states[1].apply_fn
+  step, batch = jax.jit(jaxtrain.train_step), {"inputs": x, "targets": np.zeros(8, np.int32)}
+  step(states[0], batch, jax.random.key(1))
+  compiled = step._cache_size()
+  step(states[1], batch, jax.random.key(1))
+  assert step._cache_size() == compiled
+  assert states[0].apply_fn != _state().apply_fn  # a different module stays different

@@ -27,6 +27,7 @@ evaluation and ``predict`` with both True (Monte Carlo dropout:
 
 from __future__ import annotations
 
+import functools
 import inspect
 import zlib
 
@@ -90,7 +91,15 @@ class NNXModel(Model):
     if type(other) is not type(self):
       return False
     try:
-      return bool(other.graphdef == self.graphdef)
+      if other.graphdef == self.graphdef:
+        return True
+      # Two instances of one module class differ only where a static attribute
+      # compares by identity: the NNX tutorial's CNN keeps a functools.partial
+      # (a new one per instance), which would recompile every new model.
+      a, b = other.graphdef, self.graphdef
+      return (a.nodes == b.nodes and a.num_leaves == b.num_leaves
+              and len(a.attributes) == len(b.attributes)
+              and all(_same_static(x, y) for x, y in zip(a.attributes, b.attributes)))
     except Exception:  # noqa: BLE001 - attributes that do not compare
       return other is self
 
@@ -155,6 +164,23 @@ class NNXModel(Model):
     if capture_intermediates:
       updates["intermediates"] = found
     return outputs, updates
+
+
+def _same_static(a, b) -> bool:
+  """Equality of graph attributes in which ``functools.partial`` objects compare
+  by their function and arguments (they compare by identity)."""
+  if type(a) is not type(b):
+    return False
+  if isinstance(a, functools.partial):
+    return (_same_static(a.func, b.func) and _same_static(a.args, b.args)
+            and _same_static(a.keywords, b.keywords))
+  if isinstance(a, tuple | list):
+    return len(a) == len(b) and all(_same_static(x, y) for x, y in zip(a, b))
+  if isinstance(a, dict):
+    return a.keys() == b.keys() and all(_same_static(a[k], b[k]) for k in a)
+  if isinstance(a, nnx.graphlib.Static):
+    return _same_static(a.value, b.value)
+  return bool(a == b)
 
 
 def _set_modes(module, **modes) -> None:
