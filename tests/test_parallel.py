@@ -26,8 +26,11 @@ def run_three_ways(jit_model, par_model, batch, steps=3):
   train, evaluate = parallel.pmap_steps(donate=False)
   pstate = parallel.replicate(par_state)
   pbatch = parallel.shard_batch(batch)
+  window = parallel.InFlight()  # CPU collectives of queued pmap steps can abort
   for key in keys:
     pstate, pmetrics = train(pstate, pbatch, key)
+    window(pmetrics)
+  window.drain()
   peval = parallel.unreplicate(evaluate(pstate, pbatch))
   pstate, pmetrics = parallel.unreplicate(pstate), parallel.unreplicate(pmetrics)
 
@@ -37,6 +40,8 @@ def run_three_ways(jit_model, par_model, batch, steps=3):
   sbatch = parallel.shard_batch_on_mesh(batch, mesh)
   for key in keys:
     sstate, smetrics = train(sstate, sbatch, key)
+    window(smetrics)
+  window.drain()
   seval = evaluate(sstate, sbatch)
   return (single, single_metrics, single_eval), (pstate, pmetrics, peval), (
       sstate, smetrics, seval)
