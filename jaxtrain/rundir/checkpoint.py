@@ -24,7 +24,6 @@ import atexit
 import contextlib
 import dataclasses
 import importlib
-import json
 import operator
 import os
 import pathlib
@@ -43,6 +42,7 @@ from jaxtrain.rundir.checkpointer import (  # noqa: F401 - part of this API
 )
 from jaxtrain.rundir.compat import CheckpointError
 from jaxtrain.rundir.integrity import CheckpointSaveError  # noqa: F401 - part of this API
+from jaxtrain.rundir.record import checkpoint_record, read_config
 
 # Files a run directory of ``fit``/``run`` holds besides its checkpoints (and
 # its lock, which outlives the run): save() leaves such a directory alone.
@@ -284,22 +284,24 @@ def _load_best(checkpointer: Checkpointer, run_dir, like: TrainState, tree_like)
 
 def _checkpoint_config(run_dir: pathlib.Path) -> CheckpointConfig:
   """The run's checkpoint config (the default for a directory written by
-  ``fit`` with a Checkpointer of your own, without config.json)."""
-  path = run_dir / "config.json"
-  if not path.exists():
-    return CheckpointConfig()
-  record = json.loads(path.read_text())
-  saved = record.get("checkpoint") or {}
+  ``fit`` with a Checkpointer of your own, or whose config.json is lost: for
+  reading, the default serves)."""
+  record, _ = read_config(run_dir / "config.json")
+  saved = (record or {}).get("checkpoint") or {}
   fields = {f.name for f in dataclasses.fields(CheckpointConfig)}
   return CheckpointConfig(**{k: v for k, v in saved.items() if k in fields})
 
 
 def _rebuild_state(run_dir: pathlib.Path, build) -> TrainState:
   path = run_dir / "config.json"
-  if not path.exists():
-    raise CheckpointError(f"{str(run_dir)!r} has no config.json to rebuild the model from "
-                          "(checkpoint.save records none): pass like=state to load()")
-  record = json.loads(path.read_text())
+  record, problem = read_config(path)
+  if problem is not None:  # the run's record, kept by its checkpoints, serves build=
+    kept, _ = checkpoint_record(run_dir)
+    record = kept if build is not None else None
+  if record is None:
+    also = " (or build='module:function')" if build is None and kept is not None else ""
+    raise CheckpointError(f"{str(path)!r} is {problem}, so the model cannot be rebuilt from "
+                          f"it: pass like=state{also} to load() the checkpoints without it")
   build = build or record.get("build")
   if not build:
     raise CheckpointError(f"{str(path)!r} names no builder ('build': 'module:function'): "

@@ -268,3 +268,15 @@ class Checkpointer:
     if self._view is not None:
       text = text.replace(str(self._view), str(self.directory))
     return text.splitlines()[0][:200] if first_line and text else text
+
+
+class RecordingCheckpointer(Checkpointer):
+  """Checkpoints that also hold the run's record (config.json without its
+  environment): a run whose config.json is lost is recognised by them."""
+
+  def __init__(self, workdir, config: CheckpointConfig, record: dict):
+    super().__init__(workdir, config)
+    self.record = record
+
+  def save(self, step, arrays, meta, metric=None):
+    super().save(step, arrays, {**meta, "record": self.record}, metric)

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import pathlib
 import shutil
 import signal
 import threading
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -27,10 +27,19 @@ from jaxtrain.data.batching import num_batches
 from jaxtrain.data.indexed import length
 from jaxtrain.engine import distributed
 from jaxtrain.rundir.checkpoint import DIRECTORY, CheckpointConfig, Checkpointer
+from jaxtrain.rundir.checkpointer import RecordingCheckpointer
 from jaxtrain.rundir.group import RunCall
 from jaxtrain.rundir.monitor import RunMonitor
 from jaxtrain.rundir.plots import plot_curves, read_history
-from jaxtrain.rundir.record import check_record, jsonable, write_config
+from jaxtrain.rundir.record import (  # noqa: F401 - NOT_IDENTITY: part of this API
+  NOT_IDENTITY,
+  check_record,
+  checkpoint_record,
+  differences,
+  jsonable,
+  read_config,
+  write_config,
+)
 from jaxtrain.train.config import FitConfig, columns
 from jaxtrain.train.fit import FitResult, fit
 
@@ -42,36 +51,6 @@ class RunDirError(ValueError):
 # What a run writes; overwrite removes only these, never a user's other files.
 RUN_FILES = ("config.json", "metrics.csv", "steps.jsonl", "curves.png", "tensorboard",
              DIRECTORY, f"{DIRECTORY}_damaged")
-# Settings that may change between a run and its resumption.
-NOT_IDENTITY = {"epochs", "overwrite", "workdir", "progress", "checkpoint", "versions",
-                 "backend", "devices_info", "every_epochs", "every_steps", "every_seconds",
-                 "build", "distributed", "data", "profile_steps"}
-_ENVIRONMENT = {"versions", "backend", "devices"}
-
-
-def _identity(record: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-  flat = {}
-  for key, value in record.items():
-    if key in NOT_IDENTITY or (not prefix and key in _ENVIRONMENT):
-      continue
-    if isinstance(value, Mapping):
-      flat.update(_identity(value, f"{prefix}{key}."))
-    else:
-      flat[f"{prefix}{key}"] = value
-  return flat
-
-
-def _same_path(a: Any, b: Any) -> bool:
-  """Whether two recorded values name one existing file or folder (a data
-  folder given relative, then absolute, is the same run)."""
-  if not (isinstance(a, str) and isinstance(b, str) and a and b):
-    return False
-  try:
-    return os.path.samefile(a, b)
-  except OSError:  # either does not exist (or is not a path at all)
-    return False
-
-
 def _import_matplotlib() -> None:
   try:
     import matplotlib.figure  # noqa: F401
@@ -101,27 +80,46 @@ def check_workdir(workdir: str | os.PathLike, record: Mapping[str, Any] | None =
   if not existing or overwrite:
     return False
   config_path = workdir / "config.json"
-  if record is None or not config_path.exists():
+  saved, problem = read_config(config_path)
+  if problem is not None and _has_checkpoints(workdir):
+    return _without_config(workdir, record, problem)
+  if record is None or problem == "missing":
     raise RunDirError(f"workdir {str(workdir)!r} already holds a run "
                       f"({', '.join(existing)}); {hint}")
-  try:
-    saved = _identity(json.loads(config_path.read_text()))
-  except (OSError, ValueError) as error:
-    raise RunDirError(f"{str(config_path)!r} cannot be read ({error}); {hint}") from error
-  wanted = _identity(json.loads(json.dumps(jsonable(dict(record)))))
+  if problem is not None:
+    raise RunDirError(f"{str(config_path)!r} is {problem}; {hint}")
   # A FitConfig field added since the run was written, at its default, is the
   # behaviour the run had: not a difference.
   added = {f"fit.{f.name}": jsonable(f.default) for f in dataclasses.fields(FitConfig)
            if f.default is not dataclasses.MISSING}
-  differences = [f"{key}: {saved.get(key)!r} there, {wanted.get(key)!r} now"
-                 for key in sorted(set(saved) | set(wanted)) if saved.get(key) != wanted.get(key)
-                 and not (key not in saved and key in added and wanted[key] == added[key])
-                 and not _same_path(saved.get(key), wanted.get(key))]
-  if differences:
-    shown = "; ".join(differences[:3]) + ("; ..." if len(differences) > 3 else "")
+  if found := differences(saved, record, added):
+    shown = "; ".join(found[:3]) + ("; ..." if len(found) > 3 else "")
     raise RunDirError(f"workdir {str(workdir)!r} holds a run with a different config "
                       f"({shown}); {hint}")
   return (workdir / DIRECTORY).is_dir()
+
+
+def _has_checkpoints(workdir: pathlib.Path) -> bool:
+  with contextlib.suppress(OSError):
+    return any(p.name.isdigit() for p in (workdir / DIRECTORY).iterdir())
+  return False
+
+
+def _without_config(workdir: pathlib.Path, record: Mapping[str, Any] | None,
+                    problem: str) -> bool:
+  """A run whose config.json is missing or damaged but whose checkpoints are
+  there: resumed (config.json rewritten) when its latest checkpoint records
+  this very run, else refused without a remedy that deletes them."""
+  path = str(workdir / "config.json")
+  saved, step = checkpoint_record(workdir) if record is not None else (None, None)
+  if saved is not None and not differences(saved, record):
+    warnings.warn(f"{path!r} is {problem}: checkpoint {step} records the same run; "
+                  "resuming it and writing config.json again", stacklevel=3)
+    return True
+  why = ("its checkpoints record a different run" if saved is not None
+         else "its checkpoints do not record the run's config")
+  raise RunDirError(f"{path!r} is {problem} and {why}: restore config.json from a copy, "
+                    "or move the run directory aside to keep its checkpoints")
 
 
 LOCK = ".lock"  # held (flock) by the run writing the directory, with its pid inside
@@ -175,8 +173,9 @@ class _RunDirectory:
   is a different run there cleared, and the checkpointer made."""
 
   def __init__(self, workdir: pathlib.Path, checkpoint: CheckpointConfig | None, *,
-               resume: bool):
+               resume: bool, record: Mapping[str, Any]):
     self.workdir, self.checkpoint, self.resume = workdir, checkpoint, resume
+    self.record = jsonable(dict(record), absolute=True)
     self.checkpointer: Checkpointer | None = None
     self.lock: RunDirLock | None = None
 
@@ -195,7 +194,7 @@ class _RunDirectory:
         clear_run(self.workdir)
     _wait_for_every_process("jaxtrain: run directory ready")
     if self.checkpoint is not None:
-      self.checkpointer = Checkpointer(self.workdir, self.checkpoint)
+      self.checkpointer = RecordingCheckpointer(self.workdir, self.checkpoint, self.record)
     return self.checkpointer
 
   def close(self) -> None:
@@ -254,7 +253,9 @@ def stop_on_signals():
   A handler it replaces that keeps a ``received`` list (the command line's,
   installed at start-up) hands over the signals it got before: the run stops
   at once. A second SIGINT calls that handler's ``abort`` (one line, exit at
-  once), else raises KeyboardInterrupt.
+  once), else raises KeyboardInterrupt. (Inside a compiled call no Python
+  handler runs: the command line's wakeup-fd watcher aborts there, whichever
+  handler is installed.)
   """
   if threading.current_thread() is not threading.main_thread():
     yield lambda: None
@@ -320,7 +321,7 @@ def run(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
   record = {**record, "checkpoint": checkpoint, **({"build": build} if build else {})}
   check_record(record)
   resume = check_workdir(workdir, record, overwrite=overwrite) and checkpoint is not None
-  directory = _RunDirectory(workdir, checkpoint, resume=resume)
+  directory = _RunDirectory(workdir, checkpoint, resume=resume, record=record)
 
   primary = distributed.is_primary()
 
