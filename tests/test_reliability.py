@@ -166,6 +166,36 @@ def test_a_second_ctrl_c_aborts_in_one_line_and_the_checkpoint_stays(tmp_path):
   assert int(state.step) == steps[-1] > 0
 
 
+def test_a_second_ctrl_c_inside_one_long_compiled_call_aborts_at_once(tmp_path):
+  """Both SIGINTs land in one call of seconds (one 16,000-example step of a
+  2048x2048 MLP): Python's handler would run only when it returns."""
+  import signal
+  import time
+
+  workdir = tmp_path / "run"
+  child = start(moons(workdir, "--epochs", "1000", "--samples", "20000", "--batch-size",
+                      "16000", "--hidden", "2048", "2048", "--checkpoint.every-epochs", "1"))
+  wait_for(lambda: has_checkpoint(workdir), child)
+  time.sleep(0.3)  # inside the next call
+  child.send_signal(signal.SIGINT)
+  time.sleep(0.03)
+  child.send_signal(signal.SIGINT)
+  sent = time.monotonic()
+  try:
+    out, err = child.communicate(timeout=60)
+  finally:
+    child.kill()
+  took = time.monotonic() - sent
+  assert child.returncode == 130, f"exit {child.returncode} {took:.1f} s after: {err}"
+  assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+  assert took < 2.0, f"exited {took:.1f} s after the second SIGINT"
+  import jaxtrain
+
+  steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  state = jaxtrain.checkpoint.load(workdir)  # the latest checkpoint reads whole
+  assert int(state.step) == steps[-1] > 0
+
+
 @pytest.mark.parametrize("mode", ["--full-batch", "--seeds"])
 def test_sigterm_in_another_mode_exits_0_and_the_rerun_is_a_lone_run(tmp_path, mode):
   import signal
