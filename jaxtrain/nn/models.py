@@ -86,23 +86,30 @@ class BatchNorm(nn.Module):
     if not train:
       mean, var = mean_stat.value, var_stat.value
     else:
-      xf = x.astype(jnp.float32)
-      weights = jnp.ones(x.shape[:-1] + (1,), jnp.float32)
-      if mask is not None:
-        weights = weights * mask.reshape(mask.shape + (1,) * (x.ndim - 1))
-      axes = tuple(range(x.ndim - 1))
-      sums = (jnp.sum(weights), jnp.sum(xf * weights, axes), jnp.sum(xf * xf * weights, axes))
-      if self.axis_name is not None:
-        sums = jax.lax.psum(sums, self.axis_name)
-      count, total, squares = sums
-      mean = total / jnp.maximum(count, 1.0)
-      var = jnp.maximum(squares / jnp.maximum(count, 1.0) - mean * mean, 0.0)
+      count, mean, var = masked_moments(x, mask, self.axis_name)
       if not self.is_initializing():
         unbiased = var * count / jnp.maximum(count - 1.0, 1.0)
         mean_stat.value = self.momentum * mean_stat.value + (1 - self.momentum) * mean
         var_stat.value = self.momentum * var_stat.value + (1 - self.momentum) * unbiased
     y = (x.astype(jnp.float32) - mean) * jax.lax.rsqrt(var + self.epsilon)
     return (y * scale + bias).astype(x.dtype)
+
+
+def masked_moments(x, mask, axis_name):
+  """``(count, mean, var)`` over every axis but the last of ``x``, from masked
+  sums added over ``axis_name`` (None: this device's rows): a device holding
+  only padding, or fewer rows than the others, weighs what it holds."""
+  xf = x.astype(jnp.float32)
+  weights = jnp.ones(x.shape[:-1] + (1,), jnp.float32)
+  if mask is not None:
+    weights = weights * mask.reshape(mask.shape + (1,) * (x.ndim - 1))
+  axes = tuple(range(x.ndim - 1))
+  sums = (jnp.sum(weights), jnp.sum(xf * weights, axes), jnp.sum(xf * xf * weights, axes))
+  if axis_name is not None:
+    sums = jax.lax.psum(sums, axis_name)
+  count, total, squares = sums
+  mean = total / jnp.maximum(count, 1.0)
+  return count, mean, jnp.maximum(squares / jnp.maximum(count, 1.0) - mean * mean, 0.0)
 
 
 def _batch_norm(module: nn.Module, x, *, train: bool, mask):

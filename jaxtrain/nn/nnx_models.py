@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxtrain.nn import conv as _conv
+from jaxtrain.nn.models import masked_moments
 
 
 class BatchNorm(nnx.Module):
@@ -40,17 +41,7 @@ class BatchNorm(nnx.Module):
     if self.use_running_average:
       mean, var = self.mean[...], self.var[...]
     else:
-      xf = x.astype(jnp.float32)
-      weights = jnp.ones(x.shape[:-1] + (1,), jnp.float32)
-      if mask is not None:
-        weights = weights * mask.reshape(mask.shape + (1,) * (x.ndim - 1))
-      axes = tuple(range(x.ndim - 1))
-      sums = (jnp.sum(weights), jnp.sum(xf * weights, axes), jnp.sum(xf * xf * weights, axes))
-      if self.axis_name is not None:
-        sums = jax.lax.psum(sums, self.axis_name)
-      count, total, squares = sums
-      mean = total / jnp.maximum(count, 1.0)
-      var = jnp.maximum(squares / jnp.maximum(count, 1.0) - mean * mean, 0.0)
+      count, mean, var = masked_moments(x, mask, self.axis_name)
       unbiased = var * count / jnp.maximum(count - 1.0, 1.0)
       self.mean[...] = self.momentum * self.mean[...] + (1 - self.momentum) * mean
       self.var[...] = self.momentum * self.var[...] + (1 - self.momentum) * unbiased
