@@ -124,3 +124,14 @@ def test_bad_profile_ranges_are_refused(value):
 def test_a_profile_past_the_run_is_refused(tmp_path):
   with pytest.raises(ValueError, match="--profile-steps.*12 steps"):
     run_fit(tmp_path, profile_steps=(10, 20))
+
+
+def test_a_process_without_a_run_directory_does_not_trace():
+  """The other processes of a multi-process run have no monitor: only process
+  0 traces (rank 1 used to fail reading monitor.workdir)."""
+  from jaxtrain.train.throughput import Profile
+
+  profile = Profile((0, 2))
+  profile.before(0, None)
+  assert not profile.active and profile.directory is None
+  profile.after(2, {}, print)  # nothing to stop

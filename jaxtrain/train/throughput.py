@@ -153,7 +153,8 @@ def measure_run(state: TrainState, train, config, spec, devices) -> Throughput:
 
 class Profile:
   """Starts a ``jax.profiler`` trace where a call begins at step ``first`` and
-  stops it once the call ending at step ``last`` has run (no steps: does nothing)."""
+  stops it once the call ending at step ``last`` has run (no steps: does nothing);
+  in a multi-process run, process 0's."""
 
   def __init__(self, steps: tuple[int, int] | None = None):
     self.first, self.last = steps or (-1, -1)
@@ -172,8 +173,11 @@ class Profile:
     return cls(steps)
 
   def before(self, step: int, monitor) -> None:
-    if step == self.first and not self.active:
-      self.directory = os.path.join(monitor.workdir, "profile")
+    # Process 0 traces (its monitor writes the run directory); a process
+    # without one (the others of a multi-process run) does not.
+    workdir = getattr(monitor, "workdir", None)
+    if step == self.first and not self.active and workdir is not None:
+      self.directory = os.path.join(workdir, "profile")
       jax.profiler.start_trace(self.directory)
       self.active = True
 
