@@ -258,3 +258,20 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
   for i, leaf in enumerate(reference):
     assert np.array_equal(final[str(i)], np.asarray(leaf)), f"leaf {i} differs"
   assert saved_steps(directory) == [20, 24]  # keep=2 across processes
+
+
+def test_fit_refuses_in_one_line_to_resume_a_save_directory(tmp_path):
+  """Checkpoints of checkpoint.save record no run position (fit used to fail
+  with KeyError: 'position')."""
+  from jaxtrain.rundir.checkpointer import Checkpointer
+
+  state = jaxtrain.create_train_state(
+      jaxtrain.models.MLP(hidden_sizes=(4,), outputs=2), jaxtrain.make_optimizer("sgd", 0.1),
+      jax.random.key(0), np.zeros((1, 2), np.float32), loss_fn=jaxtrain.losses.cross_entropy)
+  jaxtrain.checkpoint.save(tmp_path, state)
+  x = np.random.default_rng(0).normal(size=(16, 2)).astype(np.float32)
+  with pytest.raises(ValueError) as raised:
+    jaxtrain.fit(state, {"inputs": x, "targets": (x[:, 0] > 0).astype(np.int32)},
+                 checkpointer=Checkpointer(tmp_path), log=lambda _: None,
+                 config=jaxtrain.FitConfig(epochs=1, batch_size=8, progress=False))
+  assert "records no run position" in str(raised.value) and "\n" not in str(raised.value)

@@ -30,6 +30,11 @@ def resume(checkpointer, tree, say, start: Position, num_train: int, epochs: int
     raise ValueError(f"the training set has {num_train} rows, but the checkpoint at step {step} "
                      f"in {checkpointer.directory} was trained on {meta['num_train']}: "
                      "resume with the same data, or start a new run directory")
+  if "position" not in meta:
+    raise ValueError(f"the checkpoint at step {step} in {checkpointer.directory} records no "
+                     "run position (written by jaxtrain.checkpoint.save): fit resumes only "
+                     "its own checkpoints; load it with checkpoint.load(..., like=state) and "
+                     "pass that state to fit, with another checkpoint directory")
   position = Position.from_json(meta["position"])
   if epochs is not None and (position.epoch, position.batch) > (epochs, 0):
     done = (f"{position.epoch} epochs" if not position.batch else
