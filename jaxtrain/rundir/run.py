@@ -88,15 +88,18 @@ def check_workdir(workdir: str | os.PathLike, record: Mapping[str, Any] | None =
                       f"({', '.join(existing)}); {hint}")
   if problem is not None:
     raise RunDirError(f"{str(config_path)!r} is {problem}; {hint}")
-  # A FitConfig field added since the run was written, at its default, is the
-  # behaviour the run had: not a difference.
-  added = {f"fit.{f.name}": jsonable(f.default) for f in dataclasses.fields(FitConfig)
-           if f.default is not dataclasses.MISSING}
-  if found := differences(saved, record, added):
+  if found := differences(saved, record, _added_defaults()):
     shown = "; ".join(found[:3]) + ("; ..." if len(found) > 3 else "")
     raise RunDirError(f"workdir {str(workdir)!r} holds a run with a different config "
                       f"({shown}); {hint}")
   return (workdir / DIRECTORY).is_dir()
+
+
+def _added_defaults() -> dict[str, Any]:
+  """A FitConfig field added since a run was written, at its default, is the
+  behaviour the run had: not a difference."""
+  return {f"fit.{f.name}": jsonable(f.default) for f in dataclasses.fields(FitConfig)
+          if f.default is not dataclasses.MISSING}
 
 
 def _has_checkpoints(workdir: pathlib.Path) -> bool:
@@ -112,12 +115,13 @@ def _without_config(workdir: pathlib.Path, record: Mapping[str, Any] | None,
   this very run, else refused without a remedy that deletes them."""
   path = str(workdir / "config.json")
   saved, step = checkpoint_record(workdir) if record is not None else (None, None)
-  if saved is not None and not differences(saved, record):
+  if saved is not None and not differences(saved, record, _added_defaults()):
     warnings.warn(f"{path!r} is {problem}: checkpoint {step} records the same run; "
                   "resuming it and writing config.json again", stacklevel=3)
     return True
   why = ("its checkpoints record a different run" if saved is not None
-         else "its checkpoints do not record the run's config")
+         else "its checkpoints do not record the run's config" if record is not None
+         else "this call names no run to compare")
   raise RunDirError(f"{path!r} is {problem} and {why}: restore config.json from a copy, "
                     "or move the run directory aside to keep its checkpoints")
 
@@ -282,6 +286,9 @@ def stop_on_signals():
   finally:
     for s, h in previous.items():
       signal.signal(s, h)
+    forget = getattr(before, "forget", None)
+    if forget is not None:  # the command line's watcher of a second SIGINT
+      forget()
 
 
 def run(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
