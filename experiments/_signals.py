@@ -45,14 +45,25 @@ handler.received = received
 handler.abort = abort
 
 
+_seen: list[bool] = [False]  # a SIGTERM/SIGINT the current stop request answers
+
+
+def forget() -> None:
+  """A run that answered the signals has ended: the next SIGINT is a new stop
+  request, not a second one (as for the Python-level handlers)."""
+  _seen[0] = False
+
+
+handler.forget = forget
+
+
 def _watch(fd: int) -> None:
-  """Aborts at a SIGINT after any SIGTERM/SIGINT since :func:`install`."""
-  seen = False
+  """Aborts at a SIGINT after a SIGTERM/SIGINT not yet forgotten."""
   while data := os.read(fd, 512):
     for signum in data:
-      if signum == signal.SIGINT and seen:
+      if signum == signal.SIGINT and _seen[0]:
         abort()
-      seen = seen or signum in (signal.SIGINT, signal.SIGTERM)
+      _seen[0] = _seen[0] or signum in (signal.SIGINT, signal.SIGTERM)
 
 
 def _forget_wakeup_fd() -> None:
