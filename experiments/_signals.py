@@ -3,9 +3,10 @@
 ``python -m experiments.NAME`` installs :func:`handler` while the package is
 imported, before JAX is: a signal during start-up, data loading or compilation
 is kept and handed to the run (``jaxtrain.run.run`` adopts it and stops at
-its first call boundary, saying what was saved), and one after the run ended
-changes nothing. A second SIGINT aborts at once in one line; the last
-checkpoint stays intact (Orbax writes each one to a temporary folder first).
+its first call boundary, saying what was saved); one after a run that ended
+on its own changes nothing. A second SIGINT aborts at once in one line, also
+after the run it stopped, while the process finishes; the last checkpoint
+stays intact (Orbax writes each one to a temporary folder first).
 
 "At once" holds inside a long compiled call too: Python runs handlers only
 between bytecodes, so while the main thread waits in XLA both SIGINTs would
@@ -49,7 +50,7 @@ _seen: list[bool] = [False]  # a SIGTERM/SIGINT the current stop request answers
 
 
 def forget() -> None:
-  """A run that answered the signals has ended: the next SIGINT is a new stop
+  """A run that got no signal has ended: the next SIGINT is a first stop
   request, not a second one (as for the Python-level handlers)."""
   _seen[0] = False
 

@@ -243,3 +243,37 @@ def test_the_default_cadence_checkpoints_within_the_first_half_of_a_20_s_run(tmp
     child.kill()
   assert child.returncode == 0, err
   assert first < 10.0, f"first checkpoint after {first:.1f} s of training"
+
+
+def test_a_run_stopped_by_a_signal_hands_it_back_and_one_that_was_not_forgets():
+  """The command line's handler (experiments._signals) stays the judge of a
+  second SIGINT after the run: a run stopped by SIGTERM leaves the request
+  pending (a SIGINT while curves are drawn aborts); a run that got none
+  forgets, so the next SIGINT is a first one."""
+  import signal
+
+  from jaxtrain.rundir.run import stop_on_signals
+
+  forgotten = []
+
+  def command_line(signum, frame):
+    command_line.received.append(signal.Signals(signum).name)
+
+  command_line.received = []
+  command_line.forget = lambda: forgotten.append(True)
+  before = signal.signal(signal.SIGTERM, command_line)
+  try:
+    with stop_on_signals() as should_stop:
+      assert should_stop() is None
+      os.kill(os.getpid(), signal.SIGTERM)
+      assert should_stop() == "SIGTERM"
+      assert command_line.received == []  # the run answers it, not the command line
+    assert command_line.received == ["SIGTERM"] and forgotten == []
+    with stop_on_signals() as should_stop:  # a later run adopts it: it stops at once
+      assert should_stop() == "SIGTERM"
+    command_line.received.clear()
+    with stop_on_signals() as should_stop:
+      assert should_stop() is None
+    assert command_line.received == [] and forgotten == [True]
+  finally:
+    signal.signal(signal.SIGTERM, before)

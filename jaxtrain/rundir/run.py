@@ -256,8 +256,10 @@ def stop_on_signals():
 
   A handler it replaces that keeps a ``received`` list (the command line's,
   installed at start-up) hands over the signals it got before: the run stops
-  at once. A second SIGINT calls that handler's ``abort`` (one line, exit at
-  once), else raises KeyboardInterrupt. (Inside a compiled call no Python
+  at once; a run stopped by a signal hands it back, so that a SIGINT while the
+  process finishes (curves, summaries) is the second one. A second SIGINT
+  calls that handler's ``abort`` (one line, exit at once), else raises
+  KeyboardInterrupt. (Inside a compiled call no Python
   handler runs: the command line's wakeup-fd watcher aborts there, whichever
   handler is installed.)
   """
@@ -286,9 +288,10 @@ def stop_on_signals():
   finally:
     for s, h in previous.items():
       signal.signal(s, h)
-    forget = getattr(before, "forget", None)
-    if forget is not None:  # the command line's watcher of a second SIGINT
-      forget()
+    if received and pending is not None:
+      pending.extend(received)  # still a stop request: a SIGINT now is the second
+    elif (forget := getattr(before, "forget", None)) is not None:
+      forget()  # the command line's watcher of a second SIGINT: none was answered
 
 
 def run(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
