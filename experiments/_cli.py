@@ -141,7 +141,11 @@ def main(config_type: type[T], run: Callable[[T], object], args: list[str] | Non
     from jaxtrain.engine.cache import enable_compilation_cache
 
     if getattr(config, "distributed", None) is not None:
-      distributed.initialize(config.distributed)  # before any JAX computation
+      if distributed.initialize(config.distributed) and not distributed.is_primary():
+        # Process 0 reports (its summary, its stop messages); the others' stdout
+        # (gloo's C++ lines included) would repeat it. Their stderr stays.
+        sys.stdout.flush()
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
     enable_compilation_cache()  # a second run starts compiled ($JAXTRAIN_CACHE_DIR)
     from experiments._sweep_train import observe
 

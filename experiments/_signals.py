@@ -96,3 +96,6 @@ def install() -> None:
   for sig in (signal.SIGTERM, signal.SIGINT):
     signal.signal(sig, handler)
   _start_watcher()
+  # jaxtrain.launch starts its ranks with both blocked: one sent before now
+  # was pending, and arrives here as a stop request.
+  signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGTERM, signal.SIGINT))

@@ -29,6 +29,20 @@ import importlib
 import importlib.machinery
 import sys
 
+
+def _launching() -> bool:
+  """Whether this process is ``python -m jaxtrain.launch``."""
+  argv = getattr(sys, "orig_argv", [])
+  return "-m" in argv and argv[argv.index("-m") + 1:][:1] == ["jaxtrain.launch"]
+
+
+if _launching():
+  # Importing this package takes a second or more (JAX); a stop signal meanwhile
+  # waits, blocked, for the launcher to forward it to the ranks it starts.
+  import signal
+
+  signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGTERM, signal.SIGINT, signal.SIGHUP))
+
 from jaxtrain import data
 from jaxtrain.core import losses
 from jaxtrain.core.keys import as_key, key_for

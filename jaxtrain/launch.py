@@ -8,8 +8,18 @@ local port), ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` set, which
 ``jaxtrain.engine.distributed.initialize`` (every experiment calls it) reads.
 Their output lines come prefixed with the rank. If one child fails (or is
 killed), the others are stopped (SIGTERM, then SIGKILL after ``--grace``
-seconds) and the launcher exits with that child's status, naming its rank. A
-SIGTERM or SIGINT to the launcher goes to every child.
+seconds) and the launcher exits with that child's status, naming its rank.
+
+A SIGTERM, SIGINT or SIGHUP to the launcher goes to every child, once: the
+children run in process groups of their own, so a Ctrl-C in the terminal
+reaches them through the launcher only (from the terminal too, each would
+take the second copy for a second Ctrl-C and abort). A signal at any moment
+is a stop request, start-up included: the children start with SIGTERM and
+SIGINT blocked, so one sent before a child can answer it waits, pending,
+until jaxtrain installs its handler (``python -m experiments.NAME`` at its
+first import, ``jaxtrain.engine.distributed.initialize`` and
+``jaxtrain.run.run`` otherwise) and unblocks them. A program that uses none
+of these must unblock them itself (``signal.pthread_sigmask``).
 """
 
 from __future__ import annotations
@@ -22,6 +32,16 @@ import subprocess
 import sys
 import threading
 import time
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)  # blocked in a child until it answers them
+FORWARDED = (*STOP_SIGNALS, signal.SIGHUP)
+
+
+def unblock_stop_signals() -> None:
+  """Lets SIGTERM and SIGINT in, once a handler answers them (the launcher
+  starts its children with them blocked; a pending one arrives now)."""
+  if threading.current_thread() is threading.main_thread():
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 def free_port() -> int:
@@ -61,25 +81,38 @@ def launch(args: list[str], processes: int, *, cpu_devices: int = 0, grace: floa
             if not f.startswith("--xla_force_host_platform_device_count")]
     base["XLA_FLAGS"] = " ".join(kept + [f"--xla_force_host_platform_device_count={cpu_devices}"])
   lock = threading.Lock()
-  children, pumps = [], []
-  for rank in range(processes):
-    child_env = {**base, "JAX_PROCESS_ID": str(rank), "PYTHONUNBUFFERED": "1"}
-    child = subprocess.Popen([sys.executable, *args], env=child_env, text=True,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    children.append(child)
-    for stream, out in ((child.stdout, sys.stdout), (child.stderr, sys.stderr)):
-      pump = threading.Thread(target=_pump, args=(stream, rank, out, lock), daemon=True)
-      pump.start()
-      pumps.append(pump)
+  children, pumps, forwarded = [], [], []
 
   def forward(signum, frame):
+    forwarded.append(signum)  # a child started after this gets it too
     for child in children:
       if child.poll() is None:
         child.send_signal(signum)
 
-  previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+  previous = {s: signal.signal(s, forward) for s in FORWARDED}
+  # Blocked while ``python -m jaxtrain.launch`` imported jaxtrain: one sent
+  # then arrives now, and goes to every rank as it starts.
+  signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
   status = 0
   try:
+    for rank in range(processes):
+      child_env = {**base, "JAX_PROCESS_ID": str(rank), "PYTHONUNBUFFERED": "1"}
+      # Blocked in the child from its first instruction (the mask survives
+      # exec): a signal before jaxtrain's handler waits for it, never kills.
+      mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+      try:
+        child = subprocess.Popen([sys.executable, *args], env=child_env, text=True,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 process_group=0)
+      finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+      children.append(child)
+      for signum in dict.fromkeys(forwarded):
+        child.send_signal(signum)
+      for stream, out in ((child.stdout, sys.stdout), (child.stderr, sys.stderr)):
+        pump = threading.Thread(target=_pump, args=(stream, rank, out, lock), daemon=True)
+        pump.start()
+        pumps.append(pump)
     while [c.poll() for c in children].count(None):  # every child polled: any() stops early
       failed = [(r, c.returncode) for r, c in enumerate(children)
                 if c.returncode not in (None, 0)]

@@ -75,6 +75,7 @@ def test_two_processes_equal_one_process_of_four_devices(two_process_run, tmp_pa
   # Only process 0 reports and writes the run's files.
   epoch_lines = [line for line in out.splitlines() if f"epoch {EPOCHS}/{EPOCHS}" in line]
   assert epoch_lines and all(line.startswith("[0] ") for line in epoch_lines), epoch_lines
+  assert not [line for line in out.splitlines() if line.startswith("[1] ")], out[-2000:]
   record = json.loads((workdir / "config.json").read_text())
   assert record["devices"]["process_count"] == 2 and record["devices"]["count"] == 4
 
@@ -175,6 +176,101 @@ def test_a_lost_rank_ends_the_other_within_the_heartbeat_naming_it(tmp_path):
   # or "Task 1 heartbeat timeout", depending on where the survivor waited.
   text = (tmp_path / "0.err").read_text()
   assert re.search(r"stopped sending heartbeats\):\s+1\b|Task 1 heartbeat timeout", text), text[-2000:]
+
+
+def test_ranks_start_with_stop_signals_blocked_in_groups_of_their_own():
+  """What makes a signal at any moment a stop request: a rank cannot die of a
+  SIGTERM sent before it could answer it (pending until jaxtrain unblocks), and
+  a Ctrl-C in the terminal reaches it once, through the launcher."""
+  probe = ("import os, signal; blocked = signal.pthread_sigmask(signal.SIG_BLOCK, []); "
+           "print(sorted(s.name for s in blocked), os.getpgid(0) == os.getpid())")
+  done = subprocess.run([sys.executable, "-m", "jaxtrain.launch", "-n", "2", "--", "-c", probe],
+                        cwd=REPO, env=env(), capture_output=True, text=True, timeout=60)
+  assert done.returncode == 0, done.stderr
+  assert sorted(done.stdout.splitlines()) == ["[0] ['SIGINT', 'SIGTERM'] True",
+                                              "[1] ['SIGINT', 'SIGTERM'] True"]
+
+
+def wait_for_children(launcher, count=2):
+  deadline = time.monotonic() + 60
+  while time.monotonic() < deadline and launcher.poll() is None:
+    try:
+      ranks = children(launcher.pid)
+    except FileNotFoundError:  # a child gone between listing and reading
+      ranks = {}
+    if len(ranks) == count:
+      return ranks
+    time.sleep(0.002)
+  pytest.fail(f"the launcher did not start {count} ranks (status {launcher.poll()})")
+
+
+def test_sigterm_to_the_launcher_as_its_ranks_start_stops_both_before_training(tmp_path):
+  """The ranks get the signal in their first milliseconds, before Python has
+  imported anything: each keeps it pending, both stop at the agreed start."""
+  launcher = subprocess.Popen(launch_command(tmp_path / "run"), cwd=REPO, env=env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  wait_for_children(launcher)
+  launcher.send_signal(signal.SIGTERM)
+  out, err = launcher.communicate(timeout=120)
+  assert launcher.returncode == 0, err[-3000:]
+  assert "[0] SIGTERM: stopped before training began; nothing to save" in out, out[-2000:]
+  assert "Traceback" not in err and "preemption" not in err.lower(), err[-2000:]
+
+
+def test_sigterm_to_the_launcher_while_it_imports_is_forwarded_not_fatal(tmp_path):
+  """0.3 s in, ``python -m jaxtrain.launch`` is still importing jaxtrain (JAX):
+  the signal waits for its handler and reaches both ranks as a stop request."""
+  launcher = subprocess.Popen(launch_command(tmp_path / "run"), cwd=REPO, env=env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  time.sleep(0.3)
+  launcher.send_signal(signal.SIGTERM)
+  out, err = launcher.communicate(timeout=120)
+  assert launcher.returncode == 0, err[-3000:]
+  assert "[0] SIGTERM: stopped before training began; nothing to save" in out, out[-2000:]
+
+
+def test_ctrl_c_in_the_terminal_stops_both_ranks_once_and_saves(tmp_path):
+  """The terminal sends SIGINT to its foreground process group: the launcher's.
+  Each rank receives it once (from the launcher), so it is a stop request,
+  never a second Ctrl-C."""
+  workdir = tmp_path / "run"
+  launcher = subprocess.Popen(launch_command(workdir, epochs=1000), cwd=REPO, env=env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              process_group=0)
+  checkpoints = workdir / "checkpoints"
+  deadline = time.monotonic() + 180
+  while not (checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir())):
+    assert time.monotonic() < deadline and launcher.poll() is None, launcher.poll()
+    time.sleep(0.05)
+  os.killpg(launcher.pid, signal.SIGINT)
+  out, err = launcher.communicate(timeout=120)
+  assert launcher.returncode == 0, err[-3000:]
+  assert "second SIGINT" not in err and "[0] SIGINT: saved a checkpoint" in out, out[-2000:]
+
+
+def test_the_default_cadence_checkpoints_two_processes_within_seconds(tmp_path):
+  """A save due by time is agreed (its deadline a duration, never a sentinel
+  that overflows): the first comes seconds into training, as in one process,
+  not at the end."""
+  workdir = tmp_path / "run"
+  command = [c for c in launch_command(workdir, epochs=1000000)
+             if c not in ("--checkpoint.every-epochs", "1")]
+  launcher = subprocess.Popen(command, cwd=REPO, env=env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+  steps, checkpoints = workdir / "steps.jsonl", workdir / "checkpoints"
+  deadline = time.monotonic() + 120
+  while not (steps.is_file() and steps.stat().st_size):
+    assert time.monotonic() < deadline and launcher.poll() is None, launcher.poll()
+    time.sleep(0.02)
+  began = time.monotonic()
+  while not (checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir())):
+    assert time.monotonic() < began + 60 and launcher.poll() is None, launcher.poll()
+    time.sleep(0.02)
+  first = time.monotonic() - began
+  launcher.send_signal(signal.SIGTERM)
+  out, err = launcher.communicate(timeout=120)
+  assert launcher.returncode == 0, err[-3000:]
+  assert first < 10.0, f"first checkpoint after {first:.1f} s of training"
 
 
 # -- set-up errors (no processes started) -----------------------------------------

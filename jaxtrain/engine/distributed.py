@@ -87,13 +87,16 @@ class DistributedConfig:
 
   @property
   def enabled(self) -> bool:
+    """Whether this config asks for a multi-process run at all."""
     return self.auto or self.num_processes is not None or self.coordinator is not None
 
 
 def initialize(config: DistributedConfig | None = None) -> bool:
   """Joins the run described by ``config`` (and the ``JAX_*`` variables);
   call it before any JAX computation. Returns whether this is a multi-process
-  run. On CPU the cross-process collectives are gloo.
+  run. On CPU the cross-process collectives are gloo. SIGTERM stays with the
+  process's own handler: JAX's preemption service, which would take it, is
+  off (``jaxtrain.run.run`` stops every process at the same step instead).
 
   >>> initialize(DistributedConfig())  # nothing set: one process, nothing done
   False
@@ -112,7 +115,14 @@ def initialize(config: DistributedConfig | None = None) -> bool:
                        f"for {config.num_processes} processes, got {config.process_id}")
   import jax
 
+  from jaxtrain.launch import unblock_stop_signals
+
+  unblock_stop_signals()  # blocked by jaxtrain.launch until now (pending ones arrive)
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  # JAX's preemption notifier would take SIGTERM from whatever handler is
+  # installed (jaxtrain's run answers it, agreed across the processes at its
+  # next call boundary); a SIGTERM it caught would be lost to the run.
+  jax.config.update("jax_enable_preemption_service", False)
   if config.auto:
     jax.distributed.initialize(heartbeat_timeout_seconds=config.heartbeat_seconds)
   else:
