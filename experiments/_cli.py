@@ -4,7 +4,8 @@ Bad input ends with exit status 2 and one line on stderr naming the offending
 argument or file, without a traceback (set ``JAXTRAIN_DEBUG=1`` for one); a run
 that diverged (a non-finite loss or gradient stopped it) ends with exit status 3;
 a run that could not write (a full, failing or read-only disk after it started)
-ends with exit status 4, its last checkpoint intact.
+ends with exit status 4, its last checkpoint intact; a run whose callback raised
+ends with exit status 1 and its one line, after a checkpoint.
 """
 
 from __future__ import annotations
@@ -154,6 +155,13 @@ def main(config_type: type[T], run: Callable[[T], object], args: list[str] | Non
     if os.environ.get("JAXTRAIN_DEBUG"):
       raise
     fail(str(error).splitlines()[0] if str(error) else type(error).__name__)
+  except RuntimeError as error:  # a callback raised: the run saved, then ends in one line
+    from jaxtrain.train.callbacks import CallbackError
+
+    if not isinstance(error, CallbackError) or os.environ.get("JAXTRAIN_DEBUG"):
+      raise
+    print(f"error: {str(error).splitlines()[0]}", file=sys.stderr)
+    raise SystemExit(1) from None
   except OSError as error:  # a failed save names its checkpoints; a log write, its errno
     if os.environ.get("JAXTRAIN_DEBUG"):
       raise

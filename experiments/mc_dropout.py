@@ -45,6 +45,7 @@ class Config:
   dropout: float = 0.2  # Dropout rate after each hidden layer (> 0 for MC dropout).
   epochs: int = 60  # Passes over the training set.
   batch_size: int = 32  # Mini-batch size.
+  # The optimizer (its flags take no "optim." prefix).
   optim: Annotated[OptimizerConfig, tyro.conf.OmitArgPrefixes] = OptimizerConfig(
       "adam", learning_rate=0.01)
   # L1/L2 penalty terms in the loss and input noise (flags take no "reg." prefix).

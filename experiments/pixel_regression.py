@@ -52,6 +52,7 @@ class Config:
   epochs: int = 40  # The most passes over the training set.
   patience: int = 5  # Stop after this many epochs without a better validation loss.
   batch_size: int = 64  # Mini-batch size.
+  # The optimizer (its flags take no "optim." prefix).
   optim: Annotated[OptimizerConfig, tyro.conf.OmitArgPrefixes] = OptimizerConfig(
       "adam", learning_rate=1e-3)
   # L1/L2 penalty terms in the loss and input noise (flags take no "reg." prefix).

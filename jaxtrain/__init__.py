@@ -4,7 +4,7 @@ The core is three pure functions on a :class:`TrainState` pytree:
 :func:`create_train_state`, :func:`train_step` and :func:`eval_step`, written once
 per device and run under ``jax.jit``, ``jax.pmap`` or ``jax.shard_map``.
 
-The package is laid out by concern (see the README's module map): ``core`` (keys,
+The package is laid out by concern (see docs/reference/layout.md): ``core`` (keys,
 state, steps, metrics, losses, optimizers), ``nn`` (models, convolutions),
 ``data`` (batching, sources), ``engine`` (compiled programs, feeds, devices),
 ``train`` (``fit`` and its pure bookkeeping) and ``rundir`` (run directories:
@@ -55,9 +55,11 @@ from jaxtrain.core.state import TrainState, create_train_state
 from jaxtrain.core.step import compute_gradients, eval_step, train_step
 from jaxtrain.engine import parallel
 from jaxtrain.nn import models
+from jaxtrain.train.callbacks import Callback
 from jaxtrain.train.config import FitConfig
 from jaxtrain.train.fit import FitResult, fit
 from jaxtrain.train.stopping import EarlyStopping
+from jaxtrain.train.summary import Summary, summary
 
 __version__ = "0.1.0"
 
@@ -67,6 +69,7 @@ __version__ = "0.1.0"
 # import cross_entropy`): `_Aliases` below resolves it to the module it names.
 _SUBMODULES = {
     "cache": "jaxtrain.engine.cache",
+    "callbacks": "jaxtrain.train.callbacks",
     "checkpoint": "jaxtrain.rundir.checkpoint",
     "conv": "jaxtrain.nn.conv",
     "datasets": "jaxtrain.data",
@@ -136,12 +139,14 @@ def __dir__():
 
 
 __all__ = [
+    "Callback",
     "EarlyStopping",
     "FitConfig",
     "FitResult",
     "Prediction",
     "ReduceLROnPlateau",
     "Regularization",
+    "Summary",
     "TrainState",
     "as_key",
     "compute_gradients",
@@ -156,6 +161,7 @@ __all__ = [
     "parallel",
     "predict",
     "summarize",
+    "summary",
     "to_module",
     "train_step",
     "with_module",

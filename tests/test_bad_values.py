@@ -3,6 +3,7 @@ anything is written; values that mean the same run are the same run."""
 
 import json
 import re
+import shutil
 
 import jax
 import numpy as np
@@ -157,6 +158,62 @@ def test_fewer_epochs_than_a_finished_run_is_refused_and_changes_nothing(tmp_pat
   assert {p.name: p.read_bytes() for p in workdir.iterdir() if p.is_file()} == before
   # The same epochs (a finished run, rerun) is accepted.
   _cli.main(two_moons.Config, two_moons.main, [*TINY, "--workdir", str(workdir)])
+
+
+def tree_hashes(root):
+  """Every file and folder under ``root``: a path's SHA-256 (None: a folder)."""
+  import hashlib
+
+  return {str(p.relative_to(root)): None if p.is_dir() else hashlib.sha256(
+      p.read_bytes()).hexdigest() for p in sorted(root.rglob("*"))}
+
+
+@pytest.mark.filterwarnings("error")  # the refusal alone: no warning about the damage
+def test_a_refused_rerun_changes_no_file_even_with_damage_and_deletions_pending(tmp_path, capsys):
+  """A damaged side file (process 0 moves it aside when the run opens its
+  checkpoints) and a half-purged deletion (removed at the next save) stay as
+  they were: the refusal is decided before the run directory is opened."""
+  workdir = tmp_path / "run"
+  _cli.main(two_moons.Config, two_moons.main, [*TINY, "--workdir", str(workdir)])
+  checkpoints = workdir / "checkpoints"
+  step = min(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
+  side = checkpoints / str(step) / "_CHECKPOINT_METADATA"
+  assert side.is_file()
+  side.write_bytes(b"\x00garbled")
+  (checkpoints / "deleting" / "3").mkdir(parents=True)
+  (checkpoints / "deleting" / "3" / "left").write_text("a deletion a kill interrupted")
+  before = tree_hashes(workdir)
+  capsys.readouterr()
+  with pytest.raises(SystemExit) as exit_:
+    _cli.main(two_moons.Config, two_moons.main,
+              [*TINY, "--epochs", "1", "--workdir", str(workdir)])
+  assert exit_.value.code == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "--epochs 1 is fewer than the 2 epochs" in err[0], err
+  assert tree_hashes(workdir) == before
+
+
+def test_a_checkpoint_of_another_seeds_run_is_refused_in_one_line(tmp_path, capsys):
+  """A whole checkpoint (arrays and meta, consistent with each other) copied in
+  from a run of another seed: continuing from it would train seed 1's weights
+  with seed 0's keys. Refused, naming it, before anything changes."""
+  ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+  for workdir, seed in ((ours, "0"), (theirs, "1")):
+    _cli.main(two_moons.Config, two_moons.main, [*TINY, "--seed", seed, "--workdir",
+                                                 str(workdir)])
+  latest = max(int(p.name) for p in (ours / "checkpoints").iterdir() if p.name.isdigit())
+  shutil.rmtree(ours / "checkpoints" / str(latest))
+  shutil.copytree(theirs / "checkpoints" / str(latest), ours / "checkpoints" / str(latest))
+  before = tree_hashes(ours)
+  capsys.readouterr()
+  with pytest.raises(SystemExit) as exit_:
+    _cli.main(two_moons.Config, two_moons.main, [*TINY, "--epochs", "3", "--workdir", str(ours)])
+  assert exit_.value.code == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err == [f"error: the checkpoint at step {latest} in {ours / 'checkpoints'} belongs to "
+                 "a run of seed 1, not 0: give that seed to continue it, or start a new run "
+                 "directory"], err
+  assert tree_hashes(ours) == before
 
 
 def test_a_data_folder_given_relative_or_absolute_is_the_same_run(tmp_path, monkeypatch):

@@ -565,6 +565,17 @@ def test_four_devices_equal_one():
   assert not tree_allclose(one.state.params, new_state(PLAIN_MLP).params)
 
 
+@pytest.mark.parametrize("devices", [1, 4])
+def test_the_callers_state_survives_fit_on_any_device_count(devices):
+  """fit donates its own copy: replicating to 4 devices, device_put would hand
+  it the caller's buffer on device 0 (and the caller's state be deleted)."""
+  state = new_state(PLAIN_MLP)
+  before = jax.tree.map(np.asarray, state.params)
+  train(PLAIN_MLP, state=state, devices=devices, epochs=1, batch_size=8)
+  assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(state.params))
+  assert tree_equal(jax.tree.map(np.asarray, state.params), before)
+
+
 def test_eval_every_steps_matches_direct_evaluation():
   result, _ = train(PLAIN_MLP, epochs=2, batch_size=8, eval_batch_size=16, eval_every_steps=3)
   steps = result.history["step"]
@@ -698,6 +709,7 @@ def test_epoch_seconds_add_up_to_the_training_time(monkeypatch):
   was charged from its call's dispatch: the seconds column summed to ~1.9x the
   run's time. With a clock that ticks once per reading, the sum is exactly the
   time from the first dispatch to the last fetch."""
+  import jaxtrain.train.driver as driver
   import jaxtrain.train.fit as fit_module
 
   readings = []
@@ -708,7 +720,8 @@ def test_epoch_seconds_add_up_to_the_training_time(monkeypatch):
       readings.append(float(len(readings)))
       return readings[-1]
 
-  monkeypatch.setattr(fit_module, "time", Clock)
+  monkeypatch.setattr(fit_module, "time", Clock)  # dispatches
+  monkeypatch.setattr(driver, "time", Clock)  # fetches
   result, _ = train(epochs=6, batch_size=8, eval_batch_size=16, steps_per_call=7)
   seconds = result.history["epoch"]["seconds"]
   assert len(seconds) == 6 and all(s > 0 for s in seconds)

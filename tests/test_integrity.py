@@ -43,9 +43,9 @@ def cut(path):
   path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
-def edit_a_row(path):
+def edit_a_value(path):
   text = path.read_text()
-  match = re.search(r'"val_loss": 0\.(\d)', text)
+  match = re.search(r'"value": 0\.(\d)', text)  # the best epoch's val_loss
   digit = match.end() - 1
   path.write_text(text[:digit] + str((int(text[digit]) + 1) % 10) + text[digit + 1:])
 
@@ -56,11 +56,11 @@ CASES = {  # name: (file under checkpoints/<step>, damage, checkpoint it resumes
     "oldest metrics cut": ("metrics/metrics", FIRST, cut, LAST, r"metrics/metrics is damaged"),
     "latest checkpoint metadata cut": ("_CHECKPOINT_METADATA", LAST, cut, LAST,
                                        r"_CHECKPOINT_METADATA is damaged"),
-    "latest epoch rows edited": ("meta/metadata", LAST, edit_a_row, FIRST,
-                                 r"do not match their SHA-256"),
-    "latest step log edited": ("meta/metadata", LAST, lambda p: p.write_text(
-        p.read_text().replace('"step_log": ["', '"step_log": ["A', 1)), FIRST,
+    "latest position edited": ("meta/metadata", LAST, edit_a_value, FIRST,
                                r"do not match their SHA-256"),
+    "latest step log edited": ("meta/metadata", LAST, lambda p: p.write_text(
+        p.read_text().replace('"step_log": {"records": ', '"step_log": {"records": 1', 1)),
+                               FIRST, r"do not match their SHA-256"),
     "latest array metadata cut": ("arrays/array_metadatas/process_0", LAST, cut, FIRST,
                                   r"checkpoint \d+ in .* is damaged"),
 }
@@ -104,16 +104,94 @@ def test_steps_jsonl_is_rewritten_from_the_checkpoint(runs, tmp_path, how):
   assert len(log.read_text().splitlines()) == EPOCHS * SPE
 
 
-def test_the_checkpoint_holds_steps_jsonl_and_a_digest_of_its_position(runs):
+def test_the_checkpoint_counts_its_logs_whose_lines_are_stored_once(runs):
   _, part = runs
   meta = json.loads((part / "checkpoints" / str(LAST * SPE) / "meta" / "metadata").read_text())
+  import hashlib
+
   from jaxtrain.rundir.integrity import digest
-  from jaxtrain.train.ledger import StepLog
+  from jaxtrain.train import logstore
 
   assert meta["sha256"] == digest({k: v for k, v in meta.items() if k != "sha256"})
-  log = StepLog(meta["position"]["step_records"], tuple(meta["step_log"]))
-  assert log.text() == (part / "steps.jsonl").read_text()
-  assert len(meta["step_log"]) == LAST  # one chunk per save: each adds only its new lines
+  steps = (part / "steps.jsonl").read_bytes()
+  assert meta["step_log"] == {"records": LAST * SPE,
+                              "sha256": hashlib.sha256(steps).hexdigest()}
+  rows = meta["position"]["rows"]
+  assert rows["records"] == LAST and rows["best_step"] % SPE == 0
+  folder = part / "checkpoints" / logstore.FOLDER
+  hasher, texts = logstore.read_back(folder, "steps", meta["step_log"])
+  assert "".join(texts()).encode() == steps
+  # One segment per save and log, each with only the lines since the previous save.
+  assert sorted(p.name for p in folder.iterdir()) == sorted(
+      [f"rows.{e:012d}-{e:012d}.z" for e in range(1, LAST + 1)]
+      + [f"steps.{e * SPE - SPE + 1:012d}-{e * SPE:012d}.z" for e in range(1, LAST + 1)])
+
+
+@pytest.mark.parametrize("damage", ["rows segment", "steps segment", "both logs"])
+def test_damaged_log_segments_cost_at_most_one_warning(runs, tmp_path, damage):
+  """Segments are read only when a file is damaged: a damaged steps segment
+  under an intact steps.jsonl is never read; damaged rows cost one warning,
+  metrics.csv keeping its rows."""
+  whole, part = runs
+  workdir = tmp_path / "run"
+  shutil.copytree(part, workdir)
+  logs = workdir / "checkpoints" / "logs"
+  if damage != "steps segment":
+    flip(logs / f"rows.{2:012d}-{2:012d}.z")
+  if damage != "rows segment":
+    cut(logs / f"steps.{SPE + 1:012d}-{2 * SPE:012d}.z")
+  if damage == "both logs":
+    (workdir / "steps.jsonl").unlink()
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    moons(workdir, EPOCHS)
+  messages = [str(w.message) for w in caught]
+  if damage == "steps segment":
+    assert messages == []
+  elif damage == "rows segment":
+    assert len(messages) == 1 and "epoch rows" in messages[0], messages
+  else:
+    assert len(messages) == 2 and "epoch rows" in messages[0], messages
+    assert "steps.jsonl has 0 step records" in messages[1], messages
+    return
+  assert untimed_rows(workdir) == untimed_rows(whole)
+  assert (workdir / "steps.jsonl").read_bytes() == (whole / "steps.jsonl").read_bytes()
+
+
+def test_an_older_checkpoint_holding_its_logs_resumes(runs, tmp_path):
+  """Checkpoints written before the log segments held the epoch rows and the
+  step log (zlib chunks) in their JSON."""
+  import hashlib
+
+  from jaxtrain.rundir.integrity import with_digest
+  from jaxtrain.train import logstore
+  from jaxtrain.train.ledger import StepLog
+
+  whole, part = runs
+  workdir = tmp_path / "run"
+  shutil.copytree(part, workdir)
+  lines = (workdir / "steps.jsonl").read_text().splitlines(keepends=True)
+  last = json.loads((workdir / "checkpoints" / str(LAST * SPE) / "meta" / "metadata").read_text())
+  _, texts = logstore.read_back(workdir / "checkpoints" / logstore.FOLDER, "rows",
+                                last["position"]["rows"])
+  rows = [json.loads(line) for text in texts() for line in text.splitlines()]
+  for epoch in (FIRST, LAST):
+    path = workdir / "checkpoints" / str(epoch * SPE) / "meta" / "metadata"
+    meta = {k: v for k, v in json.loads(path.read_text()).items() if k != "sha256"}
+    meta["position"]["rows"] = rows[:epoch]
+    meta["step_log"] = [StepLog.chunk(lines[: epoch * SPE])]
+    path.write_text(json.dumps(with_digest(meta)))
+  shutil.rmtree(workdir / "checkpoints" / "logs")
+  (workdir / "steps.jsonl").write_text("damaged\n")
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    moons(workdir, EPOCHS)
+  assert untimed_rows(workdir) == untimed_rows(whole)
+  assert (workdir / "steps.jsonl").read_bytes() == (whole / "steps.jsonl").read_bytes()
+  meta = json.loads((workdir / "checkpoints" / str(EPOCHS * SPE) / "meta" / "metadata")
+                    .read_text())  # the new checkpoint counts them, the segments hold them
+  assert meta["step_log"]["sha256"] == hashlib.sha256(
+      (whole / "steps.jsonl").read_bytes()).hexdigest()
 
 
 def test_a_half_done_deletion_is_finished_and_leaves_no_step_folder(runs, tmp_path):

@@ -1,4 +1,4 @@
-"""The package's structure: the README's module map, one-way imports, nothing
+"""The package's structure: the docs' module map, one-way imports, nothing
 private crossing modules, and a light ``import jaxtrain``."""
 
 import ast
@@ -33,9 +33,9 @@ def _top_level_imports(path: pathlib.Path) -> list[tuple[str, list[str]]]:
   return out
 
 
-def test_readme_module_map_matches_the_tree():
-  readme = (REPO / "README.md").read_text()
-  mapped = set(re.findall(r"^\| `(jaxtrain/[\w/]+\.py)` \|", readme, flags=re.M))
+def test_docs_module_map_matches_the_tree():
+  layout = (REPO / "docs" / "reference" / "layout.md").read_text()
+  mapped = set(re.findall(r"^\| `(jaxtrain/[\w/]+\.py)` \|", layout, flags=re.M))
   tree = {str(p.relative_to(REPO)) for p in PACKAGE.rglob("*.py") if p.name != "__init__.py"}
   assert mapped == tree, (sorted(tree - mapped), sorted(mapped - tree))
 

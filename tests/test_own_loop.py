@@ -93,6 +93,32 @@ def test_saving_an_existing_step_is_refused(tmp_path):
   assert tree_equal(restored.params, state.params)
 
 
+def test_a_refusal_on_another_process_is_every_processs(tmp_path, monkeypatch):
+  """Each process reads the directory itself; a process that saved while
+  another refused would wait in Orbax's collectives forever. Simulated: the
+  agreement answers as if another process had refused (or kept no writer)."""
+  from jaxtrain.engine import distributed
+
+  state = make_state()
+  jaxtrain.checkpoint.save(tmp_path, state, step=1)
+  asked = []
+
+  def another_refuses(values, how, *, name=""):
+    asked.append(name)
+    return [1.0] if name == "checkpoint.save: step" else [float(values[0])]
+
+  monkeypatch.setattr(distributed, "agree", another_refuses)
+  with pytest.raises(ValueError, match="^another process refused this checkpoint.save"):
+    jaxtrain.checkpoint.save(tmp_path, state, step=2)
+  assert saved_steps(tmp_path) == [1]
+  assert asked == ["checkpoint.save: run directory", "checkpoint.save: writer",
+                   "checkpoint.save: step"]
+  monkeypatch.setattr(distributed, "agree", lambda values, how, *, name="": (
+      [0.0] if name == "checkpoint.save: writer" else [float(values[0])]))
+  jaxtrain.checkpoint.save(tmp_path, state, step=2)  # another process reopens: so does this
+  assert saved_steps(tmp_path) == [1, 2]
+
+
 def test_saves_see_checkpoints_changed_by_others(tmp_path):
   # save() keeps its writer open between calls: it must notice what it did not write.
   state = make_state()

@@ -1,5 +1,5 @@
 """A researcher's own Flax model, as pasted from the Flax docs: no ``train`` or
-``mask`` keyword, a plain optax optimizer (README "Your own model")."""
+``mask`` keyword, a plain optax optimizer (docs/guides/own-model.md)."""
 
 import warnings
 

@@ -19,6 +19,7 @@ import textwrap
 import pytest
 
 import jaxtrain
+from jaxtrain.train import driver
 from jaxtrain.train import fit as fit_module
 from jaxtrain.train.cadence import Pace
 from jaxtrain.train.progress import Progress
@@ -59,9 +60,9 @@ def calls(monkeypatch):
     fetched.append([(c.first, c.num) for c in chunks])
     return original(chunks, *args, **kwargs)
 
-  original = fit_module.fetch
+  original = driver.fetch
   monkeypatch.setattr(fit_module, "Pace", FixedPace)
-  monkeypatch.setattr(fit_module, "fetch", fetch)
+  monkeypatch.setattr(driver, "fetch", fetch)  # absorb() fetches each call
   return fetched
 
 

@@ -293,7 +293,7 @@ def _leaf_name(path) -> str | None:
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
-  """The choices of :func:`make_optimizer` that experiments expose as flags.
+  """The choices of make_optimizer() that experiments expose as flags.
 
   Experiments nest it in their configs (flags ``--optimizer``,
   ``--learning-rate``, ...), each with its own defaults.

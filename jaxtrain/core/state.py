@@ -222,7 +222,12 @@ def create_train_state(
   compute_dtype(precision)  # checks the name
   if not callable(loss_fn):
     raise ValueError(f"loss_fn must be callable, got {loss_fn!r}")
-  example_inputs = jnp.asarray(example_inputs)
+  try:
+    example_inputs = jnp.asarray(example_inputs)
+  except (TypeError, ValueError):
+    raise ValueError("example_inputs must be one array of shape [batch, ...] (a model of "
+                     "several inputs takes them stacked or concatenated in one array), got "
+                     f"a {type(example_inputs).__name__}") from None
   if example_inputs.ndim < 2:
     raise ValueError(
         "example_inputs must have a leading batch axis (shape [batch, ...]), got "

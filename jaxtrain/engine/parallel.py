@@ -262,5 +262,6 @@ class InFlight:
       jax.block_until_ready(self._pending.popleft())
 
   def drain(self) -> None:
+    """Waits until every step in flight has finished."""
     while self._pending:
       jax.block_until_ready(self._pending.popleft())

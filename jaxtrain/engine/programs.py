@@ -396,4 +396,9 @@ class Programs:
         host = np.asarray(leaf)
         return jax.make_array_from_callback(host.shape, target, lambda index: host[index])
       return jax.tree.map(build, tree)
+    if copy and target is not None:
+      # Replicating to a mesh, device_put reuses the buffer already on one of
+      # its devices even with may_alias=False (jax 0.10): the donated carry
+      # would delete the caller's arrays. A copy of our own goes instead.
+      tree = jax.tree.map(lambda x: jnp.copy(x) if isinstance(x, jax.Array) else x, tree)
     return jax.device_put(tree, target, may_alias=False if copy else None)

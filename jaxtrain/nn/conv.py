@@ -26,6 +26,11 @@ IMPLS = ("auto", "xla", "matmul")
 
 
 def check_impl(impl: str) -> None:
+  """Refuses an implementation name other than ``"auto"``, ``"matmul"`` or ``"xla"``.
+
+  Raises:
+    ValueError: naming the value and the choices.
+  """
   if impl not in IMPLS:
     raise ValueError(f"conv_impl must be one of {IMPLS}, got {impl!r}")
 
@@ -176,6 +181,7 @@ def swap_nnx_convs(module) -> None:
 
 
 def conv3x3_xla(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """The same 3x3 'SAME' convolution by ``lax.conv_general_dilated`` (NHWC, HWIO)."""
   return jax.lax.conv_general_dilated(
       x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
   )

@@ -9,9 +9,10 @@ derived from the seed and the step, and the data order from the seed and epoch.
 
 Orbax writes each checkpoint into a temporary directory and renames it when
 complete, so a run killed mid-save never resumes from a half-written one; a
-checkpoint that fails to restore (a truncated or deleted file) is skipped with a
-warning for the previous one. Arrays are stored with tensorstore; nothing is
-pickled.
+checkpoint that fails to restore (a truncated or deleted file, or arrays that do
+not match the SHA-256 of its step's arrays its JSON records: copied from another
+step or run) is skipped with a warning for the previous one. Arrays are stored
+with tensorstore; nothing is pickled.
 
 :func:`save` is the writing side for a loop of your own: it checkpoints a
 TrainState's arrays (no run record) in the same layout, which :func:`load`
@@ -34,6 +35,7 @@ from typing import Any
 import jax
 
 from jaxtrain.core.state import TrainState, state_arrays, with_arrays
+from jaxtrain.engine import distributed
 from jaxtrain.rundir import integrity
 from jaxtrain.rundir.checkpointer import (  # noqa: F401 - part of this API
   DIRECTORY,
@@ -43,10 +45,11 @@ from jaxtrain.rundir.checkpointer import (  # noqa: F401 - part of this API
 from jaxtrain.rundir.compat import CheckpointError
 from jaxtrain.rundir.integrity import CheckpointSaveError  # noqa: F401 - part of this API
 from jaxtrain.rundir.record import checkpoint_record, read_config
+from jaxtrain.rundir.workdir import LOCK, RUN_FILES
 
 # Files a run directory of ``fit``/``run`` holds besides its checkpoints (and
 # its lock, which outlives the run): save() leaves such a directory alone.
-_RUN_RECORDS = ("config.json", "metrics.csv", "steps.jsonl", ".lock")
+_RUN_RECORDS = (*RUN_FILES[:3], LOCK)  # config.json, metrics.csv, steps.jsonl
 # Open writers by directory, reused by the next save() there: opening one reads
 # every kept checkpoint's metadata (about 1 ms each; with 100 kept, a small MLP's
 # save took 120 ms opening one against 30 ms reusing it). (pid, keep, writer).
@@ -103,13 +106,13 @@ def save(directory: str | os.PathLike, state: TrainState, *, step: int | None = 
     raise ValueError(f"step must be a non-negative integer, got {given!r}")
   workdir = pathlib.Path(directory).absolute()
   records = [name for name in _RUN_RECORDS if (workdir / name).exists()]
-  if records:
-    raise ValueError(f"{str(workdir)!r} is a jaxtrain run directory ({', '.join(records)}): "
-                     "checkpoint.save would break its resume; save into another directory")
+  _refuse_together(f"{str(workdir)!r} is a jaxtrain run directory ({', '.join(records)}): "
+                   "checkpoint.save would break its resume; save into another directory"
+                   if records else None, "checkpoint.save: run directory")
   checkpointer = _writer(workdir, keep)
-  if step in checkpointer.steps():
-    raise ValueError(f"a checkpoint of step {step} already exists in "
-                     f"{str(checkpointer.directory)!r}; pass another step= or directory")
+  _refuse_together(f"a checkpoint of step {step} already exists in "
+                   f"{str(checkpointer.directory)!r}; pass another step= or directory"
+                   if step in checkpointer.steps() else None, "checkpoint.save: step")
   try:
     checkpointer.save(step, {"state": state_arrays(state)}, {"saved_by": "checkpoint.save"})
     checkpointer.wait()
@@ -122,17 +125,30 @@ def save(directory: str | os.PathLike, state: TrainState, *, step: int | None = 
   return checkpointer.directory / str(step)
 
 
+def _refuse_together(refusal: str | None, name: str) -> None:
+  """Raises ValueError(refusal), on every process when any refuses: each
+  process reads the directory itself, and one that went on to save would wait
+  in Orbax's collectives for the others forever."""
+  if distributed.agree([refusal is not None], "max", name=name)[0]:
+    raise ValueError(refusal or "another process refused this checkpoint.save (its message "
+                     "says why)")
+
+
 def _writer(workdir: pathlib.Path, keep: int | None) -> Checkpointer:
   """The open writer of ``workdir`` when it is still accurate (same process and
   ``keep``, the checkpoints on disk the ones it knows), else a new one."""
+  accurate = False
   if workdir in _WRITERS:
     pid, kept, checkpointer = _WRITERS[workdir]
     try:
       on_disk = sorted(int(p.name) for p in checkpointer.directory.iterdir() if p.name.isdigit())
     except OSError:
       on_disk = None
-    if pid == os.getpid() and kept == keep and on_disk == checkpointer.steps():
-      return checkpointer
+    accurate = pid == os.getpid() and kept == keep and on_disk == checkpointer.steps()
+  # Opening a writer is collective in a run of several processes: all reuse or none.
+  if distributed.agree([accurate], "min", name="checkpoint.save: writer")[0]:
+    return checkpointer
+  if workdir in _WRITERS:
     if pid != os.getpid():  # inherited by a fork: the parent's to close
       del _WRITERS[workdir]
     else:
@@ -145,9 +161,9 @@ def _writer(workdir: pathlib.Path, keep: int | None) -> Checkpointer:
     run_record = False
     with contextlib.suppress(Exception):  # none, or a damaged one: nothing to tell
       run_record = "position" in checkpointer.read_meta(checkpointer.steps()[-1])
-    if run_record:
-      raise ValueError(f"{str(workdir)!r} holds the checkpoints of a jaxtrain run: "
-                       "checkpoint.save would break its resume; save into another directory")
+    _refuse_together(f"{str(workdir)!r} holds the checkpoints of a jaxtrain run: "
+                     "checkpoint.save would break its resume; save into another directory"
+                     if run_record else None, "checkpoint.save: run checkpoints")
   except BaseException:
     checkpointer.close()
     raise
@@ -195,6 +211,22 @@ def load(run_dir: str | os.PathLike, step: int | str | None = None, *,
 
   Returns:
     The restored :class:`~jaxtrain.TrainState`.
+
+  Raises:
+    CheckpointError: in one line naming it: no checkpoint (or not that step)
+      in ``run_dir``, a checkpoint that does not fit ``like`` (a shape, the
+      structure), or nothing to rebuild the state with (no ``like``, no
+      ``build``, no config.json).
+
+  >>> import tempfile, jax, jax.numpy as jnp, jaxtrain
+  >>> state = jaxtrain.create_train_state(
+  ...     jaxtrain.models.MLP(hidden_sizes=(4,), outputs=2), jaxtrain.make_optimizer("sgd", 0.1),
+  ...     jax.random.key(0), jnp.zeros((1, 3)), loss_fn=jaxtrain.losses.cross_entropy)
+  >>> directory = tempfile.mkdtemp()
+  >>> _ = jaxtrain.checkpoint.save(directory, state)
+  >>> restored = load(directory, like=state)  # the latest checkpoint
+  >>> bool((restored.params["Dense_0"]["kernel"] == state.params["Dense_0"]["kernel"]).all())
+  True
   """
   run_dir = pathlib.Path(run_dir)
   if not (run_dir / DIRECTORY).is_dir():
@@ -252,7 +284,10 @@ def _position(meta: dict, run_dir: pathlib.Path) -> dict:
 def _best_of(position: dict) -> dict[str, Any]:
   best, rows = position["best"], position["rows"]
   epoch = best["epoch"]
-  step = rows[epoch - 1]["step"] if 0 < epoch <= len(rows) else None
+  if isinstance(rows, dict):  # a count and digest (train/logstore.py) with the best's step
+    step = rows.get("best_step")
+  else:
+    step = rows[epoch - 1]["step"] if 0 < epoch <= len(rows) else None
   return {"epoch": epoch, "step": step, "value": best["value"]}
 
 

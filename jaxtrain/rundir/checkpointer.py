@@ -19,7 +19,7 @@ from typing import Any
 
 import jax
 
-from jaxtrain.rundir import integrity
+from jaxtrain.rundir import digest, integrity
 from jaxtrain.rundir.compat import CheckpointError, check_compatible
 
 DIRECTORY = "checkpoints"
@@ -141,6 +141,8 @@ class Checkpointer:
     started = time.perf_counter()
     metrics = None if metric is None or math.isnan(metric) else {"value": float(metric)}
     ocp = self._ocp
+    sha = digest.arrays_digest(arrays, step, meta)  # ties the arrays to the step and run
+    meta = meta if sha is None else {**meta, digest.KEY: sha}
     try:  # a failed asynchronous save raises here, at the next one, or in wait()
       if jax.process_index() == 0:
         integrity.purge_deleted(self.directory)
@@ -189,6 +191,7 @@ class Checkpointer:
             arrays=ocp.args.StandardRestore({**abstract, **rest}),
             meta=ocp.args.JsonRestore()))
         integrity.check_digest(restored["meta"])
+        digest.check_arrays(restored["arrays"], candidate, restored["meta"], saved)
         self._set_aside(damaged)
         arrays = {k: v for k, v in restored["arrays"].items() if k in like}
         return candidate, arrays, restored["meta"]

@@ -40,6 +40,7 @@ from jaxtrain.train import many
 from jaxtrain.train.config import FitConfig, as_arrays, columns, plan_epochs
 from jaxtrain.train.fit import FitResult
 from jaxtrain.train.ledger import Position, advance
+from jaxtrain.train.logstore import FOLDER, RowLog
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +59,7 @@ class RunCall:
   checkpoint: Any = None
   extra_curves: Mapping[str, Any] | None = None
   build: str | None = None
+  callbacks: Any = None  # as for fit: a member with callbacks trains alone
 
   def full_record(self) -> dict[str, Any]:
     """config.json as ``run`` writes it."""
@@ -89,6 +91,8 @@ def vmap_problem(calls: Sequence[RunCall]) -> str | None:
       or base.devices != 1 or base.profile_steps is not None or base.data == "stream"):
     return ("early stopping, plateau schedules, --devices, --profile-steps and streamed data "
             "train members one by one")
+  if any(call.callbacks for call in calls):
+    return "members with callbacks train one by one"
   structure = jax.tree.structure(first.state)
   for call in calls[1:]:
     if dataclasses.replace(call.config, seed=0) != base:
@@ -254,23 +258,27 @@ class _Member:
   def finish(self, state: TrainState, best, test: dict | None) -> FitResult:
     """Saves the last state (unless it diverged) and plots the curves."""
     call, workdir = self.call, pathlib.Path(self.call.workdir)
-    step_log = self.monitor.step_log()
-    self.monitor.close()
     if call.checkpoint is not None and not self.stopped:
       saved = {"state": state_arrays(state)}
       if self.plan.keep:
         saved["best"] = best
       row = self.position.rows[-1] if self.position.rows else {}
       metric = row.get(self.plan.checkpoint_monitor, math.nan) if row else None
-      meta = {"position": self.position.to_json(), "seed": call.config.seed,
-              "num_train": length(call.train),
-              "run_key": np.asarray(jax.random.key_data(
-                  jax.random.key(call.config.seed))).tolist(), "step_log": step_log}
       checkpointer = Checkpointer(workdir, call.checkpoint)
       try:
+        folder = checkpointer.directory / FOLDER  # the logs' lines go there, counted here
+        rows = RowLog(folder=folder)
+        rows.add_rows(self.position.rows)
+        meta = {"position": rows.position(self.position, self.position.best.step(self.spe)),
+                "seed": call.config.seed, "num_train": length(call.train),
+                "run_key": np.asarray(jax.random.key_data(
+                    jax.random.key(call.config.seed))).tolist(),
+                "step_log": self.monitor.step_log(folder)}
+        self.monitor.close()
         checkpointer.save(self.position.step(self.spe), saved, meta, metric)
       finally:
         checkpointer.close()
+    self.monitor.close()
     history = read_history(workdir)
     plot_curves(history, workdir / "curves.png", extra=call.extra_curves)
     best = self.position.best

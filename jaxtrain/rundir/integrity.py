@@ -12,6 +12,9 @@ damaged or half-deleted directory costs one warning line, never the run:
   deletion leaves no half-deleted step that looks like a checkpoint.
 - Each checkpoint's JSON (epoch rows, step log, position, seed) carries a
   SHA-256 of itself; an edited or damaged one reads as a damaged checkpoint.
+  It also records the SHA-256 of the checkpoint's arrays, step and run
+  (:mod:`jaxtrain.rundir.digest`): arrays copied in from another step or run
+  read as a damaged checkpoint too.
 - Orbax's routine absl records, and the tracebacks a failed read leaves behind
   ("Event loop is closed" from tensorstore callbacks, abandoned read
   coroutines), are dropped.
@@ -241,7 +244,7 @@ def check_digest(meta: dict) -> None:
   if wanted is not None and digest({k: v for k, v in meta.items() if k != DIGEST}) != wanted:
     raise ValueError("its epoch rows, step log or position do not match their SHA-256 "
                      "(edited or damaged meta/metadata)")
-  if meta.get("step_log") is not None:
+  if isinstance(meta.get("step_log"), list):  # an older checkpoint's lines
     from jaxtrain.train.ledger import StepLog
 
     try:

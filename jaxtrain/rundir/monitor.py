@@ -14,9 +14,11 @@ run directory.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import os
+import pathlib
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -27,6 +29,7 @@ import numpy as np
 from jaxtrain.rundir.plots import plot_curves, read_history
 from jaxtrain.rundir.record import write_config
 from jaxtrain.train.ledger import StepLog
+from jaxtrain.train.logstore import LogWriter, read_back
 from jaxtrain.train.progress import Progress
 
 # plot_curves, read_history and write_config are re-exported: they were
@@ -58,18 +61,31 @@ def _finite(value: Any) -> Any:
   return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
-def _truncate_lines(path: str, n: int) -> None:
-  """Keeps the first ``n`` complete lines of ``path`` (a torn last line goes)."""
+def _first_lines(path: str, n: int):
+  """The SHA-256 (a ``hashlib`` object) of the first ``n`` complete lines of
+  ``path``, their count and their bytes."""
+  hasher, lines, offset = hashlib.sha256(), 0, 0
+  try:
+    with open(path, "rb") as f:
+      while lines < n and (line := f.readline()).endswith(b"\n"):
+        hasher.update(line)
+        lines, offset = lines + 1, offset + len(line)
+  except FileNotFoundError:
+    pass
+  return hasher, lines, offset
+
+
+def _truncate_lines(path: str, n: int, what: str = "step records"):
+  """Keeps the first ``n`` complete lines of ``path`` (a torn last line goes);
+  returns their SHA-256."""
+  hasher, lines, offset = _first_lines(path, n)
   with open(path, "a+b") as f:  # Creates a missing file.
-    f.seek(0)
-    lines = offset = 0
-    while lines < n and (line := f.readline()).endswith(b"\n"):
-      lines, offset = lines + 1, offset + len(line)
     f.truncate(offset)
   if lines < n:
-    warnings.warn(f"{path} has {lines} step records, expected {n}; the resumed "
+    warnings.warn(f"{path} has {lines} {what}, expected {n}; the resumed "
                   "run will not be byte-identical to an uninterrupted one",
                   stacklevel=3)
+  return hasher
 
 
 class RunMonitor(Progress):
@@ -84,11 +100,13 @@ class RunMonitor(Progress):
     progress: ``True``: tqdm bar (the epoch lines above it); ``False``: one
       plain line per epoch; ``None``: a bar when stderr is a terminal.
     resume_rows: Epoch rows already done (from a checkpoint): ``metrics.csv``
-      is rewritten with exactly these rows. Empty for a fresh run.
+      is rewritten with exactly these rows; or N (keep its first N rows: a
+      checkpoint whose rows did not read back). Empty for a fresh run.
     resume_step_records: ``steps.jsonl`` as a resumed checkpoint counts it: a
-      :class:`~jaxtrain.train.ledger.StepLog` (the lines themselves: the file
-      is rewritten with them, whatever became of it), or N (keep its first N
-      lines); ``None``: start it afresh.
+      :class:`~jaxtrain.train.ledger.StepLog` (its lines' digest: the file is
+      kept when its first lines match, else rewritten from the checkpoints' log
+      segments, whatever became of it), or N (keep its first N lines);
+      ``None``: start it afresh.
     quiet: Print nothing (the files only).
     lines: Print a line per epoch (``False`` with ``progress=False``: no
       progress at all, as ``FitConfig(progress=False)``; messages still print).
@@ -109,7 +127,7 @@ class RunMonitor(Progress):
 
   def __init__(self, workdir: str | os.PathLike, *, columns: Sequence[str],
                total_steps: int, steps_per_epoch: int,
-               progress: bool | None = None, resume_rows: Sequence[dict] = (),
+               progress: bool | None = None, resume_rows: Sequence[dict] | int = (),
                resume_step_records: StepLog | int | None = None, quiet: bool = False,
                lines: bool = True):
     from tensorboardX import SummaryWriter  # Lazy: imports protobuf.
@@ -120,23 +138,27 @@ class RunMonitor(Progress):
 
     # Steps done before this session: the bar and the ETA start from here.
     start = int(resume_step_records or 0)
-    if resume_rows and resume_rows[-1].get("step") is not None:
-      start = int(_py(resume_rows[-1]["step"]))
+    rows = resume_rows if not isinstance(resume_rows, int) else ()
+    if rows and rows[-1].get("step") is not None:
+      start = int(_py(rows[-1]["step"]))
 
     # Rewriting metrics.csv from the checkpoint's rows (rather than appending)
     # drops rows logged after that checkpoint, keeping resumes byte-identical.
-    self._csv_file = open(os.path.join(self.workdir, "metrics.csv"), "w",
+    csv_path = os.path.join(self.workdir, "metrics.csv")
+    if isinstance(resume_rows, int):  # rows that did not read back: the file's header and rows
+      _truncate_lines(csv_path, 1 + resume_rows, "lines")
+    self._csv_file = open(csv_path, "a" if isinstance(resume_rows, int) else "w",
                           newline="", buffering=1 << 16)
     self._csv = csv.writer(self._csv_file, lineterminator="\n")
-    self._csv.writerow(self.columns)
-    for row in resume_rows:
+    if not isinstance(resume_rows, int):
+      self._csv.writerow(self.columns)
+    for row in rows:
       self._write_row(row)
     self._csv_file.flush()
 
     steps_path = os.path.join(self.workdir, "steps.jsonl")
-    # The lines logged so far, compressed per checkpoint (step_log()); None
-    # until a checkpoint first asks (the file has them until then).
-    self._log, self._fresh = self._resume_steps(steps_path, resume_step_records), []
+    # The lines as checkpoints count them (step_log()): a count and a digest.
+    self._steps_log = self._resume_steps(steps_path, resume_step_records)
     self._steps_file = open(steps_path, "w" if resume_step_records is None
                             else "a", buffering=1 << 16)
 
@@ -180,38 +202,51 @@ class RunMonitor(Progress):
           Summary.Value(tag=f"train/step_{k}", simple_value=v)
           for k, v in values.items()]), int(step))
     self._steps_file.writelines(lines)
-    if self._log is not None:
-      self._fresh += lines
-      if len(self._fresh) >= 4096:  # bounded: a long stretch between saves
-        self._log.append(StepLog.chunk(self._fresh))
-        self._fresh = []
+    self._steps_log.add(lines)
     super().log_steps(steps, columns)
 
   @staticmethod
-  def _resume_steps(path: str, records: StepLog | int | None) -> list[str] | None:
-    """Makes ``path`` hold exactly the resumed run's step records; their
-    chunks, or None to read them back from the file when first asked."""
-    if isinstance(records, StepLog) and records.chunks:
+  def _resume_steps(path: str, records: StepLog | int | None) -> LogWriter:
+    """Makes ``path`` hold exactly the resumed run's step records: the file's
+    first lines when they match the checkpoint's digest, else the lines read
+    back from the checkpoints' log segments (or an older checkpoint's chunks)."""
+    if records is None:
+      return LogWriter("steps")
+    n = int(records)
+    if isinstance(records, StepLog) and records.sha256 is not None:
+      hasher, lines, offset = _first_lines(path, n)
+      if lines == n and hasher.hexdigest() == records.sha256:
+        with open(path, "r+b") as f:
+          f.truncate(offset)
+        return LogWriter("steps", n, hasher)
+      found = read_back(pathlib.Path(records.folder), "steps",
+                        {"records": n, "sha256": records.sha256})
+      if found is not None:
+        with open(path + ".tmp", "w") as f:
+          f.writelines(found[1]())
+        os.replace(path + ".tmp", path)
+        return LogWriter("steps", n, found[0])
+    elif isinstance(records, StepLog) and records.chunks:
       text = records.text()
-      if text.count("\n") == records.count:  # else: an older writer's log; keep the file's
+      if text.count("\n") == n:  # else: an older writer's log; keep the file's
         with open(path, "w") as f:
           f.write(text)
-        return list(records.chunks)
-    if records is not None:
-      _truncate_lines(path, int(records))
-    return None
+        return LogWriter("steps", n, hashlib.sha256(text.encode()))
+    return LogWriter("steps", n, _truncate_lines(path, n))
 
-  def step_log(self) -> list[str]:
-    """The chunks of every step record logged (a checkpoint saves them)."""
-    if self._log is None:  # the first save: the file holds every line so far
-      self._steps_file.flush()
+  def step_log(self, folder: str | os.PathLike) -> dict:
+    """What a checkpoint records of ``steps.jsonl``: its line count and their
+    SHA-256; the lines no segment in ``folder`` holds yet are written there
+    first (:mod:`jaxtrain.train.logstore`)."""
+    self._steps_file.flush()
+
+    def after(n: int):
       with open(self._steps_file.name) as f:
-        kept = f.read()
-      self._log = [StepLog.chunk([kept])] if kept else []
-    if self._fresh:
-      self._log.append(StepLog.chunk(self._fresh))
-      self._fresh = []
-    return list(self._log)
+        for i, line in enumerate(f):
+          if i >= n:
+            yield line
+
+    return self._steps_log.save(folder, after)
 
   def log_epoch(self, row: Mapping[str, Any]) -> None:
     """Logs an epoch row: ``metrics.csv``, ``epoch/<name>`` scalars, a line.
@@ -238,6 +273,13 @@ class RunMonitor(Progress):
     self._csv_file.flush()
     self._steps_file.flush()
     self._tb.flush()
+
+  def log_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+    """Logs a callback's scalars at ``step``: TensorBoard ``callback/<name>``
+    (a resumed run's redone steps replace them, as every event's)."""
+    self._check_open()
+    for name, value in scalars.items():
+      self._tb.add_scalar(f"callback/{name}", float(value), int(step))
 
   def log_histograms(self, step: int, params: Any, grads: Any = None,
                      activations: Any = None) -> None:

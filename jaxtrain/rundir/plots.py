@@ -15,6 +15,8 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from jaxtrain.train.history import StepHistory
+
 __all__ = ["plot_curves", "read_history"]
 
 # Linestyles distinguish runs (main run first); colours distinguish splits.
@@ -156,7 +158,11 @@ def read_history(workdir: str | os.PathLike) -> dict[str, dict[str, list]]:
 
   The result is what :func:`plot_curves` takes; it includes epochs done
   before a resume. Numbers come back as floats (ints where written as ints),
-  empty cells as ``None``.
+  empty cells as ``None``. Every epoch comes back; the steps as ``fit``'s
+  history keeps them: every step up to 100,000, past that every ``k``-th
+  step (``k`` a power of two: 50,000 to 100,000 rows) and the last
+  (:class:`jaxtrain.train.history.StepHistory`), read in one pass without
+  parsing the lines left out: memory stays bounded however long the run.
 
   Example:
     >>> import tempfile
@@ -191,14 +197,11 @@ def read_history(workdir: str | os.PathLike) -> dict[str, dict[str, list]]:
         cells += [""] * (len(header) - len(cells))  # A torn last line.
         for name, cell in zip(header, cells, strict=False):
           epoch[name].append(number(cell))
-  step: dict[str, list] = {}
+  step = StepHistory()
   path = os.path.join(workdir, "steps.jsonl")
   if os.path.exists(path):
     with open(path) as f:
-      records = [json.loads(line) for line in f if line.endswith("\n")]
-    for i, record in enumerate(records):
-      for name, value in record.items():
-        step.setdefault(name, [None] * i).append(value)
-      for values in step.values():  # Keys absent from this record.
-        values.extend([None] * (i + 1 - len(values)))
-  return {"epoch": epoch, "step": step}
+      for line in f:
+        if line.endswith("\n"):  # A torn last line is left out.
+          step.add(line, json.loads)
+  return {"epoch": epoch, "step": step.table()}

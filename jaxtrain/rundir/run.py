@@ -15,7 +15,6 @@ import contextlib
 import dataclasses
 import os
 import pathlib
-import shutil
 import signal
 import threading
 import warnings
@@ -24,11 +23,13 @@ from typing import Any
 
 from jaxtrain.core.state import TrainState
 from jaxtrain.data.batching import num_batches
-from jaxtrain.data.indexed import length
+from jaxtrain.data.indexed import head, length
 from jaxtrain.engine import distributed
-from jaxtrain.rundir.checkpoint import DIRECTORY, CheckpointConfig, Checkpointer
+from jaxtrain.launch import unblock_stop_signals
+from jaxtrain.rundir.checkpoint import CheckpointConfig, Checkpointer
 from jaxtrain.rundir.checkpointer import RecordingCheckpointer
 from jaxtrain.rundir.group import RunCall
+from jaxtrain.rundir.integrity import check_digest
 from jaxtrain.rundir.monitor import RunMonitor
 from jaxtrain.rundir.plots import plot_curves, read_history
 from jaxtrain.rundir.record import (  # noqa: F401 - NOT_IDENTITY: part of this API
@@ -40,17 +41,21 @@ from jaxtrain.rundir.record import (  # noqa: F401 - NOT_IDENTITY: part of this 
   read_config,
   write_config,
 )
+from jaxtrain.rundir.workdir import (  # noqa: F401 - part of this API
+  LOCK,
+  RUN_FILES,
+  RunDirError,
+  RunDirLock,
+  check_workdir,
+  clear_run,
+  lock_run_dir,
+)
 from jaxtrain.train.config import FitConfig, columns
 from jaxtrain.train.fit import FitResult, fit
+from jaxtrain.train.resume import check_resumable
+from jaxtrain.train.summary import summary
 
 
-class RunDirError(ValueError):
-  """The run directory cannot be used as asked (it holds another run)."""
-
-
-# What a run writes; overwrite removes only these, never a user's other files.
-RUN_FILES = ("config.json", "metrics.csv", "steps.jsonl", "curves.png", "tensorboard",
-             DIRECTORY, f"{DIRECTORY}_damaged")
 def _import_matplotlib() -> None:
   try:
     import matplotlib.figure  # noqa: F401
@@ -59,126 +64,15 @@ def _import_matplotlib() -> None:
     pass
 
 
-def check_workdir(workdir: str | os.PathLike, record: Mapping[str, Any] | None = None, *,
-                  overwrite: bool = False) -> bool:
-  """Decides how to use ``workdir``; changes nothing.
-
-  Returns:
-    True to resume the run found there, False to start afresh.
-
-  Raises:
-    RunDirError: it holds a different run (or one of unknown config) and
-      ``overwrite`` is off, or it is not a directory.
-  """
-  workdir = pathlib.Path(workdir)
-  if workdir.exists() and not workdir.is_dir():
-    raise RunDirError(f"workdir {str(workdir)!r} exists and is not a directory")
-  hint = "choose another --workdir or pass --overwrite to replace it"
-  if not overwrite and (workdir / "sweep.json").exists():  # experiments' --sweep
-    raise RunDirError(f"workdir {str(workdir)!r} holds a sweep (sweep.json); {hint}")
-  existing = [name for name in RUN_FILES if (workdir / name).exists()]
-  if not existing or overwrite:
-    return False
-  config_path = workdir / "config.json"
-  saved, problem = read_config(config_path)
-  if problem is not None and _has_checkpoints(workdir):
-    return _without_config(workdir, record, problem)
-  if record is None or problem == "missing":
-    raise RunDirError(f"workdir {str(workdir)!r} already holds a run "
-                      f"({', '.join(existing)}); {hint}")
-  if problem is not None:
-    raise RunDirError(f"{str(config_path)!r} is {problem}; {hint}")
-  if found := differences(saved, record, _added_defaults()):
-    shown = "; ".join(found[:3]) + ("; ..." if len(found) > 3 else "")
-    raise RunDirError(f"workdir {str(workdir)!r} holds a run with a different config "
-                      f"({shown}); {hint}")
-  return (workdir / DIRECTORY).is_dir()
-
-
-def _added_defaults() -> dict[str, Any]:
-  """A FitConfig field added since a run was written, at its default, is the
-  behaviour the run had: not a difference."""
-  return {f"fit.{f.name}": jsonable(f.default) for f in dataclasses.fields(FitConfig)
-          if f.default is not dataclasses.MISSING}
-
-
-def _has_checkpoints(workdir: pathlib.Path) -> bool:
-  with contextlib.suppress(OSError):
-    return any(p.name.isdigit() for p in (workdir / DIRECTORY).iterdir())
-  return False
-
-
-def _without_config(workdir: pathlib.Path, record: Mapping[str, Any] | None,
-                    problem: str) -> bool:
-  """A run whose config.json is missing or damaged but whose checkpoints are
-  there: resumed (config.json rewritten) when its latest checkpoint records
-  this very run, else refused without a remedy that deletes them."""
-  path = str(workdir / "config.json")
-  saved, step = checkpoint_record(workdir) if record is not None else (None, None)
-  if saved is not None and not differences(saved, record, _added_defaults()):
-    warnings.warn(f"{path!r} is {problem}: checkpoint {step} records the same run; "
-                  "resuming it and writing config.json again", stacklevel=3)
-    return True
-  why = ("its checkpoints record a different run" if saved is not None
-         else "its checkpoints do not record the run's config" if record is not None
-         else "this call names no run to compare")
-  raise RunDirError(f"{path!r} is {problem} and {why}: restore config.json from a copy, "
-                    "or move the run directory aside to keep its checkpoints")
-
-
-LOCK = ".lock"  # held (flock) by the run writing the directory, with its pid inside
-
-
-class RunDirLock:
-  """An OS lock on a run directory for the life of the run writing it.
-
-  ``flock`` on ``<workdir>/.lock``: the kernel releases it when the process
-  ends however it ends (a SIGKILL leaves no stale lock), so only a live run
-  holds it. The holder's pid is written inside for the refusal's message and
-  removed on release.
-  """
-
-  def __init__(self, workdir: pathlib.Path):
-    import fcntl
-
-    self.path = pathlib.Path(workdir) / LOCK
-    self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-      fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-      holder = os.pread(self._fd, 32, 0).decode(errors="replace").strip()
-      os.close(self._fd)
-      raise RunDirError(f"workdir {str(workdir)!r} is in use by another run "
-                        f"(pid {holder or 'unknown'}); wait for it to end or choose "
-                        "another --workdir") from None
-    os.ftruncate(self._fd, 0)
-    os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
-
-  def release(self) -> None:
-    if self._fd is not None:
-      os.ftruncate(self._fd, 0)
-      os.close(self._fd)  # closing the last descriptor drops the flock
-      self._fd = None
-
-
-def lock_run_dir(workdir: pathlib.Path) -> RunDirLock:
-  """Makes ``workdir`` and takes its lock: the run's first write, so a
-  read-only or full disk is refused here (RunDirError), before training."""
-  try:
-    workdir.mkdir(parents=True, exist_ok=True)
-    return RunDirLock(workdir)
-  except OSError as error:
-    raise RunDirError(f"workdir {str(workdir)!r} cannot be written "
-                      f"({error.strerror or error}); nothing was changed") from None
-
-
 class _RunDirectory:
   """Opens the run directory for ``fit`` once its config is checked: only then
   is a different run there cleared, and the checkpointer made."""
 
   def __init__(self, workdir: pathlib.Path, checkpoint: CheckpointConfig | None, *,
-               resume: bool, record: Mapping[str, Any]):
+               resume: bool, record: Mapping[str, Any], num_train: int = 0,
+               epochs: int | None = None, seed: int | None = None):
     self.workdir, self.checkpoint, self.resume = workdir, checkpoint, resume
+    self.num_train, self.epochs, self.seed = num_train, epochs, seed
     self.record = jsonable(dict(record), absolute=True)
     self.checkpointer: Checkpointer | None = None
     self.lock: RunDirLock | None = None
@@ -192,6 +86,12 @@ class _RunDirectory:
     return self.open()
 
   def open(self) -> Checkpointer | None:
+    # Every process reads; any refusal is every process's, before any change.
+    refusal = self.refusal()
+    if distributed.agree([refusal is not None], "max", name="refusal")[0] and not refusal:
+      refusal = "another process refused to resume this run (its message says why)"
+    if refusal:
+      raise ValueError(refusal)
     if distributed.is_primary():
       self.lock = lock_run_dir(self.workdir)  # before anything there changes
       if not self.resume:
@@ -200,6 +100,34 @@ class _RunDirectory:
     if self.checkpoint is not None:
       self.checkpointer = RecordingCheckpointer(self.workdir, self.checkpoint, self.record)
     return self.checkpointer
+
+  def refusal(self) -> str | None:
+    """Why this run cannot continue the one in the directory (None: it can),
+    from the latest checkpoint whose meta reads, changing nothing (no damaged
+    file moved, no deletion purged, no lock taken)."""
+    if not self.resume or self.checkpoint is None:
+      return None
+    with warnings.catch_warnings():  # damage: the run that opens it says so
+      warnings.simplefilter("ignore")
+      return self._refusal(Checkpointer(self.workdir, read_only=True))
+
+  def _refusal(self, reader: Checkpointer) -> str | None:
+    try:
+      for step in reversed(reader.steps()):
+        try:
+          meta = reader.read_meta(step)
+          check_digest(meta)
+        except Exception:  # noqa: BLE001 - damaged: the run falls back past it
+          continue
+        try:
+          check_resumable(step, meta, reader.directory, self.num_train, self.epochs,
+                          self.seed)
+        except ValueError as error:
+          return str(error)
+        return None
+      return None
+    finally:
+      reader.close()
 
   def close(self) -> None:
     if self.checkpointer is not None:
@@ -217,15 +145,6 @@ def _wait_for_every_process(name: str) -> None:
     from jax.experimental import multihost_utils
 
     multihost_utils.sync_global_devices(name)
-
-
-def clear_run(workdir: pathlib.Path) -> None:
-  for name in RUN_FILES:
-    path = workdir / name
-    if path.is_dir():
-      shutil.rmtree(path)
-    elif path.exists():
-      path.unlink()
 
 
 # Handlers of run() calls made inside ``intercepted`` (innermost last).
@@ -283,6 +202,7 @@ def stop_on_signals():
 
   handler.received, handler.abort = received, getattr(before, "abort", None)
   previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+  unblock_stop_signals()  # jaxtrain.launch starts its ranks with them blocked
   try:
     yield lambda: received[0] if received else None
   finally:
@@ -300,11 +220,13 @@ def run(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
         augment: Callable | None = None, overwrite: bool = False,
         checkpoint: CheckpointConfig | None = CheckpointConfig(),
         extra_curves: Mapping[str, Any] | None = None,
-        build: str | None = None) -> FitResult:
+        build: str | None = None, callbacks: list | None = None) -> FitResult:
   """Trains into a run directory, resuming the run already there.
 
   Args:
-    state, train, config, val, test, augment: as for :func:`jaxtrain.fit`.
+    state, train, config, val, test, augment, callbacks: as for :func:`jaxtrain.fit`
+      (a callback that raises: :class:`~jaxtrain.train.callbacks.CallbackError`,
+      the run saved first).
     workdir: the run directory.
     record: the experiment's resolved config, written to ``config.json``; it
       identifies the run (all but epoch counts and checkpoint cadence).
@@ -319,19 +241,37 @@ def run(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
   Returns:
     The :class:`~jaxtrain.FitResult`; its history covers the whole run, also
     the part before a resume.
+
+  Raises:
+    ValueError: a bad argument, or a ``workdir`` that holds another run
+      (without ``overwrite``), is locked by another process or cannot be
+      written; the message names it, and nothing was changed.
+
+  >>> import tempfile, jax, jax.numpy as jnp, jaxtrain
+  >>> moons = jaxtrain.data.load("two_moons", key=jax.random.key(0), n_samples=100)
+  >>> state = jaxtrain.create_train_state(
+  ...     jaxtrain.models.MLP(hidden_sizes=(8,), outputs=2), jaxtrain.make_optimizer("sgd", 0.1),
+  ...     jax.random.key(0), jnp.zeros((1, 2)), loss_fn=jaxtrain.losses.cross_entropy)
+  >>> workdir = pathlib.Path(tempfile.mkdtemp())
+  >>> result = run(state, moons.train, val=moons.val, workdir=workdir, record={"experiment": "doc"},
+  ...              config=jaxtrain.FitConfig(epochs=2, batch_size=32, progress=False))
+  >>> len(result.history["epoch"]["val_loss"]), (workdir / "metrics.csv").exists()
+  (2, True)
   """
   if _INTERCEPT:
     handler = _INTERCEPT.pop()
     try:
       return handler(RunCall(state, train, config, pathlib.Path(workdir), record, val, test,
-                             augment, overwrite, checkpoint, extra_curves, build))
+                             augment, overwrite, checkpoint, extra_curves, build,
+                             callbacks))
     finally:
       _INTERCEPT.append(handler)
   workdir = pathlib.Path(workdir)
   record = {**record, "checkpoint": checkpoint, **({"build": build} if build else {})}
   check_record(record)
   resume = check_workdir(workdir, record, overwrite=overwrite) and checkpoint is not None
-  directory = _RunDirectory(workdir, checkpoint, resume=resume, record=record)
+  directory = _RunDirectory(workdir, checkpoint, resume=resume, record=record,
+                            num_train=length(train), epochs=config.epochs, seed=config.seed)
 
   primary = distributed.is_primary()
 
@@ -340,7 +280,11 @@ def run(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
     # process 0 writes the run's files; every process checkpoints.
     if not primary:
       return None
-    write_config(workdir, dict(record))
+    example = head(train, 1)
+    model = summary(state, example["inputs"], example["targets"], batch_size=config.batch_size)
+    if config.progress is not False:
+      print(model, flush=True)
+    write_config(workdir, {**record, "summary": model.to_json()})
     steps_per_epoch = num_batches(length(train), config.update_batch_size,
                                   config.drop_remainder)
     return RunMonitor(workdir, columns=columns(state, config, train, has_val=val is not None), total_steps=config.epochs * steps_per_epoch,
@@ -355,7 +299,8 @@ def run(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
       with stop_on_signals() as should_stop:
         result = fit(state, train, config=config, val=val, test=test, augment=augment,
                      monitor=make_monitor, checkpointer=directory,
-                     should_stop=should_stop, log=None if primary else _quiet)
+                     should_stop=should_stop, log=None if primary else _quiet,
+                     callbacks=callbacks)
     finally:
       directory.close()
     if primary:

@@ -29,6 +29,13 @@ driver from the :class:`Boundary`. :meth:`Proposal.values` refuses a concern
 the message lacks, and a choice made from one process's clock, pace, signal
 or cadence is exactly the one that differs between processes. Local acts
 stay local: process 0 draws histograms from a state every process holds.
+
+Callbacks (:mod:`jaxtrain.train.callbacks`) are one concern, ``callbacks``
+(an :class:`AnyOf` of each callback's :class:`Every`): a call ends at a
+callback's epoch or step only where one is due, and every process calls them
+there. What they answer (stop, or a callback raised) comes from each
+process's own host code, so it is agreed once more, at those boundaries only
+(:func:`jaxtrain.train.callbacks.respond`).
 """
 
 from __future__ import annotations
@@ -96,6 +103,25 @@ class At:
 
   def due(self, step: int, steps_per_epoch: int, idle_seconds: float = 0.0) -> bool:
     return step in self.steps
+
+
+@dataclasses.dataclass(frozen=True)
+class AnyOf:
+  """A concern due where any of its cadences is (e.g. the callbacks, each on
+  its own :class:`Every`): a call ends only where one of them falls due.
+
+  >>> AnyOf((Every(epochs=2), Every(epochs=3))).next_after(4, steps_per_epoch=1)
+  6
+  """
+
+  cadences: tuple = ()
+
+  def next_after(self, step: int, steps_per_epoch: int) -> int | None:
+    stops = [c.next_after(step, steps_per_epoch) for c in self.cadences]
+    return min((s for s in stops if s is not None), default=None)
+
+  def due(self, step: int, steps_per_epoch: int, idle_seconds: float = 0.0) -> bool:
+    return any(c.due(step, steps_per_epoch, idle_seconds) for c in self.cadences)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,7 +262,8 @@ def save_interval(every_seconds: float, adaptive: bool, save_seconds) -> float:
 # A stop request travels as its index here; any other reason as len(SIGNALS).
 SIGNALS = (None, "SIGTERM", "SIGINT")
 # The concerns the boundary message carries, a flag each ("end": the last step).
-CONCERNS = ("checkpoint", "histograms", "early_stopping", "best", "profile", "end")
+CONCERNS = ("checkpoint", "histograms", "early_stopping", "best", "profile", "callbacks",
+            "end")
 # How processes' proposals combine, per value of Proposal.values: the shortest
 # next call, the highest stop code, each concern due where any process has it.
 _HOW = ("min", "max") + ("max",) * len(CONCERNS)

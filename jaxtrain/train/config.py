@@ -292,12 +292,13 @@ def as_arrays(split: Mapping[str, Any] | Source | None, name: str):
 
 
 def plan_cadence(config: FitConfig, steps_per_epoch: int, checkpointer=None,
-                 monitor=None, *, every_epoch: bool = False) -> Cadence:
+                 monitor=None, *, every_epoch: bool = False, callbacks=None) -> Cadence:
   """The run's periodic concerns: checkpoints (by steps, epochs and seconds),
   weight histograms (with a run directory's monitor; not with a
   :class:`~jaxtrain.train.progress.Progress` alone) and the early-stopping check;
   ``every_epoch`` also ends a call at every epoch end (the host keeps the
-  best epoch's parameters)."""
+  best epoch's parameters); ``callbacks``: their concern (an
+  :class:`~jaxtrain.train.cadence.AnyOf`), if any."""
   concerns = {}
   if checkpointer is not None:
     c = checkpointer.config
@@ -310,4 +311,6 @@ def plan_cadence(config: FitConfig, steps_per_epoch: int, checkpointer=None,
     concerns["best"] = Every(epochs=1)
   if config.profile_steps is not None:
     concerns["profile"] = At(profile_range(config.profile_steps))
+  if callbacks is not None:
+    concerns["callbacks"] = callbacks
   return Cadence(steps_per_epoch, config.epochs * steps_per_epoch, concerns)

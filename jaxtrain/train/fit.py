@@ -23,17 +23,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxtrain.core import plateau as plateau_lib
-from jaxtrain.core.activations import gradients_and_activations
 from jaxtrain.core.metrics import means
 from jaxtrain.core.state import TrainState, state_arrays, with_arrays
-from jaxtrain.data.indexed import head, length
+from jaxtrain.data.indexed import length
 from jaxtrain.engine import best as best_lib
 from jaxtrain.engine import distributed, parallel
-from jaxtrain.engine.feeds import Feed, fetch
 from jaxtrain.engine.programs import Carry
-from jaxtrain.train.cadence import Cadence, Pace, agreed_boundary, agreed_start
+from jaxtrain.train import callbacks as callbacks_lib
+from jaxtrain.train.cadence import Pace, agreed_boundary, agreed_start
 from jaxtrain.train.config import (
-  EpochPlan,
   FitConfig,
   as_arrays,
   columns,
@@ -41,19 +39,21 @@ from jaxtrain.train.config import (
   plan_epochs,
   validate,
 )
-from jaxtrain.train.ledger import (
-  Advance,
-  Fetched,
-  Position,
-  advance,
-  extend,
-  extend_rows,
+from jaxtrain.train.driver import (
+  Call,
+  RunContext,
+  absorb,
+  call_back,
+  save_checkpoint,
+  say_interrupted,
 )
+from jaxtrain.train.history import StepHistory
+from jaxtrain.train.ledger import Position, extend_rows
 from jaxtrain.train.planning import plan_feed
 from jaxtrain.train.progress import Progress
 from jaxtrain.train.resume import open_monitor, resume
 from jaxtrain.train.stopping import Best
-from jaxtrain.train.throughput import Profile, Throughput, measure_run
+from jaxtrain.train.throughput import Profile, measure_run
 
 
 @dataclasses.dataclass
@@ -63,7 +63,11 @@ class FitResult:
   Attributes:
     state: the final state (the best epoch's parameters when early stopping
       restored them).
-    history: ``{"epoch": {column: [...]}, "step": {"step": [...], "loss": [...], ...}}``.
+    history: ``{"epoch": {column: [...]}, "step": {"step": [...], "loss": [...], ...}}``:
+      every epoch; every step up to 100,000 steps, and past that every
+      ``k``-th step (``k`` = 2, 4, 8, ...: between 50,000 and 100,000 rows)
+      and the last (:mod:`jaxtrain.train.history`): its memory does not grow
+      with the run. A run directory's ``steps.jsonl`` keeps every step.
     best: the best epoch by the monitored metric.
     stop_reason: why the run ended early, or ``None``.
     test: test-set metrics when a test set was given.
@@ -83,50 +87,21 @@ class FitResult:
   restored_best: bool = False
 
 
-@dataclasses.dataclass(frozen=True)
-class _Run:
-  """The fixed parts of one ``fit``, read by every step of the driver."""
-
-  config: FitConfig
-  feed: Feed
-  cadence: Cadence
-  run_key: jax.Array
-  train: dict
-  checkpointer: Any
-  monitor: Any
-  log: Callable[[str], None]
-  plan: EpochPlan
-  throughput: Throughput | None = None
-
-  @property
-  def host_best(self) -> bool:
-    """Whether the host keeps the best epoch's parameters (the ranked column
-    is not an evaluation mean the programs can rank by)."""
-    return self.plan.keep and self.feed.spec.best is None
-
-
-@dataclasses.dataclass(frozen=True)
-class _Call:
-  """A dispatched call: global steps ``first .. end`` and its chunks."""
-
-  first: int
-  end: int
-  chunks: list
-  started: float
-
-
 def fit(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
         val: Mapping[str, Any] | None = None, test: Mapping[str, Any] | None = None,
         augment: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
         monitor=None, log: Callable[[str], None] | None = None, checkpointer=None,
-        should_stop: Callable[[], str | None] | None = None) -> FitResult:
+        should_stop: Callable[[], str | None] | None = None,
+        callbacks: list | None = None) -> FitResult:
   """Trains ``state`` on ``train`` until ``config.epochs`` epochs are done.
 
   A state that has trained already (``state.step > 0``, e.g. the state of an
   earlier ``fit``) continues the same run from its step: the epoch, the batch
   inside it and the shuffle order follow from ``state.step``, so ``fit`` to
   epoch 1 and then ``fit`` of its state to epoch 2 equals ``fit`` to epoch 2,
-  bit for bit. The history then holds the epochs trained by this call.
+  bit for bit. The history then holds the epochs trained by this call (its
+  steps: a bounded, evenly thinned sample once there are more than 100,000;
+  see :class:`FitResult`).
 
   Args:
     state: from :func:`jaxtrain.create_train_state` (built once per run), or a
@@ -152,6 +127,11 @@ def fit(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
       the end.
     should_stop: polled at every call boundary; a returned reason (e.g. a
       signal's name) saves a checkpoint and ends the run cleanly.
+    callbacks: :class:`~jaxtrain.train.callbacks.Callback` objects (or
+      functions of an :class:`~jaxtrain.train.callbacks.Event`, called every
+      epoch), called at their due points; they may log scalars and stop the
+      run. One that raises ends the run, after a checkpoint, with a
+      :class:`~jaxtrain.train.callbacks.CallbackError`.
 
   Returns:
     A :class:`FitResult`.
@@ -171,6 +151,7 @@ def fit(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
   train, val, test = (as_arrays(s, n) for s, n in ((train, "train"), (val, "val"),
                                                   (test, "test")))
   validate(config, length(train))
+  callbacks = callbacks_lib.as_callbacks(callbacks)
   if config.reduce_lr_on_plateau is not None and state.plateau is None:
     state = state.replace(plateau=plateau_lib.init(config.reduce_lr_on_plateau))
   logged = columns(state, config, train, has_val=val is not None)
@@ -196,21 +177,21 @@ def fit(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
     # Copies: placing one array twice may give one buffer, donated twice.
     tree["best"] = jax.tree.map(jnp.copy, {k: tree["state"][k]
                                            for k in ("params", "batch_stats")})
-  position, tree, step_log = resume(checkpointer, tree, log or print,
-                           Position.at(int(np.asarray(state.step)), spe), feed.spec.num_train,
-                           config.epochs)
-  monitor, owns_monitor = open_monitor(monitor, position, step_log)
+  position, tree, step_log, rows_log = resume(checkpointer, tree, log or print, Position.at(
+      int(np.asarray(state.step)), spe), feed.spec.num_train, config.epochs, config.seed)
+  monitor, owns_monitor = open_monitor(monitor, position, step_log, rows_log)
   if monitor is None and config.progress is not False and distributed.is_primary():
     # No run directory: the progress alone (its bar and lines), as a monitor's.
     monitor, owns_monitor = Progress(logged, total_steps=total, steps_per_epoch=spe,
                                      bar=config.progress, start=position.step(spe),
                                      say=log), True
   try:
-    run = _Run(config, feed,
-               plan_cadence(config, spe, checkpointer, monitor, every_epoch=plan.keep
-                            and feed.spec.best is None),
-               jax.random.key(config.seed), train, checkpointer, monitor,
-               log or (monitor.write if monitor is not None else print), plan)
+    cadence = plan_cadence(config, spe, checkpointer, monitor, every_epoch=plan.keep
+                           and feed.spec.best is None, callbacks=callbacks_lib.concern(
+                               callbacks) if callbacks else None)
+    run = RunContext(config, feed, cadence, jax.random.key(config.seed), train, checkpointer,
+                     monitor, log or (monitor.write if monitor is not None else print), plan,
+                     rows_log=rows_log, callbacks=callbacks)
     best = tree.get("best")
     carry = Carry(with_arrays(state, tree["state"]), feed.place(jnp.zeros((), bool)))
     if feed.spec.best is not None:
@@ -220,7 +201,7 @@ def fit(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
       best = None
     window = parallel.InFlight(parallel.default_max_in_flight(
         jax.local_devices()[: config.devices]))
-    history = {"epoch": {}, "step": {}}
+    history = {"epoch": {}, "step": StepHistory()}
     for row in position.rows:
       extend_rows(history["epoch"], row)
     pace, lagged, reason = Pace(), None, position.stop_reason
@@ -238,7 +219,7 @@ def fit(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
       profile.before(first, monitor)
       carry, chunks = feed.train(carry, run.run_key, first, end - first)
       profile.after(end, chunks[-1].steps, run.log)
-      call = _Call(first, end, chunks, started)
+      call = Call(first, end, chunks, started)
       for chunk in chunks:
         window(chunk.steps)
       if not compiled:
@@ -252,7 +233,7 @@ def fit(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
       if lagged is not None:
         # The previous call's results are fetched only now, after this call is
         # queued, so the device never waits for the host between calls.
-        done, pace, best = _absorb(run, lagged, position, pace, carry.state, best, history)
+        done, pace, best = absorb(run, lagged, position, pace, carry.state, best, history)
         position, reason, lagged = done.position, done.reason, None
         if reason:
           break
@@ -263,25 +244,32 @@ def fit(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
       if not boundary.fetch_now:
         lagged = call
         continue
-      done, pace, best = _absorb(run, call, position, pace, carry.state, best, history)
+      done, pace, best = absorb(run, call, position, pace, carry.state, best, history)
       position, reason = done.position, done.reason
-      if checkpointer is not None and boundary.saves(
-          reason=reason, recorded=position.stop_reason is not None):
+      failure = None
+      if "callbacks" in boundary.due and position.step(spe) == end:
+        position, reason, failure = call_back(run, done, end, carry.state)
+      if checkpointer is not None and (failure or boundary.saves(
+          reason=reason, recorded=position.stop_reason is not None)):
         row = position.rows[-1] if end % spe == 0 and position.rows else {}
         metric = row.get(plan.checkpoint_monitor, math.nan)
-        _save(run, position, carry, best, metric=metric if row else None)
+        save_checkpoint(run, position, carry, best, metric=metric if row else None)
+      if failure:  # saved: now end the run with it
+        if checkpointer is not None:
+          checkpointer.wait()
+        raise failure
     if lagged is not None and reason is None:
-      done, pace, best = _absorb(run, lagged, position, pace, carry.state, best, history)
+      done, pace, best = absorb(run, lagged, position, pace, carry.state, best, history)
       position, reason = done.position, done.reason
     window.drain()
     if reason and not position.stop_reason and checkpointer is not None:
       # A non-finite stop inside an epoch: record it so a rerun does not retrain.
-      _save(run, dataclasses.replace(position, stop_reason=reason), carry, best)
+      save_checkpoint(run, dataclasses.replace(position, stop_reason=reason), carry, best)
     if interrupted and (reason or position.step(spe) >= total):
       interrupted = None  # the run ended at that very boundary: nothing to resume
     if interrupted:
-      reason = _interrupted(run, interrupted, position, spe,
-                            trained=position.step(spe) > started_at)
+      reason = say_interrupted(run, interrupted, position, spe,
+                               trained=position.step(spe) > started_at)
     if checkpointer is not None:
       checkpointer.wait()
     state = carry.state
@@ -297,85 +285,10 @@ def fit(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
       test_metrics = {k: float(v) for k, v in means(test_sums["test"]).items()}
       test_metrics.update({f"ema_{k}": float(v)
                            for k, v in means(test_sums.get("test_ema", {})).items()})
-    return FitResult(state=state, history=history, best=position.best,
-                     stop_reason=reason, test=test_metrics, best_step=best_step,
-                     restored_best=restored)
+    return FitResult(state=state, history={**history, "step": history["step"].table()},
+                     best=position.best, stop_reason=reason, test=test_metrics,
+                     best_step=best_step, restored_best=restored)
   finally:
     profile.stop()
     if owns_monitor:
       monitor.close()
-
-
-def _absorb(run: _Run, call: _Call, position: Position, pace: Pace, state, best, history
-            ) -> tuple[Advance, Pace, Any]:
-  """Fetches a call (one host sync), advances the ledger and logs what it says.
-
-  ``state`` is the state at the end of ``call`` whenever the cadence made the
-  call end for the host (histograms, the best epoch's parameters)."""
-  spe = run.feed.spec.steps_per_epoch
-  steps, epoch_sums = fetch(call.chunks, spe)
-  # The call is charged from its dispatch, or from when the previous call's
-  # results arrived if it was queued behind it, to now: calls overlap, these
-  # intervals do not, so the epochs' seconds add up to the training time.
-  now = time.perf_counter()
-  per_step = (now - max(call.started, pace.fetched_at)) / (call.end - call.first)
-  pace = pace.after_call(per_step, steps_per_epoch=spe, epochs=run.config.epochs,
-                         fetched_at=now)
-  done = advance(position, Fetched(call.first, steps, epoch_sums, per_step),
-                 steps_per_epoch=spe, nonfinite=run.config.nonfinite,
-                 rule=run.config.early_stopping, ranking=run.plan.ranking)
-  extend(history["step"], {"step": done.steps, **done.metrics})
-  if run.monitor is not None:
-    run.monitor.log_steps(done.steps, done.metrics)
-  if done.nonfinite:
-    run.log(done.nonfinite)
-  for row in done.rows:
-    extend_rows(history["epoch"], row)
-    if run.monitor is not None:
-      run.monitor.log_epoch({**row, **(run.throughput.rates(row.get("seconds"))
-                                       if run.throughput else {})})
-      if "histograms" in run.cadence.due(row["step"]):
-        run.monitor.log_histograms(row["step"], state.params, *_snapshot(run, state))
-  if run.host_best and done.rows and done.position.best.epoch == done.rows[-1]["epoch"]:
-    best = jax.tree.map(jnp.copy, {"params": state.params, "batch_stats": state.batch_stats})
-  if done.early_stop:
-    run.log(done.early_stop)
-  return done, pace, best
-
-
-def _save(run: _Run, position: Position, carry: Carry, best, *, metric=None) -> None:
-  if run.monitor is not None:
-    run.monitor.flush()  # the checkpoint counts these lines as written
-  saved = {"state": state_arrays(carry.state)}
-  if run.plan.keep:
-    saved["best"] = best if best is not None else best_lib.variables(carry.best)
-  meta = {"position": position.to_json(), "seed": run.config.seed,
-          "num_train": run.feed.spec.num_train,
-          "run_key": np.asarray(jax.random.key_data(run.run_key)).tolist()}
-  if hasattr(run.monitor, "step_log"):  # steps.jsonl so far: a resume rewrites it
-    meta["step_log"] = run.monitor.step_log()
-  run.checkpointer.save(position.step(run.feed.spec.steps_per_epoch), saved, meta, metric)
-
-
-def _interrupted(run: _Run, signal_name: str, position: Position, spe: int, *,
-                 trained: bool = True) -> str:
-  step = position.step(spe)
-  where = f"step {step} (epoch {position.epoch + 1}, batch {position.batch})"
-  if not trained and step == 0:
-    run.log(f"{signal_name}: stopped before training began; nothing to save; "
-            "run the same command to start")
-  elif not trained and run.checkpointer is not None:
-    run.log(f"{signal_name}: stopped before training further; the checkpoint at {where} in "
-            f"{run.checkpointer.directory} is kept; run the same command to resume")
-  elif run.checkpointer is not None:
-    run.log(f"{signal_name}: saved a checkpoint at {where} in {run.checkpointer.directory}; "
-            "run the same command to resume")
-  else:
-    run.log(f"{signal_name}: stopped at {where}; checkpointing is off, nothing was saved")
-  return f"interrupted by {signal_name}"
-
-
-def _snapshot(run: _Run, state: TrainState):
-  """The gradient and the activations on the first training batch, for histograms."""
-  batch = head(run.train, run.config.batch_size)
-  return gradients_and_activations(jax.device_get(state), batch, run.run_key)

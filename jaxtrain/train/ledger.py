@@ -34,7 +34,9 @@ class Position:
     epoch: epochs completed.
     batch: batches done in the current (incomplete) epoch.
     best: the early-stopping / best-epoch record.
-    rows: the epoch rows written so far (metrics.csv).
+    rows: the epoch rows written so far (metrics.csv); ``fit`` keeps only the
+      latest (the others are in its history, metrics.csv and the checkpoints'
+      log segments).
     partial: the current epoch's per-step metrics so far.
     step_records: per-step records logged so far (steps.jsonl lines).
     stop_reason: why the run ended early, if it did.
@@ -75,10 +77,13 @@ class Position:
 
 @dataclasses.dataclass(frozen=True)
 class StepLog:
-  """The step records a checkpoint holds: ``steps.jsonl`` as written up to its
-  step, in zlib-compressed base64 chunks (each save adds the lines since the
-  previous one), so a resumed run rewrites the file whatever became of it.
-  Used as an int it is the number of records (``step_records``).
+  """``steps.jsonl`` as a resumed checkpoint counts it, so that the resumed run
+  makes the file hold exactly those lines whatever became of it. Used as an int
+  it is the number of records (``step_records``).
+
+  A checkpoint records the lines' SHA-256 (``sha256``), and the lines are in the
+  segments of ``folder`` (:mod:`jaxtrain.train.logstore`). Checkpoints written
+  before held the lines themselves, in zlib-compressed base64 ``chunks``:
 
   >>> log = StepLog(2, (StepLog.chunk(['{"step": 1}\\n', '{"step": 2}\\n']),))
   >>> int(log), log.text()
@@ -87,6 +92,8 @@ class StepLog:
 
   count: int
   chunks: tuple[str, ...] = ()
+  sha256: str | None = None
+  folder: str | None = None
 
   def __index__(self) -> int:
     return self.count
@@ -253,17 +260,6 @@ def advance(position: Position, fetched: Fetched, *, steps_per_epoch: int,
   return Advance(position, steps, metrics, tuple(rows), message, early_stop)
 
 
-def extend(table: dict[str, list], values: Mapping[str, Any]) -> None:
-  """Appends ``values`` (scalars, or numpy arrays of many) to the columns of
-  ``table``, starting columns it lacks."""
-  for key, value in values.items():
-    column = table.setdefault(key, [])
-    if isinstance(value, np.ndarray):
-      column.extend(value.tolist())
-    else:
-      column.append(value)
-
-
 def extend_rows(table: dict[str, list], row: Mapping[str, Any]) -> None:
   """Appends one epoch ``row`` to ``table`` so that every column keeps one value
   per row: a column the row lacks gets NaN, and a column first seen in it gets
@@ -277,7 +273,9 @@ def extend_rows(table: dict[str, list], row: Mapping[str, Any]) -> None:
   """
   rows = max((len(c) for c in table.values()), default=0)
   for key, value in row.items():
-    table.setdefault(key, [math.nan] * rows).append(value)
+    if key not in table:  # (not setdefault: its default would be built for every key)
+      table[key] = [math.nan] * rows
+    table[key].append(value)
   for column in table.values():
     if len(column) == rows:
       column.append(math.nan)

@@ -118,7 +118,7 @@ def warn_unmasked_batch_norm(state, config: FitConfig, n_train: int) -> None:
         f"the model's __call__ takes no mask=, so its batch norm ({layers}) "
         f"counts the {config.update_batch_size - n_train % config.update_batch_size} padding "
         "rows of each "
-        "epoch's last batch: accept mask= (see the README's 'Your own model'), or use "
+        "epoch's last batch: accept mask= (see docs/guides/own-model.md), or use "
         "drop_remainder=True", stacklevel=3)
 
 

@@ -51,6 +51,7 @@ class EarlyStopping:
 
   @property
   def ranking(self) -> Ranking:
+    """The rule's way of comparing epochs: its monitor, mode and ``min_delta``."""
     return Ranking(self.monitor, self.mode, self.min_delta)
 
 
@@ -89,4 +90,5 @@ class Best:
     return self.epoch * steps_per_epoch if self.epoch else None
 
   def should_stop(self, rule: EarlyStopping | None) -> bool:
+    """Whether ``rule`` stops the run now: ``patience`` epochs without a better one."""
     return rule is not None and self.bad_epochs >= rule.patience
