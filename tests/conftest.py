@@ -47,7 +47,7 @@ def _compilation_cache(tmp_path_factory):
   from jax.experimental.compilation_cache import compilation_cache
 
   names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-           "jax_persistent_cache_min_entry_size_bytes", "jax_compilation_cache_max_size")
+           "jax_persistent_cache_min_entry_size_bytes")
   saved = {name: getattr(jax.config, name) for name in names}
   with pytest.MonkeyPatch.context() as patch:
     patch.setenv("JAXTRAIN_CACHE_DIR", str(tmp_path_factory.mktemp("jax_cache")))

@@ -76,17 +76,12 @@ def cache_dir(tmp_path_factory):
 def _fast(cache_dir):
   from jax.experimental.compilation_cache import compilation_cache
 
-  from jaxtrain.engine.cache import MAX_BYTES
-
   names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-           "jax_persistent_cache_min_entry_size_bytes", "jax_compilation_cache_max_size")
+           "jax_persistent_cache_min_entry_size_bytes")
   saved = {name: getattr(jax.config, name) for name in names}
   jax.config.update("jax_compilation_cache_dir", str(cache_dir))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
-  # Bounded, as runs make it: reads and writes under a file lock, so a reader
-  # here never sees an entry a run in a subprocess is writing.
-  jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
   compilation_cache.reset_cache()
   with pytest.MonkeyPatch.context() as patch:
     patch.setattr(jrun, "plot_curves", lambda *args, **kwargs: None)
@@ -873,26 +868,3 @@ def test_load_prints_no_orbax_warnings(moons_best_run, caplog):
   with caplog.at_level(logging.INFO):
     ckpt.load(moons_best_run)
   assert [r.getMessage() for r in caplog.records if "orbax" in r.pathname] == []
-
-
-def test_the_compilation_cache_is_bounded_and_locked(tmp_path):
-  """Runs share the cache (the ranks of a launch, a test beside a run): JAX
-  writes an entry in place unless the cache has a size limit, and a process
-  reading it meanwhile got a truncated executable (a segmentation fault seen in
-  the suite). With the limit, reads and writes hold the cache's file lock."""
-  from jax.experimental.compilation_cache import compilation_cache
-
-  from jaxtrain.engine.cache import MAX_BYTES, enable_compilation_cache
-
-  names = ("jax_compilation_cache_dir", "jax_compilation_cache_max_size")
-  saved = {name: getattr(jax.config, name) for name in names}
-  try:
-    assert enable_compilation_cache(tmp_path / "cache") == str(tmp_path / "cache")
-    assert jax.config.jax_compilation_cache_max_size == MAX_BYTES
-    jax.jit(lambda x: x * 3.0 + 1.0)(jax.numpy.arange(7.0)).block_until_ready()
-    written = sorted(p.name for p in (tmp_path / "cache").iterdir())
-    assert ".lockfile" in written and any(n.endswith("-cache") for n in written), written
-  finally:
-    for name, value in saved.items():
-      jax.config.update(name, value)
-    compilation_cache.reset_cache()

@@ -95,17 +95,12 @@ def _compilation_cache(tmp_path_factory):
   """
   from jax.experimental.compilation_cache import compilation_cache
 
-  from jaxtrain.engine.cache import MAX_BYTES
-
   names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-           "jax_persistent_cache_min_entry_size_bytes", "jax_compilation_cache_max_size")
+           "jax_persistent_cache_min_entry_size_bytes")
   saved = {name: getattr(jax.config, name) for name in names}
   jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
-  # Bounded, as runs make it: reads and writes under a file lock, so a reader
-  # here never sees an entry a run in a subprocess is writing.
-  jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
   compilation_cache.reset_cache()
   yield
   for name, value in saved.items():

@@ -4,13 +4,6 @@ A second run of an experiment loads its compiled programs from disk instead of
 compiling them again. The cache lives in ``$JAXTRAIN_CACHE_DIR``, else
 ``$XDG_CACHE_HOME/jaxtrain/jax`` (``~/.cache/jaxtrain/jax``); set
 ``JAXTRAIN_CACHE_DIR=off`` to disable it.
-
-It is bounded (:data:`MAX_BYTES`, least recently used entries go first), and
-that also makes it safe to share: with a size limit JAX reads and writes
-entries under a file lock (``filelock``). Without one it writes an entry in
-place, and a process reading it meanwhile (the other rank of a 2-process run
-compiling the same program, a test beside a run) got a truncated executable:
-a segmentation fault in the compilation cache's read.
 """
 
 from __future__ import annotations
@@ -19,8 +12,6 @@ import os
 import pathlib
 
 import jax
-
-MAX_BYTES = 2 << 30  # the cache's size on disk, at most (2 GiB)
 
 
 def default_cache_dir() -> str | None:
@@ -50,15 +41,10 @@ def enable_compilation_cache(path: str | os.PathLike | None = None) -> str | Non
   path = os.fspath(path) if path is not None else default_cache_dir()
   if path is None:
     return None
-  if (jax.config.jax_compilation_cache_dir == path
-      and jax.config.jax_compilation_cache_max_size == MAX_BYTES):
+  if jax.config.jax_compilation_cache_dir == path:
     return path
   os.makedirs(path, exist_ok=True)
-  from jax.experimental.compilation_cache import compilation_cache
-
-  jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)  # locked reads and writes
   jax.config.update("jax_compilation_cache_dir", path)
-  compilation_cache.reset_cache()  # opened again, with these settings, at the next compile
   # Our programs compile in well under JAX's default 1 s threshold, and those
   # small compiles are exactly what makes a short run slow to start.
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
