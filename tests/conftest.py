@@ -57,3 +57,25 @@ def _compilation_cache(tmp_path_factory):
   for name, value in saved.items():
     jax.config.update(name, value)
   compilation_cache.reset_cache()
+
+
+_CACHE_OPTIONS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+                  "jax_persistent_cache_min_entry_size_bytes")
+
+
+@pytest.fixture(autouse=True)
+def _cache_stays_with_its_test():
+  """A test that runs an experiment's CLI in this process turns JAX's persistent
+  compilation cache on (as a user's run does); the tests after it get the
+  settings they had, not that test's cache. (Two fresh-clone runs of the suite
+  crashed a worker in test_stream while it read an entry that an earlier test's
+  CLI run had left in the worker's cache: a segmentation fault in
+  compilation_cache.get_executable_and_time, not reproduced in isolation.)"""
+  before = {name: getattr(jax.config, name) for name in _CACHE_OPTIONS}
+  yield
+  if any(getattr(jax.config, name) != value for name, value in before.items()):
+    from jax.experimental.compilation_cache import compilation_cache
+
+    for name, value in before.items():
+      jax.config.update(name, value)
+    compilation_cache.reset_cache()
