@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxtrain.core.state import TrainState
+from jaxtrain.train.throughput import lowered_flops, step_flops
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,17 +129,6 @@ def _nbytes(leaf) -> int:
   return int(np.prod(jnp.shape(leaf), dtype=np.int64)) * jnp.result_type(leaf).itemsize
 
 
-def _cost(fn, *args) -> float | None:
-  try:
-    cost = jax.jit(fn).lower(*args).cost_analysis()
-  except NotImplementedError:
-    return None
-  if isinstance(cost, list | tuple):  # older JAX: one dict per program
-    cost = cost[0] if cost else None
-  flops = (cost or {}).get("flops")
-  return float(flops) if flops and flops > 0 else None
-
-
 def summary(state: TrainState, example_inputs, example_targets=None, *,
             batch_size: int | None = None) -> Summary:
   """Parameters per module, totals and FLOPs of ``state``'s model.
@@ -190,11 +180,9 @@ def summary(state: TrainState, example_inputs, example_targets=None, *,
 
   step = None
   if example_targets is not None and not isinstance(example_inputs, Mapping):
-    from jaxtrain.train.throughput import step_flops
-
     step = step_flops(state, {"inputs": example_inputs, "targets": example_targets}, batch)
   return Summary(
       modules=modules, params=sum(m.count for m in modules),
       param_bytes=sum(m.bytes for m in modules), batch_stats=sum(stats.values()),
       optimizer_bytes=sum(_nbytes(x) for x in jax.tree.leaves(state.opt_state)),
-      batch_size=batch, forward_flops=_cost(forward, shapes, inputs), step_flops=step)
+      batch_size=batch, forward_flops=lowered_flops(forward, shapes, inputs), step_flops=step)

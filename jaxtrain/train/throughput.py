@@ -88,10 +88,16 @@ def _lowered_flops(state: TrainState, example, batch_size: int) -> float | None:
   from jaxtrain.engine.parallel import AXIS, P, on_one_device
 
   step = on_one_device(train_step, (P(), P(AXIS), P()))
+  # Shapes only: the run's arrays may be placed on other devices.
+  shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), x.dtype), state)
+  return lowered_flops(step, shapes, batch, jax.random.key(0))
+
+
+def lowered_flops(fn, *args) -> float | None:
+  """FLOPs of ``fn`` (jitted) on ``args`` by XLA's cost analysis of the
+  lowered program (nothing compiled or run); None where the backend gives none."""
   try:
-    # Shapes only: the run's arrays may be placed on other devices.
-    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), x.dtype), state)
-    cost = step.lower(shapes, batch, jax.random.key(0)).cost_analysis()
+    cost = (fn if hasattr(fn, "lower") else jax.jit(fn)).lower(*args).cost_analysis()
   except NotImplementedError:
     return None
   if isinstance(cost, list | tuple):  # older JAX: one dict per program
