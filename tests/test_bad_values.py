@@ -143,16 +143,20 @@ def test_mnist_cnn_schedule_values_are_refused_before_any_division(flags, messag
     mnist_cnn.make_schedule(_cli.parse(mnist_cnn.Config, flags), 1000)
 
 
+def refused(capsys, *flags) -> list[str]:
+  """two_moons run with ``flags`` (TINY first): exits 2; its stderr lines."""
+  capsys.readouterr()
+  with pytest.raises(SystemExit) as exit_:
+    _cli.main(two_moons.Config, two_moons.main, [*TINY, *flags])
+  assert exit_.value.code == 2
+  return capsys.readouterr().err.strip().splitlines()
+
+
 def test_fewer_epochs_than_a_finished_run_is_refused_and_changes_nothing(tmp_path, capsys):
   workdir = tmp_path / "run"
   _cli.main(two_moons.Config, two_moons.main, [*TINY, "--workdir", str(workdir)])
   before = {p.name: p.read_bytes() for p in workdir.iterdir() if p.is_file()}
-  capsys.readouterr()
-  with pytest.raises(SystemExit) as exit_:
-    _cli.main(two_moons.Config, two_moons.main,
-              [*TINY, "--epochs", "1", "--workdir", str(workdir)])
-  assert exit_.value.code == 2
-  err = capsys.readouterr().err.strip().splitlines()
+  err = refused(capsys, "--epochs", "1", "--workdir", str(workdir))
   assert err == [f"error: --epochs 1 is fewer than the 2 epochs the run in {workdir} has "
                  "trained; give --epochs 2 or more to continue it, or another --workdir"]
   assert {p.name: p.read_bytes() for p in workdir.iterdir() if p.is_file()} == before
@@ -183,12 +187,7 @@ def test_a_refused_rerun_changes_no_file_even_with_damage_and_deletions_pending(
   (checkpoints / "deleting" / "3").mkdir(parents=True)
   (checkpoints / "deleting" / "3" / "left").write_text("a deletion a kill interrupted")
   before = tree_hashes(workdir)
-  capsys.readouterr()
-  with pytest.raises(SystemExit) as exit_:
-    _cli.main(two_moons.Config, two_moons.main,
-              [*TINY, "--epochs", "1", "--workdir", str(workdir)])
-  assert exit_.value.code == 2
-  err = capsys.readouterr().err.strip().splitlines()
+  err = refused(capsys, "--epochs", "1", "--workdir", str(workdir))
   assert len(err) == 1 and "--epochs 1 is fewer than the 2 epochs" in err[0], err
   assert tree_hashes(workdir) == before
 
@@ -205,11 +204,7 @@ def test_a_checkpoint_of_another_seeds_run_is_refused_in_one_line(tmp_path, caps
   shutil.rmtree(ours / "checkpoints" / str(latest))
   shutil.copytree(theirs / "checkpoints" / str(latest), ours / "checkpoints" / str(latest))
   before = tree_hashes(ours)
-  capsys.readouterr()
-  with pytest.raises(SystemExit) as exit_:
-    _cli.main(two_moons.Config, two_moons.main, [*TINY, "--epochs", "3", "--workdir", str(ours)])
-  assert exit_.value.code == 2
-  err = capsys.readouterr().err.strip().splitlines()
+  err = refused(capsys, "--epochs", "3", "--workdir", str(ours))
   assert err == [f"error: the checkpoint at step {latest} in {ours / 'checkpoints'} belongs to "
                  "a run of seed 1, not 0: give that seed to continue it, or start a new run "
                  "directory"], err
