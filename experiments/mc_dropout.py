@@ -29,7 +29,7 @@ from experiments import _cli, two_moons
 from jaxtrain.core.optim import OptimizerConfig
 from jaxtrain.core.regularize import Regularization
 from jaxtrain.rundir.checkpoint import CheckpointConfig
-from jaxtrain.rundir.run import run
+from jaxtrain.rundir.run import log_images, run
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +61,8 @@ class Config:
   mc_samples: int = 100  # Dropout masks drawn per point of the map.
   grid: int = 120  # Points per side of the map.
   overwrite: bool = False  # Replace a different run already in --workdir.
+  # Experiment trackers to log to as well: mlflow, wandb, trackio (comma-separated).
+  track: str | None = _cli.added_flag(None)
   checkpoint: CheckpointConfig = CheckpointConfig()  # When to save; a rerun resumes.
 
 
@@ -120,7 +122,7 @@ def main(config: Config) -> None:
   record = {"experiment": "mc_dropout", "config": _cli.to_record(config),
             "fit": dataclasses.asdict(fit_config)}
   result = run(state, train_set, config=fit_config, workdir=config.workdir, record=record,
-               val=test_set, test=test_set, overwrite=config.overwrite,
+               val=test_set, test=test_set, overwrite=config.overwrite, track=config.track,
                checkpoint=config.checkpoint, build=_cli.builder(globals(), "state_from_record"))
   if result.test is None:  # a signal stopped the run (it said so): a rerun resumes it
     return
@@ -135,6 +137,7 @@ def main(config: Config) -> None:
   path = config.workdir / "uncertainty.png"
   if jaxtrain.engine.distributed.is_primary():
     plot(path, gx, gy, mean, variance, train_set)
+    log_images(config.workdir, {"uncertainty": path})  # TensorBoard, the trackers
   print(f"held-out accuracy {result.test['accuracy']:.4f} (dropout off), "
         f"{mc_accuracy:.4f} (mean of {config.mc_samples} MC dropout samples); predictive "
         f"variance of p(class 1) over the plane: median {np.median(variance):.4f}, "

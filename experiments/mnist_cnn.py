@@ -88,6 +88,8 @@ class Config:
   warmup_epochs: float = 1.0  # Linear warmup from 0, then cosine decay to 0.
   devices: int = 0  # Data-parallel devices (0: all devices of every process).
   overwrite: bool = False  # Replace a different run already in --workdir.
+  # Experiment trackers to log to as well: mlflow, wandb, trackio (comma-separated).
+  track: str | None = _cli.added_flag(None)
   # A grid or random search over the flags, one sub-run per member in <workdir>/members.
   sweep: Annotated[_sweep.SweepConfig, tyro.conf.OmitArgPrefixes] = _cli.added_flag(
       _sweep.SweepConfig())
@@ -224,7 +226,7 @@ def main(config: Config) -> None:
             "sizes": sizes}
   augment = make_augment(config.shift) if config.shift else None
   result = run(state, train_set, config=fit_config, workdir=config.workdir, record=record,
-               val=val_set, test=test_set, augment=augment, overwrite=config.overwrite,
+               val=val_set, test=test_set, augment=augment, overwrite=config.overwrite, track=config.track,
                checkpoint=config.checkpoint, build=_cli.builder(globals(), "state_from_record"))
   if result.test is not None:  # None when a signal stopped the run (it said so)
     ema = (f"  (EMA of the parameters: accuracy {result.test['ema_accuracy']:.4f}  loss "

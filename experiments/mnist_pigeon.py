@@ -70,6 +70,8 @@ class Config:
   eval_every_steps: int = 0  # Also evaluate train and val every N steps (0: per epoch).
   devices: int = 1  # Data-parallel devices.
   overwrite: bool = False  # Replace a different run already in --workdir.
+  # Experiment trackers to log to as well: mlflow, wandb, trackio (comma-separated).
+  track: str | None = _cli.added_flag(None)
   # A grid or random search over the flags, one sub-run per member in <workdir>/members.
   sweep: Annotated[_sweep.SweepConfig, tyro.conf.OmitArgPrefixes] = _cli.added_flag(
       _sweep.SweepConfig())
@@ -129,7 +131,7 @@ def main(config: Config) -> None:
   record = {"experiment": "mnist_pigeon", "config": _cli.to_record(config),
             "fit": dataclasses.asdict(fit_config)}
   result = run(state, train_set, config=fit_config, workdir=config.workdir, record=record,
-               val=val_set, overwrite=config.overwrite, checkpoint=config.checkpoint,
+               val=val_set, overwrite=config.overwrite, track=config.track, checkpoint=config.checkpoint,
                build=_cli.builder(globals(), "state_from_record"))
   interrupted = (result.stop_reason or "").startswith("interrupted")
   if interrupted or not result.history["epoch"].get("epoch"):

@@ -35,7 +35,7 @@ from jaxtrain import data, losses, models
 from jaxtrain.core.optim import OptimizerConfig
 from jaxtrain.core.regularize import Regularization
 from jaxtrain.rundir.checkpoint import CheckpointConfig
-from jaxtrain.rundir.run import run
+from jaxtrain.rundir.run import log_images, run
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +67,8 @@ class Config:
   ema: float | None = None
   examples: int = 8  # Test digits drawn in predictions.png.
   overwrite: bool = False  # Replace a different run already in --workdir.
+  # Experiment trackers to log to as well: mlflow, wandb, trackio (comma-separated).
+  track: str | None = _cli.added_flag(None)
   # A grid or random search over the flags, one sub-run per member in <workdir>/members.
   sweep: Annotated[_sweep.SweepConfig, tyro.conf.OmitArgPrefixes] = _cli.added_flag(
       _sweep.SweepConfig())
@@ -180,7 +182,7 @@ def main(config: Config) -> None:
             "sizes": {k: len(v["targets"]) for k, v in
                       (("train", train_set), ("val", val_set), ("test", test_set))}}
   result = run(state, train_set, config=fit_config, workdir=config.workdir, record=record,
-               val=val_set, test=test_set, overwrite=config.overwrite,
+               val=val_set, test=test_set, overwrite=config.overwrite, track=config.track,
                checkpoint=config.checkpoint, build=_cli.builder(globals(), "state_from_record"))
   if result.test is None:  # a signal stopped the run (it said so): a rerun resumes it
     return
@@ -190,6 +192,7 @@ def main(config: Config) -> None:
   path = config.workdir / "predictions.png"
   if jaxtrain.engine.distributed.is_primary():
     plot(path, shown, predicted, square_slice(config), mean, std)
+    log_images(config.workdir, {"predictions": path})  # TensorBoard, the trackers
   test = result.test
   print(f"test MSE {test['mse_px']:.1f} (mean-image baseline {base['mse_px']:.1f}, "
         f"{test['mse_px'] / base['mse_px']:.2f}x), MAE {test['mae_px']:.2f} "

@@ -65,6 +65,8 @@ class Config:
   # (read on the host step by step; the same run, bit for bit); auto: by size.
   data: Literal["auto", "device", "stream"] = _cli.added_flag("auto")
   overwrite: bool = False  # Replace a different run already in --workdir.
+  # Experiment trackers to log to as well: mlflow, wandb, trackio (comma-separated).
+  track: str | None = _cli.added_flag(None)
   # A grid or random search over the flags, one sub-run per member in <workdir>/members.
   sweep: Annotated[_sweep.SweepConfig, tyro.conf.OmitArgPrefixes] = _cli.added_flag(
       _sweep.SweepConfig())
@@ -121,7 +123,7 @@ def train(config: Config, *, batch_size: int, workdir: pathlib.Path, extra=None)
   record = {"experiment": "two_moons", "config": _cli.to_record(config),
             "fit": dataclasses.asdict(fit_config)}
   return run(state, train_set, config=fit_config, workdir=workdir, record=record,
-             val=test_set, test=test_set, overwrite=config.overwrite,
+             val=test_set, test=test_set, overwrite=config.overwrite, track=config.track,
              checkpoint=config.checkpoint, extra_curves=extra,
              build=_cli.builder(globals(), "state_from_record"))
 

@@ -88,6 +88,8 @@ _SUBMODULES = {
     "state": "jaxtrain.core.state",
     "step": "jaxtrain.core.step",
     "stopping": "jaxtrain.train.stopping",
+    "trackers": "jaxtrain.rundir.trackers",
+    "writers": "jaxtrain.rundir.writers",
 }
 
 

@@ -228,7 +228,7 @@ def test_a_data_folder_given_relative_or_absolute_is_the_same_run(tmp_path, monk
 
 def test_the_eta_takes_the_median_call_pace_not_a_compiling_call(tmp_path, monkeypatch):
   now = [0.0]
-  monkeypatch.setattr("jaxtrain.rundir.monitor.time.time", lambda: now[0])
+  monkeypatch.setattr("jaxtrain.train.progress.time.time", lambda: now[0])
   with RunMonitor(tmp_path, columns=["epoch", "step"], total_steps=1000, steps_per_epoch=100,
                   progress=False) as monitor:
     monitor.mark_compiled()

@@ -32,6 +32,7 @@ from jaxtrain.core.state import TrainState, state_arrays
 from jaxtrain.data.batching import num_batches
 from jaxtrain.data.indexed import length
 from jaxtrain.data.sources import Source
+from jaxtrain.rundir import trackers
 from jaxtrain.rundir.checkpoint import Checkpointer
 from jaxtrain.rundir.monitor import RunMonitor
 from jaxtrain.rundir.plots import plot_curves, read_history
@@ -60,6 +61,8 @@ class RunCall:
   extra_curves: Mapping[str, Any] | None = None
   build: str | None = None
   callbacks: Any = None  # as for fit: a member with callbacks trains alone
+  track: Any = None  # trackers (names); each member logs to its own tracked runs
+  writers: Any = ()  # your own writers: a member with writers trains alone
 
   def full_record(self) -> dict[str, Any]:
     """config.json as ``run`` writes it."""
@@ -93,6 +96,8 @@ def vmap_problem(calls: Sequence[RunCall]) -> str | None:
             "train members one by one")
   if any(call.callbacks for call in calls):
     return "members with callbacks train one by one"
+  if any(call.writers for call in calls):
+    return "members with writers train one by one"
   structure = jax.tree.structure(first.state)
   for call in calls[1:]:
     if dataclasses.replace(call.config, seed=0) != base:
@@ -224,6 +229,7 @@ class _Member:
     self.call, self.plan = call, plan
     record = call.full_record()
     check_record(record)
+    trackers.check(call.track)  # before anything is written
     workdir = pathlib.Path(call.workdir)
     self.lock = lock_run_dir(workdir)
     if any((workdir / name).exists() for name in RUN_FILES):
@@ -231,8 +237,12 @@ class _Member:
     write_config(workdir, record)
     self.spe = num_batches(length(call.train), call.config.update_batch_size,
                            call.config.drop_remainder)
+    self.trackers = trackers.open_trackers(
+        call.track, workdir, experiment=str(record.get("experiment") or workdir.name),
+        config=record)
     self.monitor = RunMonitor(workdir, columns=logged, total_steps=epochs * self.spe,
-                              steps_per_epoch=self.spe, progress=False, quiet=True)
+                              steps_per_epoch=self.spe, progress=False, quiet=True,
+                              writers=self.trackers)
     self.position, self.stopped = Position(), None
 
   def absorb(self, fetched) -> bool:
@@ -253,6 +263,8 @@ class _Member:
   def close(self) -> None:
     if getattr(self, "monitor", None) is not None:
       self.monitor.close()
+    for tracker in getattr(self, "trackers", ()):
+      tracker.close()
     self.lock.release()
 
   def finish(self, state: TrainState, best, test: dict | None) -> FitResult:

@@ -19,15 +19,21 @@ import json
 import math
 import os
 import pathlib
-import time
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from jaxtrain.rundir.plots import plot_curves, read_history
+from jaxtrain.rundir.plots import plot_curves, read_epochs, read_history
 from jaxtrain.rundir.record import write_config
+from jaxtrain.rundir.writers import (
+  TensorBoardWriter,
+  Tracker,
+  Writer,
+  epoch_scalars,
+  image_array,
+)
 from jaxtrain.train.ledger import StepLog
 from jaxtrain.train.logstore import LogWriter, read_back
 from jaxtrain.train.progress import Progress
@@ -88,6 +94,20 @@ def _truncate_lines(path: str, n: int, what: str = "step records"):
   return hasher
 
 
+def _records(path: str):
+  """steps.jsonl's objects, one at a time (``None`` for ``null``: not finite)."""
+  with open(path) as f:
+    for line in f:
+      if line.endswith("\n"):
+        yield json.loads(line)
+
+
+def _csv_rows(path: str) -> list[dict]:
+  """metrics.csv's rows with numbers as numbers (empty cells: ``None``)."""
+  table = read_epochs(path)
+  return [dict(zip(table, values, strict=True)) for values in zip(*table.values())]
+
+
 class RunMonitor(Progress):
   """Writes metrics and TensorBoard events for one training run, and shows its
   progress as :class:`~jaxtrain.train.progress.Progress` does.
@@ -110,6 +130,14 @@ class RunMonitor(Progress):
     quiet: Print nothing (the files only).
     lines: Print a line per epoch (``False`` with ``progress=False``: no
       progress at all, as ``FitConfig(progress=False)``; messages still print).
+    writers: more :class:`~jaxtrain.rundir.writers.Writer` s beside TensorBoard
+      (trackers, your own), given every output in step order; the monitor
+      flushes them at checkpoints and leaves closing them to you. A
+      :class:`~jaxtrain.rundir.writers.Tracker` behind the resumed step is sent
+      the run's record first (:meth:`~jaxtrain.rundir.writers.Tracker.catch_up`).
+    tensorboard: the TensorBoard writer to use (yours to close, e.g. to log
+      figures after the run into the same event file); default: its own, made
+      with ``start=``:meth:`resumed_step`, closed with the monitor.
 
   Example:
     >>> import tempfile
@@ -129,18 +157,15 @@ class RunMonitor(Progress):
                total_steps: int, steps_per_epoch: int,
                progress: bool | None = None, resume_rows: Sequence[dict] | int = (),
                resume_step_records: StepLog | int | None = None, quiet: bool = False,
-               lines: bool = True):
-    from tensorboardX import SummaryWriter  # Lazy: imports protobuf.
-
+               lines: bool = True, writers: Sequence[Writer] = (),
+               tensorboard: TensorBoardWriter | None = None):
     self.workdir = os.fspath(workdir)
     os.makedirs(self.workdir, exist_ok=True)
     self.columns, self._closed = list(columns), False
 
     # Steps done before this session: the bar and the ETA start from here.
-    start = int(resume_step_records or 0)
+    start = self.resumed_step(resume_rows, resume_step_records)
     rows = resume_rows if not isinstance(resume_rows, int) else ()
-    if rows and rows[-1].get("step") is not None:
-      start = int(_py(rows[-1]["step"]))
 
     # Rewriting metrics.csv from the checkpoint's rows (rather than appending)
     # drops rows logged after that checkpoint, keeping resumes byte-identical.
@@ -162,19 +187,28 @@ class RunMonitor(Progress):
     self._steps_file = open(steps_path, "w" if resume_step_records is None
                             else "a", buffering=1 << 16)
 
-    # TensorBoard hides events with step >= purge_step from older event files
-    # in this directory: the steps redone after a resume (step k = state after
-    # k updates), or all of a previous run's events on a fresh start.
-    # A large queue: the default (10) blocks the loop on a per-epoch burst.
-    # The suffix (sub-second time) keeps two writers started in the same
-    # second from sharing a file name, and sorts them in start order.
-    self._tb = SummaryWriter(os.path.join(self.workdir, "tensorboard"),
-                             purge_step=start + 1 if start else 0,
-                             max_queue=1024, flush_secs=10,
-                             filename_suffix=f".{time.time_ns() % 10**9:09d}")
+    # TensorBoard first, then the writers given (trackers, your own).
+    self._pending: list[tuple[list[int], dict[str, list]]] = []
+    self._own_tensorboard = tensorboard is None
+    self.writers: list[Writer] = [
+        tensorboard or TensorBoardWriter(os.path.join(self.workdir, "tensorboard"), start=start),
+        *writers]
+    for writer in self.writers:
+      if isinstance(writer, Tracker) and writer.behind(start):
+        writer.catch_up(_records(steps_path), rows or _csv_rows(csv_path))
     # Last: the bar and the rate clock start once the files are open.
     super().__init__(columns, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
                      bar=progress, lines=lines, start=start, quiet=quiet)
+
+  @staticmethod
+  def resumed_step(resume_rows: Sequence[dict] | int = (),
+                   resume_step_records: StepLog | int | None = None) -> int:
+    """The step a monitor of these ``resume_*`` arguments starts after (0: a fresh run)."""
+    start = int(resume_step_records or 0)
+    rows = resume_rows if not isinstance(resume_rows, int) else ()
+    if rows and rows[-1].get("step") is not None:
+      start = int(_py(rows[-1]["step"]))
+    return start
 
   def log_steps(self, steps: np.ndarray, metrics: Mapping[str, np.ndarray]) -> None:
     """Logs a chunk of steps: ``steps.jsonl``, ``train/step_<name>`` scalars.
@@ -190,17 +224,11 @@ class RunMonitor(Progress):
     if not steps:
       return
     columns = {k: _column(v, len(steps), k) for k, v in metrics.items()}
-    from tensorboardX.proto.summary_pb2 import Summary
-
-    writer = self._tb.file_writer  # One event per step, not one per scalar.
-    lines = []
-    for i, step in enumerate(steps):
-      values = {k: v[i] for k, v in columns.items()}
-      lines.append(json.dumps({"step": int(step), **{k: _finite(v) for k, v in values.items()}},
-                              allow_nan=False) + "\n")
-      writer.add_summary(Summary(value=[
-          Summary.Value(tag=f"train/step_{k}", simple_value=v)
-          for k, v in values.items()]), int(step))
+    lines = [json.dumps({"step": int(step), **{k: _finite(v[i]) for k, v in columns.items()}},
+                        allow_nan=False) + "\n" for i, step in enumerate(steps)]
+    # The writers get them in step order with the rest (an epoch's scalars at
+    # its last step come after that step, before the next epoch's steps).
+    self._pending.append((steps, {f"train/step_{k}": v for k, v in columns.items()}))
     self._steps_file.writelines(lines)
     self._steps_log.add(lines)
     super().log_steps(steps, columns)
@@ -258,28 +286,59 @@ class RunMonitor(Progress):
     self._check_open()
     row = {k: _py(v) for k, v in row.items()}
     self._write_row(row)
-    x = row.get("step") if row.get("step") is not None else row.get("epoch")
-    for name, value in row.items():
-      if name not in ("epoch", "step") and isinstance(value, (int, float)):
-        self._tb.add_scalar(f"epoch/{name}", float(value), x)
+    step, scalars = epoch_scalars(row)
+    self._release(step)
+    for writer in self.writers:
+      writer.write_scalars(step, scalars)
+    # The files and TensorBoard show each epoch as it ends; the other writers
+    # (trackers: a transaction each) batch until a checkpoint or their own pace.
     self._csv_file.flush()
     self._steps_file.flush()
-    self._tb.flush()
+    self.writers[0].flush()
     super().log_epoch(row)
 
   def flush(self) -> None:
     """Writes everything logged so far to disk (before a checkpoint counts it)."""
     self._check_open()
+    self._release(None)
+    self._flush_all()
+
+  def _flush_all(self) -> None:
     self._csv_file.flush()
     self._steps_file.flush()
-    self._tb.flush()
+    for writer in self.writers:
+      writer.flush()
+
+  def _release(self, through: int | None) -> None:
+    """Gives the writers the logged steps up to ``through`` (``None``: all)."""
+    keep = []
+    for steps, tagged in self._pending:
+      n = len(steps) if through is None else int(np.searchsorted(steps, through, "right"))
+      if n:
+        for writer in self.writers:
+          writer.write_steps(steps[:n], {k: v[:n] for k, v in tagged.items()})
+      if n < len(steps):
+        keep.append((steps[n:], {k: v[n:] for k, v in tagged.items()}))
+    self._pending = keep
 
   def log_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
-    """Logs a callback's scalars at ``step``: TensorBoard ``callback/<name>``
-    (a resumed run's redone steps replace them, as every event's)."""
+    """Logs a callback's scalars at ``step`` as ``callback/<name>`` (a resumed
+    run's redone steps replace them, as every event's)."""
     self._check_open()
-    for name, value in scalars.items():
-      self._tb.add_scalar(f"callback/{name}", float(value), int(step))
+    tagged = {f"callback/{name}": float(value) for name, value in scalars.items()}
+    self._release(int(step))
+    for writer in self.writers:
+      writer.write_scalars(int(step), tagged)
+
+  def log_images(self, step: int, images: Mapping[str, Any]) -> None:
+    """Logs images at ``step`` to every writer: name -> an array, a PNG's path
+    or a matplotlib figure (:func:`~jaxtrain.rundir.writers.image_array`)."""
+    self._check_open()
+    self._release(int(step))
+    for name, image in images.items():
+      array = image_array(image)
+      for writer in self.writers:
+        writer.write_image(int(step), str(name), array)
 
   def log_histograms(self, step: int, params: Any, grads: Any = None,
                      activations: Any = None) -> None:
@@ -292,6 +351,7 @@ class RunMonitor(Progress):
     self._check_open()
     import jax  # Lazy: the rest of this module does not need JAX.
 
+    histograms = {}
     for prefix, tree in (("weights", params), ("grads", grads), ("activations", activations)):
       if tree is None:
         continue
@@ -301,16 +361,21 @@ class RunMonitor(Progress):
         values = values[np.isfinite(values)]
         name = jax.tree_util.keystr(path, simple=True, separator="/")
         if values.size:
-          self._tb.add_histogram(f"{prefix}/{name}", values, int(step))
-    self._tb.flush()
+          histograms[f"{prefix}/{name}"] = values
+    self._release(int(step))
+    for writer in self.writers:
+      writer.write_histograms(int(step), histograms)
 
   def close(self) -> None:
     """Flushes and closes everything; safe to call twice."""
     if not self._closed:
+      self._release(None)
       self._closed = True
       super().close()
-      for closable in (self._csv_file, self._steps_file, self._tb):
+      for closable in (self._csv_file, self._steps_file):
         closable.close()
+      for i, writer in enumerate(self.writers):
+        writer.close() if i == 0 and self._own_tensorboard else writer.flush()
 
   def _check_open(self) -> None:
     if self._closed:

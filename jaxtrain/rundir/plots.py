@@ -17,7 +17,7 @@ from typing import Any
 
 from jaxtrain.train.history import StepHistory
 
-__all__ = ["plot_curves", "read_history"]
+__all__ = ["plot_curves", "read_epochs", "read_history"]
 
 # Linestyles distinguish runs (main run first); colours distinguish splits.
 _STYLES = ("-", "--", ":", "-.")
@@ -175,28 +175,7 @@ def read_history(workdir: str | os.PathLike) -> dict[str, dict[str, list]]:
     {'epoch': {'epoch': [1], 'train_loss': [0.5], 'val_loss': [None]},
      'step': {'step': [1], 'loss': [0.5]}}
   """
-  def number(cell: str) -> Any:
-    if cell == "":
-      return None
-    try:
-      return int(cell)
-    except ValueError:
-      try:
-        return float(cell)
-      except ValueError:
-        return cell
-
-  epoch: dict[str, list] = {}
-  path = os.path.join(workdir, "metrics.csv")
-  if os.path.exists(path):
-    with open(path, newline="") as f:
-      reader = csv.reader(f)
-      header = next(reader, [])
-      epoch = {name: [] for name in header}
-      for cells in reader:
-        cells += [""] * (len(header) - len(cells))  # A torn last line.
-        for name, cell in zip(header, cells, strict=False):
-          epoch[name].append(number(cell))
+  epoch = read_epochs(os.path.join(workdir, "metrics.csv"))
   step = StepHistory()
   path = os.path.join(workdir, "steps.jsonl")
   if os.path.exists(path):
@@ -205,3 +184,31 @@ def read_history(workdir: str | os.PathLike) -> dict[str, dict[str, list]]:
         if line.endswith("\n"):  # A torn last line is left out.
           step.add(line, json.loads)
   return {"epoch": epoch, "step": step.table()}
+
+
+def _number(cell: str) -> Any:
+  if cell == "":
+    return None
+  try:
+    return int(cell)
+  except ValueError:
+    try:
+      return float(cell)
+    except ValueError:
+      return cell
+
+
+def read_epochs(path: str | os.PathLike) -> dict[str, list]:
+  """A ``metrics.csv`` as columns: name -> values, numbers as numbers, empty
+  cells as ``None`` (a torn last line padded); ``{}`` for a missing file."""
+  epoch: dict[str, list] = {}
+  if os.path.exists(path):
+    with open(path, newline="") as f:
+      reader = csv.reader(f)
+      header = next(reader, [])
+      epoch = {name: [] for name in header}
+      for cells in reader:
+        cells += [""] * (len(header) - len(cells))  # A torn last line.
+        for name, cell in zip(header, cells, strict=False):
+          epoch[name].append(_number(cell))
+  return epoch

@@ -114,7 +114,7 @@ def write_config(workdir: str | os.PathLike, config: Any) -> None:
 # Settings that may change between a run and its resumption.
 NOT_IDENTITY = {"epochs", "overwrite", "workdir", "progress", "checkpoint", "versions",
                 "backend", "devices_info", "every_epochs", "every_steps", "every_seconds",
-                "build", "distributed", "data", "profile_steps", "summary"}
+                "build", "distributed", "data", "profile_steps", "summary", "track"}
 
 
 def _identity(record: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

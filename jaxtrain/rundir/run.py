@@ -18,7 +18,7 @@ import pathlib
 import signal
 import threading
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from jaxtrain.core.state import TrainState
@@ -26,12 +26,13 @@ from jaxtrain.data.batching import num_batches
 from jaxtrain.data.indexed import head, length
 from jaxtrain.engine import distributed
 from jaxtrain.launch import unblock_stop_signals
+from jaxtrain.rundir import trackers as trackers_lib
 from jaxtrain.rundir.checkpoint import CheckpointConfig, Checkpointer
 from jaxtrain.rundir.checkpointer import RecordingCheckpointer
 from jaxtrain.rundir.group import RunCall
 from jaxtrain.rundir.integrity import check_digest
 from jaxtrain.rundir.monitor import RunMonitor
-from jaxtrain.rundir.plots import plot_curves, read_history
+from jaxtrain.rundir.plots import plot_curves, read_epochs, read_history
 from jaxtrain.rundir.record import (  # noqa: F401 - NOT_IDENTITY: part of this API
   NOT_IDENTITY,
   check_record,
@@ -50,6 +51,7 @@ from jaxtrain.rundir.workdir import (  # noqa: F401 - part of this API
   clear_run,
   lock_run_dir,
 )
+from jaxtrain.rundir.writers import TensorBoardWriter, Writer, image_array
 from jaxtrain.train.config import FitConfig, columns
 from jaxtrain.train.fit import FitResult, fit
 from jaxtrain.train.resume import check_resumable
@@ -220,7 +222,8 @@ def run(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
         augment: Callable | None = None, overwrite: bool = False,
         checkpoint: CheckpointConfig | None = CheckpointConfig(),
         extra_curves: Mapping[str, Any] | None = None,
-        build: str | None = None, callbacks: list | None = None) -> FitResult:
+        build: str | None = None, callbacks: list | None = None,
+        track: str | Sequence[str] | None = None, writers: Sequence[Writer] = ()) -> FitResult:
   """Trains into a run directory, resuming the run already there.
 
   Args:
@@ -243,7 +246,7 @@ def run(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
     the part before a resume.
 
   Raises:
-    ValueError: a bad argument, or a ``workdir`` that holds another run
+    ValueError: a bad argument (a tracker not installed), or a ``workdir`` that holds another run
       (without ``overwrite``), is locked by another process or cannot be
       written; the message names it, and nothing was changed.
 
@@ -263,17 +266,19 @@ def run(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
     try:
       return handler(RunCall(state, train, config, pathlib.Path(workdir), record, val, test,
                              augment, overwrite, checkpoint, extra_curves, build,
-                             callbacks))
+                             callbacks, track, writers))
     finally:
       _INTERCEPT.append(handler)
   workdir = pathlib.Path(workdir)
   record = {**record, "checkpoint": checkpoint, **({"build": build} if build else {})}
   check_record(record)
+  track = trackers_lib.check(track)  # a missing tracker: refused before anything is written
   resume = check_workdir(workdir, record, overwrite=overwrite) and checkpoint is not None
   directory = _RunDirectory(workdir, checkpoint, resume=resume, record=record,
                             num_train=length(train), epochs=config.epochs, seed=config.seed)
 
   primary = distributed.is_primary()
+  opened: list[Writer] = []  # the trackers, once the monitor opens them
 
   def make_monitor(rows, step_records):
     # Called by fit once the checkpoint (if any) is read and checked. Only
@@ -287,10 +292,24 @@ def run(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
     write_config(workdir, {**record, "summary": model.to_json()})
     steps_per_epoch = num_batches(length(train), config.update_batch_size,
                                   config.drop_remainder)
-    return RunMonitor(workdir, columns=columns(state, config, train, has_val=val is not None), total_steps=config.epochs * steps_per_epoch,
+    opened.extend(trackers_lib.open_trackers(
+        track, workdir, experiment=str(record.get("experiment") or workdir.name),
+        config=record))
+    for tracker in opened:
+      if config.progress is not False:
+        print(f"tracking: {tracker.where}", flush=True)
+    for writer in writers:
+      writer.write_config(record)
+    # run's own TensorBoard writer: the curves go into its event file at the end.
+    tensorboard = TensorBoardWriter(workdir / "tensorboard",
+                                    start=RunMonitor.resumed_step(rows, step_records))
+    opened.insert(0, tensorboard)
+    return RunMonitor(workdir, columns=columns(state, config, train, has_val=val is not None),
+                      total_steps=config.epochs * steps_per_epoch,
                       steps_per_epoch=steps_per_epoch, progress=config.progress,
-                      lines=config.progress is not False,
-                      resume_rows=rows, resume_step_records=step_records)
+                      lines=config.progress is not False, writers=[*opened[1:], *writers],
+                      tensorboard=tensorboard, resume_rows=rows,
+                      resume_step_records=step_records)
 
   # matplotlib takes ~0.3 s to import; do it while the run trains.
   threading.Thread(target=_import_matplotlib, name="import-matplotlib", daemon=True).start()
@@ -306,9 +325,60 @@ def run(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
     if primary:
       result.history = read_history(workdir)
       plot_curves(result.history, workdir / "curves.png", extra=extra_curves)
+      if (workdir / "curves.png").exists():
+        _write_images([*opened, *writers], {"curves": workdir / "curves.png"},
+                      _last_step(result.history))
   finally:
-    directory.release()
+    try:
+      for writer in [*opened, *writers]:
+        writer.close()
+    finally:
+      directory.release()
   return result
+
+
+def _last_step(history: Mapping[str, Any]) -> int:
+  steps = [s for s in (history.get("epoch") or {}).get("step") or () if s is not None]
+  return int(steps[-1]) if steps else 0
+
+
+def _write_images(writers: Sequence[Writer], images: Mapping[str, Any], step: int) -> None:
+  arrays = {name: image_array(image) for name, image in images.items()}
+  for writer in writers:
+    for name, array in arrays.items():
+      writer.write_image(step, name, array)
+    writer.flush()
+
+
+def log_images(workdir: str | os.PathLike, images: Mapping[str, Any], *,
+               step: int | None = None) -> None:
+  """Logs figures made after a run to its TensorBoard and to the trackers it
+  was run with (``trackers.json``), at ``step`` (default: the run's last).
+
+  Args:
+    workdir: the run directory (process 0's; other processes do nothing).
+    images: name -> an array (``[h, w]`` or ``[h, w, 1|3|4]``, floats in [0, 1]
+      or uint8), a PNG file's path or a matplotlib figure.
+    step: the step the figures show; default: metrics.csv's last step.
+
+  >>> import tempfile, numpy as np
+  >>> workdir = pathlib.Path(tempfile.mkdtemp())
+  >>> log_images(workdir, {"noise": np.random.default_rng(0).random((8, 8))}, step=3)
+  >>> sorted(p.name.split(".")[0] for p in (workdir / "tensorboard").iterdir())
+  ['events']
+  """
+  if not distributed.is_primary():
+    return
+  workdir = pathlib.Path(workdir)
+  if step is None:
+    step = _last_step({"epoch": read_epochs(workdir / "metrics.csv")})
+  writers = [TensorBoardWriter(workdir / "tensorboard", start=None),
+             *trackers_lib.reopen(workdir)]
+  try:
+    _write_images(writers, images, step)
+  finally:
+    for writer in writers:
+      writer.close()
 
 
 def _quiet(message: str) -> None:

@@ -30,7 +30,7 @@ class RunDirError(ValueError):
 
 # What a run writes; overwrite removes only these, never a user's other files.
 RUN_FILES = ("config.json", "metrics.csv", "steps.jsonl", "curves.png", "tensorboard",
-             DIRECTORY, f"{DIRECTORY}_damaged")
+             DIRECTORY, f"{DIRECTORY}_damaged", "trackers.json", "wandb")
 
 
 def check_workdir(workdir: str | os.PathLike, record: Mapping[str, Any] | None = None, *,

@@ -14,7 +14,8 @@ The function answers with:
   string, else ``"stopped by callback NAME"``, is the run's ``stop_reason``);
 - a mapping ``{name: number}``: scalars to log at the event's step
   (TensorBoard ``callback/<name>`` in a run directory);
-- a :class:`Reply`: both.
+- a :class:`Reply`: any of these, and images to log at the event's step
+  (TensorBoard and the run's trackers: a figure of samples, a custom plot).
 
 A function that raises ends the run after a checkpoint at that point, with a
 :class:`CallbackError` whose one line names the callback. A resumed run calls
@@ -85,11 +86,18 @@ class Event:
 
 @dataclasses.dataclass(frozen=True)
 class Reply:
-  """A callback's full answer: ``stop`` (True, or the stop reason) and
-  ``scalars`` to log at the event's step."""
+  """A callback's full answer: ``stop`` (True, or the stop reason), ``scalars``
+  and ``images`` to log at the event's step (name -> an array ``[h, w]`` or
+  ``[h, w, 1|3|4]``, a PNG file's path or a matplotlib figure; without a run
+  directory they are not kept).
+
+  >>> Reply(stop="good enough", scalars={"fid": 3.5}).stop
+  'good enough'
+  """
 
   stop: bool | str = False
   scalars: Mapping[str, float] = dataclasses.field(default_factory=dict)
+  images: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,7 +174,8 @@ def _reply(answer: Any, label: str) -> Reply:
 
 
 def respond(callbacks: Sequence[Callback], event: Event, steps_per_epoch: int, *,
-            log_scalars: Callable[[int, dict], None] | None = None
+            log_scalars: Callable[[int, dict], None] | None = None,
+            log_images: Callable[[int, dict], None] | None = None
             ) -> tuple[str | None, CallbackError | None]:
   """Calls the callbacks due at ``event.step``, in order, and returns the run's
   stop reason (or None) and the error to raise once the run is saved (or
@@ -179,6 +188,8 @@ def respond(callbacks: Sequence[Callback], event: Event, steps_per_epoch: int, *
     try:
       reply = _reply(callback.fn(event), callback.label)
       scalars = {str(k): float(v) for k, v in reply.scalars.items()}
+      if reply.images and log_images is not None:
+        log_images(event.step, {str(k): v for k, v in reply.images.items()})
     except Exception as raised:  # noqa: BLE001 - the run saves, then says it in one line
       first = str(raised).splitlines()[0] if str(raised) else ""
       error = raised if isinstance(raised, CallbackError) else CallbackError(

@@ -116,8 +116,9 @@ def call_back(run: RunContext, done: Advance, end: int, state):
   row = done.position.rows[-1] if end % spe == 0 and done.position.rows else {
       "step": end, **{k: np.asarray(v)[-1].item() for k, v in done.metrics.items()}}
   event = callbacks_lib.Event(end, end // spe, row, state, end % spe == 0)
-  stop, failure = callbacks_lib.respond(run.callbacks, event, spe, log_scalars=getattr(
-      run.monitor, "log_scalars", None))
+  stop, failure = callbacks_lib.respond(
+      run.callbacks, event, spe, log_scalars=getattr(run.monitor, "log_scalars", None),
+      log_images=getattr(run.monitor, "log_images", None))
   position, reason = done.position, done.reason
   if stop and not failure:
     run.log(f"{stop} at step {end} (epoch {end // spe})")
