@@ -25,9 +25,11 @@ MATMUL_CASES = {
     "2x4 explicit": dict(features=2, kernel_size=(2, 4), padding=((1, 0), (2, 1))),
     "3x3 circular": dict(features=4, kernel_size=(3, 3), padding="CIRCULAR"),
     "int padding": dict(features=4, kernel_size=(3, 3), padding=2),
+    "stride 2": dict(features=4, kernel_size=(3, 3), strides=2),
+    "1x1 stride 2": dict(features=4, kernel_size=(1, 1), strides=2),
 }
 LAX_CASES = {
-    "stride 2": dict(features=4, kernel_size=(3, 3), strides=2),
+    "stride 3": dict(features=4, kernel_size=(3, 3), strides=3),
     "dilated": dict(features=4, kernel_size=(3, 3), kernel_dilation=2),
     "grouped": dict(features=4, kernel_size=(3, 3), feature_group_count=2),
     "1-d": dict(features=4, kernel_size=(3,)),
