@@ -120,3 +120,55 @@ def test_strided_nnx_conv_swapped_within_flax_convs():
     swap_nnx_convs(conv)
   assert "conv_general_dilated" not in str(jax.make_jaxpr(lambda x: conv(x))(x))
   assert_close([conv(x)], [reference])
+
+
+class _Compiles:
+  """Counts XLA compilations (JAX's backend_compile event, once per executable)."""
+
+  def __init__(self):
+    self.count = 0
+
+  def __call__(self, event, duration, **kwargs):
+    self.count += event == "/jax/core/compile/backend_compile_duration"
+
+  def __enter__(self):
+    jax.monitoring.register_event_duration_secs_listener(self)
+    return self
+
+  def __exit__(self, *exc):
+    jax.monitoring.unregister_event_duration_listener(self)
+
+
+def test_fit_on_a_resnet18_is_the_same_with_matmul_and_xla_convs_and_compiles_once():
+  """flax's ResNet-18 as published (7x7 stride-2 stem, stride-2 3x3 and 1x1
+  projections): conv_impl="auto" (matmuls, scanned) and "xla" (lax.conv, one
+  step per call) train to the same numbers; a second fit compiles nothing."""
+  import optax
+
+  import jaxtrain
+  from jaxtrain import losses
+  from tests import published
+
+  rng = np.random.default_rng(0)
+  data = {"inputs": rng.normal(size=(32, 16, 16, 3)).astype(np.float32),
+          "targets": rng.integers(0, 4, size=(32,)).astype(np.int32)}
+  template = jaxtrain.create_train_state(
+      published.ResNet18(num_classes=4, num_filters=8), optax.sgd(0.05, momentum=0.9),
+      jax.random.key(0), data["inputs"][:1], loss_fn=losses.cross_entropy)
+
+  def fit(impl):
+    state = jax.tree.map(lambda a: jnp.array(a, copy=True), template)
+    config = jaxtrain.FitConfig(epochs=1, batch_size=16, progress=False, histogram_every=0,
+                                evaluate_train=False, conv_impl=impl)
+    return jaxtrain.fit(state, data, config=config, log=lambda _: None)
+
+  fast, slow = fit("auto"), fit("xla")
+  np.testing.assert_allclose(fast.history["step"]["loss"], slow.history["step"]["loss"],
+                             rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(fast.state.params), jax.tree.leaves(slow.state.params),
+                  strict=True):
+    np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+  with _Compiles() as compiles:
+    again = fit("auto")
+  assert compiles.count == 0
+  assert np.array_equal(again.history["step"]["loss"], fast.history["step"]["loss"])
