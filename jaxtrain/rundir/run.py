@@ -29,10 +29,11 @@ from jaxtrain.launch import unblock_stop_signals
 from jaxtrain.rundir import trackers as trackers_lib
 from jaxtrain.rundir.checkpoint import CheckpointConfig, Checkpointer
 from jaxtrain.rundir.checkpointer import RecordingCheckpointer
+from jaxtrain.rundir.figures import last_step, log_images, write_images  # noqa: F401 - log_images: part of this API
 from jaxtrain.rundir.group import RunCall
 from jaxtrain.rundir.integrity import check_digest
 from jaxtrain.rundir.monitor import RunMonitor
-from jaxtrain.rundir.plots import plot_curves, read_epochs, read_history
+from jaxtrain.rundir.plots import plot_curves, read_history
 from jaxtrain.rundir.record import (  # noqa: F401 - NOT_IDENTITY: part of this API
   NOT_IDENTITY,
   check_record,
@@ -51,7 +52,7 @@ from jaxtrain.rundir.workdir import (  # noqa: F401 - part of this API
   clear_run,
   lock_run_dir,
 )
-from jaxtrain.rundir.writers import TensorBoardWriter, Writer, image_array
+from jaxtrain.rundir.writers import TensorBoardWriter, Writer
 from jaxtrain.train.config import FitConfig, columns
 from jaxtrain.train.fit import FitResult, fit
 from jaxtrain.train.resume import check_resumable
@@ -326,8 +327,8 @@ def run(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
       result.history = read_history(workdir)
       plot_curves(result.history, workdir / "curves.png", extra=extra_curves)
       if (workdir / "curves.png").exists():
-        _write_images([*opened, *writers], {"curves": workdir / "curves.png"},
-                      _last_step(result.history))
+        write_images([*opened, *writers], {"curves": workdir / "curves.png"},
+                     last_step(result.history["epoch"]))
   finally:
     try:
       for writer in [*opened, *writers]:
@@ -335,50 +336,6 @@ def run(state: TrainState, train: Mapping[str, Any], *, config: FitConfig,
     finally:
       directory.release()
   return result
-
-
-def _last_step(history: Mapping[str, Any]) -> int:
-  steps = [s for s in (history.get("epoch") or {}).get("step") or () if s is not None]
-  return int(steps[-1]) if steps else 0
-
-
-def _write_images(writers: Sequence[Writer], images: Mapping[str, Any], step: int) -> None:
-  arrays = {name: image_array(image) for name, image in images.items()}
-  for writer in writers:
-    for name, array in arrays.items():
-      writer.write_image(step, name, array)
-    writer.flush()
-
-
-def log_images(workdir: str | os.PathLike, images: Mapping[str, Any], *,
-               step: int | None = None) -> None:
-  """Logs figures made after a run to its TensorBoard and to the trackers it
-  was run with (``trackers.json``), at ``step`` (default: the run's last).
-
-  Args:
-    workdir: the run directory (process 0's; other processes do nothing).
-    images: name -> an array (``[h, w]`` or ``[h, w, 1|3|4]``, floats in [0, 1]
-      or uint8), a PNG file's path or a matplotlib figure.
-    step: the step the figures show; default: metrics.csv's last step.
-
-  >>> import tempfile, numpy as np
-  >>> workdir = pathlib.Path(tempfile.mkdtemp())
-  >>> log_images(workdir, {"noise": np.random.default_rng(0).random((8, 8))}, step=3)
-  >>> sorted(p.name.split(".")[0] for p in (workdir / "tensorboard").iterdir())
-  ['events']
-  """
-  if not distributed.is_primary():
-    return
-  workdir = pathlib.Path(workdir)
-  if step is None:
-    step = _last_step({"epoch": read_epochs(workdir / "metrics.csv")})
-  writers = [TensorBoardWriter(workdir / "tensorboard", start=None),
-             *trackers_lib.reopen(workdir)]
-  try:
-    _write_images(writers, images, step)
-  finally:
-    for writer in writers:
-      writer.close()
 
 
 def _quiet(message: str) -> None:
