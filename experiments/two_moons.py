@@ -139,6 +139,10 @@ def train_seeds(config: Config) -> None:
                      f"seed, {_cli.SEED_LIMIT - 1}")
   if config.full_batch:
     raise ValueError("--seeds and --full-batch cannot be combined")
+  if config.track:  # one program, no run directory per seed: nothing to track into
+    raise ValueError(f"--seeds {config.seeds} writes seeds.csv, not a run per seed: "
+                     f"--track {config.track} cannot be combined with it (--sweep's "
+                     "members are runs, and are tracked)")
   if config.data == "stream":
     raise ValueError("--seeds trains every seed in one program on resident data: "
                      "--data stream cannot be combined with it")

@@ -226,3 +226,15 @@ def test_unknown_tracker_exits_2_naming_it(tmp_path):
   assert done.stderr.strip().splitlines() == [
       "error: track: unknown tracker 'comet'; choose from mlflow, wandb, trackio"]
   assert not (tmp_path / "run").exists()
+
+
+def test_track_with_seeds_is_refused_in_one_line(tmp_path):
+  """--seeds N trains every seed in one program without run directories."""
+  done = subprocess.run([sys.executable, "-m", "experiments.two_moons", "--workdir",
+                         str(tmp_path / "run"), "--seeds", "2", "--track", "mlflow"], cwd=ROOT,
+                        env=_env(tmp_path), capture_output=True, text=True, timeout=120)
+  assert done.returncode == 2
+  assert done.stderr.strip().splitlines() == [
+      "error: --seeds 2 writes seeds.csv, not a run per seed: --track mlflow cannot be "
+      "combined with it (--sweep's members are runs, and are tracked)"]
+  assert not (tmp_path / "run").exists()
