@@ -238,3 +238,13 @@ def test_track_with_seeds_is_refused_in_one_line(tmp_path):
       "error: --seeds 2 writes seeds.csv, not a run per seed: --track mlflow cannot be "
       "combined with it (--sweep's members are runs, and are tracked)"]
   assert not (tmp_path / "run").exists()
+
+
+def test_a_tracker_that_cannot_start_is_one_line(tmp_path):
+  env = {**_env(tmp_path), "MLFLOW_TRACKING_URI": "bogus://nowhere"}
+  done = subprocess.run(_cmd(tmp_path / "run", "--epochs", "2"), cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=120)
+  assert done.returncode == 2, done.stderr
+  lines = done.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: track: mlflow could not start ("), lines
+  assert "bogus://nowhere" in lines[0]

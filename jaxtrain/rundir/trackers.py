@@ -158,13 +158,10 @@ class MLflowTracker(Tracker):
     self.where = f"mlflow run {self.run_id} in {uri}"
 
   def _experiment(self, name: str) -> str:
-    found = self.client.get_experiment_by_name(name)
-    if found is not None:
-      return found.experiment_id
-    try:
-      return self.client.create_experiment(name, artifact_location=self._artifacts)
-    except Exception:  # noqa: BLE001 - another run created it meanwhile
-      return self.client.get_experiment_by_name(name).experiment_id
+    if (found := self.client.get_experiment_by_name(name)) is None:
+      with contextlib.suppress(Exception):  # else another run created it meanwhile
+        return self.client.create_experiment(name, artifact_location=self._artifacts)
+    return (found or self.client.get_experiment_by_name(name)).experiment_id
 
   def send(self, step, scalars):
     """Logs the scalars at ``step``."""
@@ -333,8 +330,12 @@ def open_trackers(track: str | Sequence[str] | None, workdir: str | os.PathLike,
   saved, trackers = _saved(workdir), []
   try:
     for name in check(track):
-      trackers.append(_CLASSES[name](workdir, experiment=experiment, config=config,
-                                     saved=saved.get(name)))
+      try:
+        trackers.append(_CLASSES[name](workdir, experiment=experiment, config=config,
+                                       saved=saved.get(name)))
+      except Exception as error:  # noqa: BLE001 - a bad store URI, a service that fails
+        raise ValueError(f"track: {name} could not start ({type(error).__name__}: "
+                         f"{(str(error).strip().splitlines() or [''])[0]})") from error
   except BaseException:
     for tracker in trackers:
       tracker.close()
