@@ -56,3 +56,11 @@ def untimed_rows(path) -> list[list[str]]:
   lines = path.read_text().splitlines()
   keep = [i for i, c in enumerate(lines[0].split(",")) if c not in TIMED]
   return [[line.split(",")[i] for i in keep] for line in lines]
+
+
+def moons_split(n_samples=200, n_train=160):
+  """Two moons (seed 0, noise 0.2) as float32/int32 train and validation dicts."""
+  x, y = jaxtrain.datasets.two_moons(jax.random.key(0), n_samples=n_samples, noise=0.2)
+  x, y = np.asarray(x, np.float32), np.asarray(y, np.int32)
+  return ({"inputs": x[:n_train], "targets": y[:n_train]},
+          {"inputs": x[n_train:], "targets": y[n_train:]})

@@ -15,21 +15,16 @@ import pytest
 import jaxtrain
 import jaxtrain.rundir.run as jrun
 from jaxtrain import checkpoint as ckpt
-from jaxtrain import datasets, losses, models
+from jaxtrain import losses, models
 from jaxtrain.rundir.checkpoint import CheckpointConfig
 from jaxtrain.train.callbacks import Callback, CallbackError, Reply, as_callbacks
+from tests.helpers import moons_split
 
 BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
 SPE = 5  # 160 rows, batch 32
 
 
-def moons():
-  x, y = datasets.two_moons(jax.random.key(0), n_samples=200, noise=0.2)
-  x, y = np.asarray(x, np.float32), np.asarray(y, np.int32)
-  return {"inputs": x[:160], "targets": y[:160]}, {"inputs": x[160:], "targets": y[160:]}
-
-
-TRAIN, VAL = moons()
+TRAIN, VAL = moons_split()  # 160 and 40 rows
 
 
 TEMPLATE = jaxtrain.create_train_state(

@@ -9,10 +9,11 @@ import struct
 import jax
 import numpy as np
 import pytest
+from helpers import moons_split
 
 import jaxtrain
 import jaxtrain.rundir.run as jrun
-from jaxtrain import datasets, losses, models
+from jaxtrain import losses, models
 from jaxtrain.rundir.checkpoint import CheckpointConfig
 from jaxtrain.rundir.writers import Tracker, Writer, image_array
 from jaxtrain.train.callbacks import Callback, CallbackError, Reply
@@ -20,13 +21,7 @@ from jaxtrain.train.callbacks import Callback, CallbackError, Reply
 SPE = 5  # 160 rows, batch 32
 
 
-def _moons():
-  x, y = datasets.two_moons(jax.random.key(0), n_samples=200, noise=0.2)
-  x, y = np.asarray(x, np.float32), np.asarray(y, np.int32)
-  return {"inputs": x[:160], "targets": y[:160]}, {"inputs": x[160:], "targets": y[160:]}
-
-
-TRAIN, VAL = _moons()
+TRAIN, VAL = moons_split()  # 160 and 40 rows
 
 
 def _state():
