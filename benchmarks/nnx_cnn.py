@@ -282,7 +282,8 @@ def profile(rows, x, y, tutorial_step, steps=50, rounds=7) -> list[str]:
   resident batch: ``jaxtrain.train_step`` under ``jax.jit`` for the fit rows
   (convolutions as matmuls, as fit runs them on CPU, or as ``lax.conv``), called
   once per step from Python or ``steps`` times inside one ``lax.fori_loop`` (the
-  compute floor of fit's looped programs); the tutorial's ``nnx.jit``
+  compute floor of fit's looped programs), that loop also lowered as fit lowers
+  its programs (``jaxtrain.cpu_random.fast_random_bits``); the tutorial's ``nnx.jit``
   ``train_step`` with a numpy batch (as its loop calls it), the same function as
   one ``jax.jit`` of split state (no ``nnx.jit`` graph work per call), and in a
   ``fori_loop`` of 5 (``lax.conv`` in a loop). The programs take turns for
@@ -292,7 +293,7 @@ def profile(rows, x, y, tutorial_step, steps=50, rounds=7) -> list[str]:
   from flax import nnx
 
   import jaxtrain
-  from jaxtrain.nn import conv
+  from jaxtrain.nn import conv, cpu_random
 
   batch = {"inputs": jnp.asarray(x[:BATCH]), "targets": jnp.asarray(y[:BATCH])}
   key = jax.random.key(1)
@@ -310,12 +311,13 @@ def profile(rows, x, y, tutorial_step, steps=50, rounds=7) -> list[str]:
         s, batch, jax.random.fold_in(key, i))[0], s)
 
   for name in ("fit_nnx", "fit_linen"):
-    for impl, looped in (("matmul", False), ("xla", False), ("matmul", True)):
+    for impl, looped, fast in (("matmul", False, False), ("xla", False, False),
+                               ("matmul", True, False), ("matmul", True, True)):
       state = rows[name][0]()
       # A new function per program: jax caches traces by function, and the conv
       # swap is a context, not an argument.
       step = jax.jit(lambda s, b, k: jaxtrain.train_step(s, b, k)[0])
-      with conv.flax_convs(impl):
+      with conv.flax_convs(impl), cpu_random.fast_random_bits(fast):
         if looped:
           compiled = jax.jit(lambda s: step_loop(s)).lower(state).compile()
           call = compiled
@@ -324,6 +326,7 @@ def profile(rows, x, y, tutorial_step, steps=50, rounds=7) -> list[str]:
           call = functools.partial(lambda s, c: c(s, batch, key), c=compiled)
       label = (f"{name}: fori_loop of {steps} x jaxtrain.train_step, {impl} convs"
                if looped else f"{name}: jit(jaxtrain.train_step) per step, {impl} convs")
+      label += ", dropout masks drawn once (fit's fast_random_bits)" if fast else ""
       programs[label] = (call, state, cost(compiled), 1 if looped else steps,
                          steps if looped else 1)
 

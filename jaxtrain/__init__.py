@@ -72,6 +72,7 @@ _SUBMODULES = {
     "callbacks": "jaxtrain.train.callbacks",
     "checkpoint": "jaxtrain.rundir.checkpoint",
     "conv": "jaxtrain.nn.conv",
+    "cpu_random": "jaxtrain.nn.cpu_random",
     "datasets": "jaxtrain.data",
     "keys": "jaxtrain.core.keys",
     "losses": "jaxtrain.core.losses",

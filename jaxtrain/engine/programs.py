@@ -45,6 +45,7 @@ from jaxtrain.engine.evaluate import evaluate_all, maybe_evaluate
 from jaxtrain.engine.parallel import local_rows
 from jaxtrain.engine.spec import ProgramSpec
 from jaxtrain.nn.conv import flax_convs
+from jaxtrain.nn.cpu_random import fast_random_bits
 
 Arrays = Mapping[str, jax.Array]
 # augment(key, one_example_inputs) -> augmented inputs of the same shape.
@@ -294,6 +295,23 @@ def _traced_with_convs(fn, impl: str):
   return traced
 
 
+class _Program:
+  """A jitted program whose random draws (dropout masks) lower as
+  :func:`jaxtrain.nn.cpu_random.fast_random_bits` draws them: once, in one pass
+  on CPU, the same bits. jit lowers at the first call, so every call enters it."""
+
+  def __init__(self, jitted):
+    self.jitted = jitted
+
+  def __call__(self, *args):
+    with fast_random_bits():
+      return self.jitted(*args)
+
+  def lower(self, *args):
+    with fast_random_bits():
+      return self.jitted.lower(*args)
+
+
 @functools.lru_cache(maxsize=128)
 def _compiled(kind, spec, augment, mesh, donate, members, member_data):
   """One jitted program per configuration, shared by every run that needs it.
@@ -307,7 +325,7 @@ def _compiled(kind, spec, augment, mesh, donate, members, member_data):
   if kind == "epoch_end":
     fn = functools.partial(epoch_end, spec)
     fn = jax.vmap(fn, in_axes=(0, 0, None)) if members else fn
-    return jax.jit(fn, donate_argnums=(0,) if donate else ())
+    return _Program(jax.jit(fn, donate_argnums=(0,) if donate else ()))
   fn = _traced_with_convs(_program(kind, spec, augment, axis_name), spec.conv_impl)
   if kind in _TRAIN_KINDS:
     in_axes, donated = (0, data_axis, Span(0, None, None)), (0,) if donate else ()
@@ -319,7 +337,7 @@ def _compiled(kind, spec, augment, mesh, donate, members, member_data):
     fn = jax.vmap(fn, in_axes=in_axes)
   if mesh is not None:
     fn = jax.shard_map(fn, mesh=mesh, in_specs=_in_specs(kind, axis_name), out_specs=P())
-  return jax.jit(fn, donate_argnums=donated)
+  return _Program(jax.jit(fn, donate_argnums=donated))
 
 
 class Programs:
