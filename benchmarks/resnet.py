@@ -33,7 +33,7 @@ import numpy as np
 import jaxtrain
 from jaxtrain import losses
 from jaxtrain.nn import conv
-from jaxtrain.train import planning
+from jaxtrain.train import execution
 from tests import published
 
 
@@ -119,9 +119,12 @@ def main() -> None:
   parser.add_argument("--rows", default="fit,scan,step,loop,loop_matmul,torch")
   args = parser.parse_args()
   shape = (args.width, args.batch, args.steps, args.repeats)
-  pick = planning.choose_execution(
-      _state(args.width), jaxtrain.FitConfig(epochs=1, batch_size=args.batch),
-      jnp.zeros((1, 32, 32, 3)))
+  batch = {"inputs": np.zeros((args.batch, 32, 32, 3), np.float32),
+           "targets": np.zeros(args.batch, np.int32)}
+  how = execution.explain(_state(args.width), jaxtrain.FitConfig(epochs=1, batch_size=args.batch),
+                          batch["inputs"][:1], batch)
+  pick = how["pick"] + (f", measured: step {how['step_ms']:.1f} ms, scan {how['scan_ms']:.1f} ms"
+                        if how["by"] == "measured" else f", {how['by']}")
   rows = {
       "fit": (f"`fit` default (auto: {pick})", lambda: fit_rate(*shape)),
       "scan": ("`fit(execution=\"scan\")`", lambda: fit_rate(*shape, execution="scan")),

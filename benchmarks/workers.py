@@ -86,13 +86,18 @@ def work_fit(workload: str, row: Row, repeats: int) -> dict:
       peaks.append(measure())
     times.append(timed(run, setup))
   compiles_steady = counter.count - before
-  from jaxtrain.train.planning import choose_execution
+  from jaxtrain.data.indexed import head
+  from jaxtrain.train import execution
   state = jaxtrain.create_train_state(model, tx, jax.random.key(0), example, loss_fn=loss_fn)
+  how = execution.explain(state, config, example, head(train, config.batch_size))
+  how = (how["pick"] if config.execution == "auto" else config.execution) + (
+      f": measured step {how['step_ms']:.1f} ms, scan {how['scan_ms']:.1f} ms"
+      if how["by"] == "measured" else f": {how['by']}")
   last = {k: v[-1] for k, v in result["last"].items() if v and isinstance(v[-1], float)}
   return {"first_s": first, "second_s": second, "times": times, "matmul_s": peaks,
           "compiles_first": compiles_first, "compiles_second": compiles_second,
           "compiles_steady": compiles_steady,
-          "execution": choose_execution(state, config, example),
+          "execution": how,
           "final": {k: last[k] for k in ("train_loss", "val_accuracy") if k in last}}
 
 

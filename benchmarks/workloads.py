@@ -115,7 +115,7 @@ WORKLOADS = {w.name: w for w in (
         "evaluation. Architecture as the library builds it: per block 3x3 SAME conv "
         "(no bias) / batch norm / ReLU / 2x2 max-pool, then dense 128 and 10 (conv2 "
         "runs at 14x14, dense input 7*7*64). The baseline and PyTorch build the same net.",
-        (_fit("fit", "jaxtrain fit (default: step + matmul conv on CPU)"),
+        (_fit("fit", "jaxtrain fit (defaults: matmul convs on CPU, execution auto)"),
          _fit("fit_matmul_scan", "jaxtrain fit, matmul conv, scan", conv="matmul",
               execution="scan"),
          _fit("fit_xla_step", f"jaxtrain fit, xla conv, step ({CNN_XLA_STEPS} steps/run)",
@@ -135,7 +135,9 @@ WORKLOADS = {w.name: w for w in (
         "rows train benchmarks.baselines.IssueCNN (matmul convs) through jaxtrain.fit; "
         "the xla-conv jaxtrain row is left out (it ran > 600 s: lax.conv inside the "
         "scanned program, as in the cnn table).",
-        (_fit("fit_matmul_step", "jaxtrain fit (IssueCNN, matmul conv, step)",
+        (_fit("fit", "jaxtrain fit (IssueCNN, matmul conv, execution auto)", model="issue",
+              conv="matmul"),
+         _fit("fit_matmul_step", "jaxtrain fit (IssueCNN, matmul conv, step)",
               model="issue", conv="matmul", execution="step"),
          _fit("fit_matmul_scan", "jaxtrain fit (IssueCNN, matmul conv, scan)",
               model="issue", conv="matmul", execution="scan"),

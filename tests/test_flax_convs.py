@@ -5,6 +5,12 @@ and ``execution="auto"`` deciding from what the model then runs."""
 
 from __future__ import annotations
 
+import collections
+import json
+import pathlib
+import subprocess
+import sys
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -15,7 +21,8 @@ import pytest
 import jaxtrain
 from benchmarks.baselines import FlaxExampleCNN
 from jaxtrain.nn.conv import flax_convs
-from jaxtrain.train.planning import _runs_primitive, choose_execution
+from jaxtrain.train import execution
+from jaxtrain.train.execution import choose_execution, runs_primitive
 
 MATMUL_CASES = {
     "3x3 same": dict(features=4, kernel_size=(3, 3)),
@@ -63,7 +70,7 @@ def both(kw, batch_shape=None):
 @pytest.mark.parametrize("name", sorted(MATMUL_CASES))
 def test_matmul_convs_equal_lax_with_their_gradients(name):
   reference, fast, jaxpr = both(MATMUL_CASES[name])
-  assert not _runs_primitive(jaxpr.jaxpr, "conv_general_dilated")
+  assert not runs_primitive(jaxpr.jaxpr, "conv_general_dilated")
   for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(fast)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
@@ -71,7 +78,7 @@ def test_matmul_convs_equal_lax_with_their_gradients(name):
 @pytest.mark.parametrize("name", sorted(LAX_CASES))
 def test_other_convs_are_left_to_lax(name):
   reference, fast, jaxpr = both(LAX_CASES[name])
-  assert _runs_primitive(jaxpr.jaxpr, "conv_general_dilated")
+  assert runs_primitive(jaxpr.jaxpr, "conv_general_dilated")
   for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(fast)):
     np.testing.assert_array_equal(a, b)
 
@@ -98,7 +105,7 @@ def test_xla_leaves_every_conv_to_lax():
   variables = conv.init(jax.random.key(0), x)
   with flax_convs("xla"):
     jaxpr = jax.make_jaxpr(conv.apply)(variables, x)
-  assert _runs_primitive(jaxpr.jaxpr, "conv_general_dilated")
+  assert runs_primitive(jaxpr.jaxpr, "conv_general_dilated")
   with pytest.raises(ValueError, match="conv_impl must be one of"):
     with flax_convs("fast"):
       pass
@@ -112,7 +119,35 @@ def test_auto_execution_follows_what_the_model_runs():
   config = jaxtrain.FitConfig(epochs=1, batch_size=8)
   assert choose_execution(state, config, x) == "scan"  # nn.Conv as matmuls, on CPU
   xla = jaxtrain.FitConfig(epochs=1, batch_size=8, conv_impl="xla")
-  assert choose_execution(state, xla, x) == "step"
+  assert choose_execution(state, xla, x) == "step"  # no batch to measure on: the cost model
+
+
+def test_auto_execution_measures_a_model_that_runs_lax_conv(tmp_path, monkeypatch):
+  state = jaxtrain.create_train_state(FlaxExampleCNN(), optax.sgd(0.1), jax.random.key(0),
+                                      jnp.zeros((1, 28, 28, 1)),
+                                      loss_fn=jaxtrain.losses.cross_entropy)
+  rng = np.random.default_rng(0)
+  batch = {"inputs": rng.random((8, 28, 28, 1), np.float32),
+           "targets": rng.integers(0, 10, 8).astype(np.int32)}
+  # As beside a compilation cache in tmp_path (JAX's cache directory is process-wide).
+  monkeypatch.setattr(execution, "_store_path", lambda: tmp_path / "executions.json")
+  monkeypatch.setattr(execution, "_EXECUTIONS", collections.OrderedDict())
+  xla = jaxtrain.FitConfig(epochs=1, batch_size=8, conv_impl="xla")
+  found = execution.explain(state, xla, batch["inputs"][:1], batch)
+  assert found["by"] == "measured" and found["step_ms"] > 0 and found["scan_ms"] > 0
+  assert found["pick"] == ("step" if found["scan_ms"] >= execution.MARGIN * found["step_ms"]
+                           else "scan")
+  assert execution.explain(state, xla, batch["inputs"][:1], batch) is found  # once per setup
+  # The pick is kept beside the compiled programs: the next process takes it.
+  stored = json.loads((tmp_path / "executions.json").read_text())
+  assert list(stored.values()) == [found["pick"]]
+  monkeypatch.setattr(execution, "_EXECUTIONS", collections.OrderedDict())
+  assert execution.explain(state, xla, batch["inputs"][:1], batch) == {
+      "pick": found["pick"], "by": "cache"}
+  # Convolutions as matmuls: the cost model, nothing measured.
+  auto = jaxtrain.FitConfig(epochs=1, batch_size=8)
+  assert execution.explain(state, auto, batch["inputs"][:1], batch) == {
+      "pick": "scan", "by": "cost model"}
   with pytest.raises(ValueError, match="conv_impl must be one of.*'fast'"):
     jaxtrain.fit(state, {"inputs": np.zeros((8, 28, 28, 1), np.float32),
                          "targets": np.zeros(8, np.int32)},
@@ -134,3 +169,26 @@ def test_fit_trains_the_same_model_either_way():
   for a, b in zip(jax.tree.leaves(runs["matmul"].state.params),
                   jax.tree.leaves(runs["xla"].state.params)):
     np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
+
+
+def test_the_measured_pick_is_the_next_process_pick(tmp_path):
+  """A resumed run is a new process: it takes the pick stored beside the
+  compilation cache instead of measuring again (scan and step differ in rounding)."""
+  script = f"""
+import jax, numpy as np, optax
+jax.config.update("jax_compilation_cache_dir", {str(tmp_path)!r})
+import jaxtrain
+from benchmarks.baselines import FlaxExampleCNN
+from jaxtrain.train import execution
+state = jaxtrain.create_train_state(FlaxExampleCNN(), optax.sgd(0.1), jax.random.key(0),
+                                    np.zeros((1, 28, 28, 1), np.float32),
+                                    loss_fn=jaxtrain.losses.cross_entropy)
+rng = np.random.default_rng(0)
+batch = {{"inputs": rng.random((8, 28, 28, 1), np.float32),
+          "targets": rng.integers(0, 10, 8).astype(np.int32)}}
+config = jaxtrain.FitConfig(epochs=1, batch_size=8, conv_impl="xla")
+print(execution.explain(state, config, batch["inputs"][:1], batch)["by"])
+"""
+  runs = [subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         cwd=pathlib.Path(__file__).parents[1]) for _ in range(2)]
+  assert [r.stdout.split()[-1] if r.stdout else r.stderr for r in runs] == ["measured", "cache"]

@@ -11,7 +11,7 @@ import pytest
 
 import jaxtrain
 from benchmarks.baselines import FlaxExampleCNN  # flax examples/mnist, as published
-from jaxtrain.train.planning import choose_execution
+from jaxtrain.train.execution import choose_execution
 
 
 class PlainBatchNormMLP(nn.Module):

@@ -44,7 +44,10 @@ class FitConfig:
     nonfinite: ``"stop"`` the run at the first non-finite loss or gradient, or
       ``"skip"`` such updates.
     execution: ``"scan"`` (K steps per compiled call), ``"step"`` (one step per
-      call) or ``"auto"`` (chosen per model and backend).
+      call) or ``"auto"``: scan, unless the model runs ``lax.conv`` on CPU; then
+      both are measured on a batch and step is taken only if it is 1.2x faster,
+      the pick kept for the next run beside the compilation cache
+      (:mod:`jaxtrain.train.execution`).
     data: where the training data live: ``"device"`` (fast path: resident, a
       source read whole), ``"stream"`` (read from the host step by step, each
       process its devices' rows, prefetched in threads; for data that do not

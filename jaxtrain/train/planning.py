@@ -5,12 +5,10 @@ streamed from a :class:`~jaxtrain.data.Source` (:mod:`jaxtrain.engine.stream`)."
 
 from __future__ import annotations
 
-import collections
 import warnings
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxtrain.data.batching import num_batches
 from jaxtrain.data.indexed import Source, as_source, head, length
@@ -18,8 +16,8 @@ from jaxtrain.engine import parallel
 from jaxtrain.engine.feeds import DeviceFeed, Feed, fits_on_device
 from jaxtrain.engine.spec import ProgramSpec
 from jaxtrain.engine.stream import StreamFeed
-from jaxtrain.nn import conv
 from jaxtrain.train.config import MAX_SPAN_STEPS, EpochPlan, FitConfig
+from jaxtrain.train.execution import choose_execution, runs_primitive
 
 
 def program_spec(config: FitConfig, n_train: int, eval_sizes=(), best=None,
@@ -44,63 +42,6 @@ def eval_batch_size(config: FitConfig, sizes) -> int:
   return -(-size // config.devices) * config.devices
 
 
-def choose_execution(state, config: FitConfig, example_inputs) -> str:
-  """``"scan"`` unless measurements say one straight-line step per call is faster.
-
-  XLA:CPU runs ``lax.conv`` inside a loop several times slower than in a
-  straight-line program (jax#12868; 1.03 s against 0.17 s a step in
-  BENCHMARKS.md), so on CPU a model whose forward pass runs a convolution
-  primitive steps one call at a time. The decision reads what the model runs
-  (its forward pass on ``example_inputs``, traced as the programs trace it),
-  not its attributes: jaxtrain's models, and plain ``nn.Conv`` layers under
-  ``conv_impl="auto"``, compute their convolutions as matmuls on CPU and loop
-  fast.
-  """
-  if config.execution != "auto":
-    return config.execution
-  if jax.default_backend() != "cpu":
-    return "scan"
-  if not any(np.ndim(p) == 4 for p in jax.tree.leaves(state.params)):
-    return "scan"  # no convolution kernel: skip tracing the model
-  leaves = jax.tree.leaves(state.variables)
-  key = (state.model, jax.tree.structure(state.variables), config.conv_impl,
-         tuple((np.shape(v), str(getattr(v, "dtype", type(v)))) for v in (*leaves, example_inputs)))
-  if key not in _EXECUTIONS:  # tracing a ResNet-18 takes ~0.15 s: once per setup
-    _EXECUTIONS[key] = _traced_execution(state, config, example_inputs)
-    while len(_EXECUTIONS) > 64:
-      _EXECUTIONS.popitem(last=False)
-  return _EXECUTIONS[key]
-
-
-# choose_execution's answers by model, shapes and conv_impl (the most recent few).
-_EXECUTIONS: collections.OrderedDict = collections.OrderedDict()
-
-
-def _traced_execution(state, config: FitConfig, example_inputs) -> str:
-  model = state.model
-
-  def forward(variables, x):
-    return model.apply(variables, x, train=False,
-                       rngs=model.rngs(None, variables, x, train=False))[0]
-
-  with conv.flax_convs(config.conv_impl):
-    jaxpr = jax.make_jaxpr(forward)(state.variables, example_inputs)
-  return "step" if _runs_primitive(jaxpr.jaxpr, "conv_general_dilated") else "scan"
-
-
-def _runs_primitive(jaxpr, name: str) -> bool:
-  """Whether ``jaxpr`` or any jaxpr nested in it (jit, custom_vjp, cond, ...) runs ``name``."""
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name == name:
-      return True
-    for param in eqn.params.values():
-      for sub in param if isinstance(param, (tuple, list)) else (param,):
-        inner = getattr(sub, "jaxpr", sub)
-        if hasattr(inner, "eqns") and _runs_primitive(inner, name):
-          return True
-  return False
-
-
 def warn_per_device_batch_norm(state, config: FitConfig, example_inputs) -> None:
   """Warns when a run on several devices has batch norm whose statistics are
   not averaged across them (the model runs no collective over the data axis),
@@ -116,7 +57,7 @@ def warn_per_device_batch_norm(state, config: FitConfig, example_inputs) -> None
 
   jaxpr = jax.make_jaxpr(forward, axis_env=[(parallel.AXIS, config.devices)])(
       state.variables, example_inputs)
-  if not _runs_primitive(jaxpr.jaxpr, "psum"):
+  if not runs_primitive(jaxpr.jaxpr, "psum"):
     layers = ", ".join(sorted(state.batch_stats))
     warnings.warn(
         f"batch norm in {layers} keeps per-device statistics on {config.devices} devices: "
@@ -179,8 +120,9 @@ def plan_feed(state, train, config: FitConfig, *, val=None, test=None, augment=N
   spec = program_spec(config, n_train, [length(s) for s in (val, test) if s is not None],
                       best=epochs.device_rule(evals) if epochs is not None else None,
                       plateau=epochs.plateau if epochs is not None else None)
-  example = head(train, 1)["inputs"]
-  straight = choose_execution(state, config, example) == "step"
+  first_batch = head(train, config.batch_size)
+  example = first_batch["inputs"][:1]
+  straight = choose_execution(state, config, example, first_batch) == "step"
   warn_per_device_batch_norm(state, config, example)
   warn_unmasked_batch_norm(state, config, n_train)
   warn_low_precision_params(state)
