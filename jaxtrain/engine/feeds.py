@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from jaxtrain.data.indexed import Source
-from jaxtrain.engine.programs import Carry, Data, Programs
+from jaxtrain.engine.programs import Carry, Data, Packed, Programs
 from jaxtrain.engine.spec import ProgramSpec
 
 
@@ -127,7 +127,8 @@ def fetch(chunks: Sequence[Chunk], steps_per_epoch: int, *, members: bool = Fals
     axis: ``[members, num steps]`` and sums of shape ``[members]``.
   """
   lead = (slice(None),) if members else ()
-  fetched = jax.device_get([(c.steps, c.epochs) for c in chunks])
+  fetched = [(f.unpack() if isinstance(f, Packed) else f, sums)
+             for f, sums in jax.device_get([(c.steps, c.epochs) for c in chunks])]
   steps = {k: np.concatenate([f[0][k][lead + (slice(0, c.num),)]
                               for f, c in zip(fetched, chunks)], axis=len(lead))
            for k in fetched[0][0]}

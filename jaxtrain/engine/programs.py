@@ -100,7 +100,7 @@ class Outputs(NamedTuple):
 
   Attributes:
     steps: per-step metrics in buffers of ``spec.span`` entries (entry ``j`` is
-      step ``first + j``).
+      step ``first + j``); a straight-line call's: one :class:`Packed`.
     epochs: ``{set: sums}`` with a leading slot axis: slot ``k`` is epoch
       ``first // steps_per_epoch + k`` where that epoch ended in the span (zeros
       elsewhere); None from a straight-line call (the caller evaluates).
@@ -197,6 +197,28 @@ def _unpack(packed: jax.Array, like: Mapping[str, jax.ShapeDtypeStruct]) -> dict
   return {k: packed[..., j].astype(v.dtype) for j, (k, v) in enumerate(like.items())}
 
 
+@jax.tree_util.register_pytree_node_class
+class Packed:
+  """A straight-line call's metrics as one ``[..., 1, k]`` float32 array and
+  their ``(name, dtype)`` pairs: the host fetches one array a step, not one per
+  metric (six fetches of ~13 µs each were most of a tiny step's cost)."""
+
+  def __init__(self, values, names: tuple):
+    self.values, self.names = values, names
+
+  def tree_flatten(self):
+    return (self.values,), self.names
+
+  @classmethod
+  def tree_unflatten(cls, names, children):
+    return cls(children[0], names)
+
+  def unpack(self) -> dict:
+    """``{name: [..., 1]}`` in each metric's dtype, as the scanned program's."""
+    values = np.asarray(self.values)
+    return {k: values[..., j].astype(dtype) for j, (k, dtype) in enumerate(self.names)}
+
+
 def _train_span(spec: ProgramSpec, augment: Augment | None, axis_name, batches,
                 carry: Carry, data: Data, span: Span) -> tuple[Carry, Outputs]:
   """Runs global steps ``span.first .. span.first + span.num`` across epochs,
@@ -242,15 +264,17 @@ def _train_span(spec: ProgramSpec, augment: Augment | None, axis_name, batches,
   return carry, Outputs(_unpack(steps, shapes), sums)
 
 
-def _train_one(spec: ProgramSpec, augment: Augment | None, axis_name, batches,
+def _train_one(names: dict, spec: ProgramSpec, augment: Augment | None, axis_name, batches,
                carry: Carry, data: Data, span: Span) -> tuple[Carry, Outputs]:
   """One step, straight-line (no loop): XLA:CPU runs convolutions inside loops
-  far slower (jax#12868). Metrics come back with a leading axis of length 1; the
-  caller evaluates at epoch ends (``Outputs.epochs`` is None)."""
+  far slower (jax#12868). Metrics come back packed, ``[1, k]`` (their names and
+  dtypes kept in ``names`` per carry structure as it traces, for
+  :class:`Packed`); the caller evaluates at epoch ends (``Outputs.epochs`` is None)."""
   epoch, index = jnp.divmod(span.first, spec.steps_per_epoch)
   batch = batches(spec, axis_name, data, span)(epoch)(index)
   carry, metrics = _train_step(spec, augment, axis_name, carry, data, span.run_key, batch)
-  return carry, Outputs(jax.tree.map(lambda m: m[None], metrics), None)
+  names[jax.tree.structure(carry)] = tuple((k, jnp.result_type(v)) for k, v in metrics.items())
+  return carry, Outputs(_pack(metrics, metrics)[None], None)
 
 
 def _add_batch_sums(axis_name, state, totals, batch):
@@ -266,9 +290,11 @@ _TRAIN_KINDS = {"train": (_train_span, _resident_batches),
                 "stream_step": (_train_one, _streamed_batches)}
 
 
-def _program(kind, spec, augment, axis_name):
+def _program(kind, spec, augment, axis_name, names=None):
   if kind in _TRAIN_KINDS:
     body, batches = _TRAIN_KINDS[kind]
+    if body is _train_one:
+      body = functools.partial(body, names)
     return functools.partial(body, spec, augment, axis_name, batches)
   if kind == "eval_batch":
     return functools.partial(_add_batch_sums, axis_name)
@@ -300,8 +326,9 @@ class _Program:
   :func:`jaxtrain.nn.cpu_random.fast_random_bits` draws them: once, in one pass
   on CPU, the same bits. jit lowers at the first call, so every call enters it."""
 
-  def __init__(self, jitted):
+  def __init__(self, jitted, names=None):
     self.jitted = jitted
+    self.names = names  # a straight-line program's metrics, by carry structure
 
   def __call__(self, *args):
     with fast_random_bits():
@@ -326,7 +353,8 @@ def _compiled(kind, spec, augment, mesh, donate, members, member_data):
     fn = functools.partial(epoch_end, spec)
     fn = jax.vmap(fn, in_axes=(0, 0, None)) if members else fn
     return _Program(jax.jit(fn, donate_argnums=(0,) if donate else ()))
-  fn = _traced_with_convs(_program(kind, spec, augment, axis_name), spec.conv_impl)
+  names = {}
+  fn = _traced_with_convs(_program(kind, spec, augment, axis_name, names), spec.conv_impl)
   if kind in _TRAIN_KINDS:
     in_axes, donated = (0, data_axis, Span(0, None, None)), (0,) if donate else ()
   elif kind == "eval_batch":
@@ -337,7 +365,7 @@ def _compiled(kind, spec, augment, mesh, donate, members, member_data):
     fn = jax.vmap(fn, in_axes=in_axes)
   if mesh is not None:
     fn = jax.shard_map(fn, mesh=mesh, in_specs=_in_specs(kind, axis_name), out_specs=P())
-  return _Program(jax.jit(fn, donate_argnums=donated))
+  return _Program(jax.jit(fn, donate_argnums=donated), names)
 
 
 class Programs:
@@ -391,7 +419,11 @@ class Programs:
     kind = ("stream" if streamed else "train") + ("_step" if straight else "")
     kind = kind.replace("train_step", "step")
     fn = _compiled(kind, *self._key)
-    return fn(carry, data, Span(run_key, np.int32(first), np.int32(num_steps)))
+    structure = jax.tree.structure(carry) if straight else None
+    carry, out = fn(carry, data, Span(run_key, np.int32(first), np.int32(num_steps)))
+    if straight:  # traced by now: the names are known
+      out = out._replace(steps=Packed(out.steps, fn.names[structure]))
+    return carry, out
 
   def add_batch_sums(self, state, totals, batch):
     """``totals`` (donated; zeros at a set's first batch, as in

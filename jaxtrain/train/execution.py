@@ -59,9 +59,10 @@ _EXECUTIONS: collections.OrderedDict = collections.OrderedDict()
 def choose_execution(state, config: FitConfig, example_inputs, batch=None) -> str:
   """``config.execution``, or for ``"auto"`` the pick of :func:`explain`.
 
-  ``batch`` (``{"inputs", "targets"}``, one training batch): what a measurement
-  runs on; without one, a doubtful model steps (``lax.conv`` in a loop is the
-  known slow case).
+  ``batch`` (``{"inputs", "targets"}``, one training batch, or a function that
+  reads it, called only if a measurement is needed): what a measurement runs
+  on; without one, a doubtful model steps (``lax.conv`` in a loop is the known
+  slow case).
   """
   if config.execution != "auto":
     return config.execution
@@ -99,12 +100,13 @@ def _decide(state, config: FitConfig, example_inputs, batch) -> dict:
     return {"pick": "step", "by": "cost model"}
   signature = hashlib.sha256("\n".join(map(str, (
       jax.__version__, jax.devices()[0].device_kind, config.conv_impl, config.devices,
-      jax.tree.map(np.shape, dict(batch)), jax.tree.map(np.shape, state.variables),
+      config.batch_size,
+      np.shape(example_inputs)[1:], jax.tree.map(np.shape, state.variables),
       _printed(jaxpr)))).encode()).hexdigest()[:32]
   stored = _stored().get(signature)
   if stored in ("scan", "step"):
     return {"pick": stored, "by": "cache"}
-  times = measure(state, config, batch)
+  times = measure(state, config, batch() if callable(batch) else batch)
   pick = "step" if times["scan_ms"] >= MARGIN * times["step_ms"] else "scan"
   _store(signature, pick)
   return {"pick": pick, "by": "measured", **times}

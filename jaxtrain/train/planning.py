@@ -120,9 +120,10 @@ def plan_feed(state, train, config: FitConfig, *, val=None, test=None, augment=N
   spec = program_spec(config, n_train, [length(s) for s in (val, test) if s is not None],
                       best=epochs.device_rule(evals) if epochs is not None else None,
                       plateau=epochs.plateau if epochs is not None else None)
-  first_batch = head(train, config.batch_size)
-  example = first_batch["inputs"][:1]
-  straight = choose_execution(state, config, example, first_batch) == "step"
+  example = head(train, 1)["inputs"]
+  # Read only if a measurement needs it (a streamed source reads from disk).
+  straight = choose_execution(state, config, example,
+                              lambda: head(train, config.batch_size)) == "step"
   warn_per_device_batch_norm(state, config, example)
   warn_unmasked_batch_norm(state, config, n_train)
   warn_low_precision_params(state)
