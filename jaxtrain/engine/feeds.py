@@ -19,7 +19,8 @@ import jax
 import numpy as np
 
 from jaxtrain.data.indexed import Source
-from jaxtrain.engine.programs import Carry, Data, Packed, Programs
+from jaxtrain.engine.calls import Carry, Data, Packed
+from jaxtrain.engine.programs import Programs
 from jaxtrain.engine.spec import ProgramSpec
 
 

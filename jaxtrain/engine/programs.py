@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -36,11 +35,19 @@ from jaxtrain.core import plateau as plateau_lib
 from jaxtrain.core.keys import key_for
 from jaxtrain.core.metrics import is_sum, means
 from jaxtrain.core.optim import current_learning_rate
-from jaxtrain.core.state import TrainState
 from jaxtrain.core.step import accumulate_gradients, eval_step
 from jaxtrain.data.arrays import gather_rows
 from jaxtrain.data.batching import epoch_indices
 from jaxtrain.engine import best as best_lib
+from jaxtrain.engine.calls import (
+  Carry,
+  Data,
+  Outputs,
+  Packed,
+  Span,
+  pack_metrics,
+  unpack_metrics,
+)
 from jaxtrain.engine.evaluate import evaluate_all, maybe_evaluate
 from jaxtrain.engine.parallel import local_rows
 from jaxtrain.engine.spec import ProgramSpec
@@ -50,64 +57,6 @@ from jaxtrain.nn.cpu_random import fast_random_bits
 Arrays = Mapping[str, jax.Array]
 # augment(key, one_example_inputs) -> augmented inputs of the same shape.
 Augment = Callable[[jax.Array, jax.Array], jax.Array]
-
-
-class Carry(NamedTuple):
-  """What a training call updates (its buffers are donated to the call).
-
-  Attributes:
-    state: the train state.
-    halted: set once a non-finite step stopped the run (``nonfinite="stop"``).
-    best: the best epoch's parameters (:mod:`jaxtrain.engine.best`), updated
-      at every epoch end when ``spec.best`` names the rule; else None.
-  """
-
-  state: TrainState
-  halted: jax.Array
-  best: dict | None = None
-
-
-class Data(NamedTuple):
-  """What a training call reads.
-
-  Attributes:
-    train: the training arrays.
-    step_evals: sets evaluated every ``spec.eval_every`` steps (may be empty).
-    epoch_evals: sets evaluated at every epoch end (may be empty).
-  """
-
-  train: Arrays
-  step_evals: Mapping[str, Arrays]
-  epoch_evals: Mapping[str, Arrays]
-
-
-class Span(NamedTuple):
-  """Which steps a call runs: global steps ``first .. first + num``.
-
-  Attributes:
-    run_key: the run's base key (every key is derived from it by use and position).
-    first: the first global step (int32, traced).
-    num: how many steps (int32, traced).
-  """
-
-  run_key: jax.Array
-  first: Any
-  num: Any
-
-
-class Outputs(NamedTuple):
-  """What a training call returns besides the carry.
-
-  Attributes:
-    steps: per-step metrics in buffers of ``spec.span`` entries (entry ``j`` is
-      step ``first + j``); a straight-line call's: one :class:`Packed`.
-    epochs: ``{set: sums}`` with a leading slot axis: slot ``k`` is epoch
-      ``first // steps_per_epoch + k`` where that epoch ended in the span (zeros
-      elsewhere); None from a straight-line call (the caller evaluates).
-  """
-
-  steps: dict
-  epochs: dict | None
 
 
 def _train_step(spec: ProgramSpec, augment, axis_name, carry: Carry, data: Data, run_key,
@@ -187,38 +136,6 @@ def _streamed_batches(spec: ProgramSpec, axis_name, data: Data, span: Span):
       lambda v: v[epoch * spe + i - span.first], data.train)
 
 
-def _pack(metrics: Mapping[str, jax.Array], like: Mapping) -> jax.Array:
-  """Scalar metrics as one float32 vector (in ``like``'s order): one buffer
-  write per step, not one each."""
-  return jnp.stack([jnp.asarray(metrics[k], jnp.float32) for k in like])
-
-
-def _unpack(packed: jax.Array, like: Mapping[str, jax.ShapeDtypeStruct]) -> dict:
-  return {k: packed[..., j].astype(v.dtype) for j, (k, v) in enumerate(like.items())}
-
-
-@jax.tree_util.register_pytree_node_class
-class Packed:
-  """A straight-line call's metrics as one ``[..., 1, k]`` float32 array and
-  their ``(name, dtype)`` pairs: the host fetches one array a step, not one per
-  metric (six fetches of ~13 µs each were most of a tiny step's cost)."""
-
-  def __init__(self, values, names: tuple):
-    self.values, self.names = values, names
-
-  def tree_flatten(self):
-    return (self.values,), self.names
-
-  @classmethod
-  def tree_unflatten(cls, names, children):
-    return cls(children[0], names)
-
-  def unpack(self) -> dict:
-    """``{name: [..., 1]}`` in each metric's dtype, as the scanned program's."""
-    values = np.asarray(self.values)
-    return {k: values[..., j].astype(dtype) for j, (k, dtype) in enumerate(self.names)}
-
-
 def _train_span(spec: ProgramSpec, augment: Augment | None, axis_name, batches,
                 carry: Carry, data: Data, span: Span) -> tuple[Carry, Outputs]:
   """Runs global steps ``span.first .. span.first + span.num`` across epochs,
@@ -244,7 +161,7 @@ def _train_span(spec: ProgramSpec, augment: Augment | None, axis_name, batches,
     def step_body(i, loop):
       carry, steps = loop
       carry, metrics = step(carry, data, run_key, batch(i))
-      return carry, steps.at[base + i].set(_pack(metrics, shapes))
+      return carry, steps.at[base + i].set(pack_metrics(metrics, shapes))
 
     carry, steps, sums = loop
     end = jnp.minimum(last - epoch * spe, spe)
@@ -261,7 +178,7 @@ def _train_span(spec: ProgramSpec, augment: Augment | None, axis_name, batches,
 
   carry, steps, sums = jax.lax.fori_loop(
       first_epoch, (last + spe - 1) // spe, epoch_body, (carry, steps, sums))
-  return carry, Outputs(_unpack(steps, shapes), sums)
+  return carry, Outputs(unpack_metrics(steps, shapes), sums)
 
 
 def _train_one(names: dict, spec: ProgramSpec, augment: Augment | None, axis_name, batches,
@@ -274,7 +191,7 @@ def _train_one(names: dict, spec: ProgramSpec, augment: Augment | None, axis_nam
   batch = batches(spec, axis_name, data, span)(epoch)(index)
   carry, metrics = _train_step(spec, augment, axis_name, carry, data, span.run_key, batch)
   names[jax.tree.structure(carry)] = tuple((k, jnp.result_type(v)) for k, v in metrics.items())
-  return carry, Outputs(_pack(metrics, metrics)[None], None)
+  return carry, Outputs(pack_metrics(metrics, metrics)[None], None)
 
 
 def _add_batch_sums(axis_name, state, totals, batch):

@@ -35,8 +35,9 @@ from jaxtrain.core.metrics import is_sum
 from jaxtrain.core.step import eval_step
 from jaxtrain.data.batching import epoch_indices
 from jaxtrain.data.indexed import Source, head
+from jaxtrain.engine.calls import Data
 from jaxtrain.engine.feeds import Chunk, Feed
-from jaxtrain.engine.programs import Data, Programs
+from jaxtrain.engine.programs import Programs
 from jaxtrain.engine.spec import ProgramSpec
 
 #: Bytes of host rows one call trains on at most (sets the steps per call).

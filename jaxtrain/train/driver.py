@@ -24,8 +24,8 @@ from jaxtrain.core.state import TrainState, state_arrays
 from jaxtrain.data.indexed import head
 from jaxtrain.engine import best as best_lib
 from jaxtrain.engine import distributed
+from jaxtrain.engine.calls import Carry
 from jaxtrain.engine.feeds import Feed, fetch
-from jaxtrain.engine.programs import Carry
 from jaxtrain.train import callbacks as callbacks_lib
 from jaxtrain.train.cadence import Cadence, Pace
 from jaxtrain.train.config import EpochPlan, FitConfig

@@ -28,7 +28,7 @@ from jaxtrain.core.state import TrainState, state_arrays, with_arrays
 from jaxtrain.data.indexed import length
 from jaxtrain.engine import best as best_lib
 from jaxtrain.engine import distributed, parallel
-from jaxtrain.engine.programs import Carry
+from jaxtrain.engine.calls import Carry
 from jaxtrain.train import callbacks as callbacks_lib
 from jaxtrain.train.cadence import Pace, agreed_boundary, agreed_start
 from jaxtrain.train.config import (

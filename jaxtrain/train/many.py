@@ -19,8 +19,9 @@ import numpy as np
 
 from jaxtrain.core.metrics import means
 from jaxtrain.core.state import TrainState
+from jaxtrain.engine.calls import Carry, Data
 from jaxtrain.engine.feeds import Chunk, fetch
-from jaxtrain.engine.programs import Carry, Data, Programs
+from jaxtrain.engine.programs import Programs
 from jaxtrain.train.config import FitConfig, as_arrays, validate
 from jaxtrain.train.ledger import Fetched, epoch_row
 from jaxtrain.train.planning import program_spec
