@@ -62,9 +62,22 @@ def test_a_dropout_mask_is_drawn_once_in_one_pass():
   assert " while(" not in text  # threefry's rounds unrolled (JAX's CPU rule loops)
 
 
+def test_two_draws_of_one_shape_are_each_drawn_once():
+  """A module's lowering cache keys a draw by its shape: the second draw must
+  get the wrapped lowering too, not the one made inside the first's wrapper."""
+  def draws(k):
+    a, b = jax.random.split(k)
+    return jax.random.bits(a, (64, 64)), jax.random.bits(b, (64, 64))
+  (ours, text), (jaxs, _) = (_draws(fast, draws, jax.random.key(5)) for fast in (True, False))
+  assert tree_equal(ours, jaxs)
+  assert text.count(" conditional(") == 2
+
+
 def test_outside_the_context_nothing_changes():
+  _draws(True, lambda k: jax.random.bits(k, (4096,)), jax.random.key(0))  # installed
+  assert cpu_random._ORIGINAL and "failed" not in cpu_random._ORIGINAL  # noqa: SLF001
   text = _draws(False, lambda k: jax.random.bits(k, (4096,)), jax.random.key(0))[1]
-  assert " conditional(" not in text
+  assert " conditional(" not in text  # the rules deferred to JAX's
 
 
 class _Net(nnx.Module):

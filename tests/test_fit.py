@@ -35,7 +35,7 @@ from jaxtrain.core.keys import key_for
 from jaxtrain.rundir.monitor import RunMonitor
 from jaxtrain.train.config import COLUMNS, FitConfig
 from jaxtrain.train.stopping import Best, EarlyStopping
-from tests.helpers import make_state, tree_allclose, tree_equal
+from tests.helpers import make_state, moons_split, tree_allclose, tree_equal
 
 BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
 
@@ -798,3 +798,19 @@ def test_bad_custom_metrics_are_named(metrics_fn, message):
                                       loss_fn=losses.cross_entropy, metrics_fn=metrics_fn)
   with pytest.raises(ValueError, match=message):
     train(state=state, epochs=1, batch_size=8)
+
+
+def test_straight_line_metrics_keep_their_names_across_setups():
+  """One compiled straight-line program serves runs whose metrics differ (the
+  evaluated sets): each run's steps come back under their own names."""
+  train, val = moons_split(n_samples=120, n_train=96)
+  state = make_state(models.MLP(hidden_sizes=(8,), outputs=2), inputs_shape=(1, 2))
+
+  def run(evaluate_train):
+    config = jaxtrain.FitConfig(epochs=1, batch_size=32, execution="step", eval_every_steps=1,
+                                evaluate_train=evaluate_train, progress=False)
+    return jaxtrain.fit(state, train, val=val, config=config, log=lambda _: None).history["step"]
+  first, other, again = run(True), run(False), run(True)
+  assert "train_loss" in first and "train_loss" not in other
+  assert again.keys() == first.keys()
+  assert columns_equal(again, first)

@@ -91,7 +91,9 @@ def unpack_metrics(packed: jax.Array, like: Mapping[str, jax.ShapeDtypeStruct]) 
 class Packed:
   """A straight-line call's metrics as one ``[..., 1, k]`` float32 array and
   their ``(name, dtype)`` pairs: the host fetches one array a step, not one per
-  metric (six fetches of ~13 µs each were most of a tiny step's cost)."""
+  metric (six fetches of ~13 µs each were most of a tiny step's cost). The
+  pairs are the pytree's static part, so a program returns, with every trace
+  of it, that trace's own names."""
 
   def __init__(self, values, names: tuple):
     self.values, self.names = values, names

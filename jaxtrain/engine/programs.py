@@ -181,17 +181,18 @@ def _train_span(spec: ProgramSpec, augment: Augment | None, axis_name, batches,
   return carry, Outputs(unpack_metrics(steps, shapes), sums)
 
 
-def _train_one(names: dict, spec: ProgramSpec, augment: Augment | None, axis_name, batches,
+def _train_one(spec: ProgramSpec, augment: Augment | None, axis_name, batches,
                carry: Carry, data: Data, span: Span) -> tuple[Carry, Outputs]:
   """One step, straight-line (no loop): XLA:CPU runs convolutions inside loops
-  far slower (jax#12868). Metrics come back packed, ``[1, k]`` (their names and
-  dtypes kept in ``names`` per carry structure as it traces, for
-  :class:`Packed`); the caller evaluates at epoch ends (``Outputs.epochs`` is None)."""
+  far slower (jax#12868). Metrics come back as one :class:`Packed` ``[1, k]``
+  row, their names and dtypes in its tree structure (so each trace of the
+  program returns its own); the caller evaluates at epoch ends
+  (``Outputs.epochs`` is None)."""
   epoch, index = jnp.divmod(span.first, spec.steps_per_epoch)
   batch = batches(spec, axis_name, data, span)(epoch)(index)
   carry, metrics = _train_step(spec, augment, axis_name, carry, data, span.run_key, batch)
-  names[jax.tree.structure(carry)] = tuple((k, jnp.result_type(v)) for k, v in metrics.items())
-  return carry, Outputs(pack_metrics(metrics, metrics)[None], None)
+  names = tuple((k, np.dtype(jnp.result_type(v))) for k, v in metrics.items())
+  return carry, Outputs(Packed(pack_metrics(metrics, metrics)[None], names), None)
 
 
 def _add_batch_sums(axis_name, state, totals, batch):
@@ -207,11 +208,9 @@ _TRAIN_KINDS = {"train": (_train_span, _resident_batches),
                 "stream_step": (_train_one, _streamed_batches)}
 
 
-def _program(kind, spec, augment, axis_name, names=None):
+def _program(kind, spec, augment, axis_name):
   if kind in _TRAIN_KINDS:
     body, batches = _TRAIN_KINDS[kind]
-    if body is _train_one:
-      body = functools.partial(body, names)
     return functools.partial(body, spec, augment, axis_name, batches)
   if kind == "eval_batch":
     return functools.partial(_add_batch_sums, axis_name)
@@ -243,9 +242,8 @@ class _Program:
   :func:`jaxtrain.nn.cpu_random.fast_random_bits` draws them: once, in one pass
   on CPU, the same bits. jit lowers at the first call, so every call enters it."""
 
-  def __init__(self, jitted, names=None):
+  def __init__(self, jitted):
     self.jitted = jitted
-    self.names = names  # a straight-line program's metrics, by carry structure
 
   def __call__(self, *args):
     with fast_random_bits():
@@ -270,8 +268,7 @@ def _compiled(kind, spec, augment, mesh, donate, members, member_data):
     fn = functools.partial(epoch_end, spec)
     fn = jax.vmap(fn, in_axes=(0, 0, None)) if members else fn
     return _Program(jax.jit(fn, donate_argnums=(0,) if donate else ()))
-  names = {}
-  fn = _traced_with_convs(_program(kind, spec, augment, axis_name, names), spec.conv_impl)
+  fn = _traced_with_convs(_program(kind, spec, augment, axis_name), spec.conv_impl)
   if kind in _TRAIN_KINDS:
     in_axes, donated = (0, data_axis, Span(0, None, None)), (0,) if donate else ()
   elif kind == "eval_batch":
@@ -282,7 +279,7 @@ def _compiled(kind, spec, augment, mesh, donate, members, member_data):
     fn = jax.vmap(fn, in_axes=in_axes)
   if mesh is not None:
     fn = jax.shard_map(fn, mesh=mesh, in_specs=_in_specs(kind, axis_name), out_specs=P())
-  return _Program(jax.jit(fn, donate_argnums=donated), names)
+  return _Program(jax.jit(fn, donate_argnums=donated))
 
 
 class Programs:
@@ -336,11 +333,7 @@ class Programs:
     kind = ("stream" if streamed else "train") + ("_step" if straight else "")
     kind = kind.replace("train_step", "step")
     fn = _compiled(kind, *self._key)
-    structure = jax.tree.structure(carry) if straight else None
-    carry, out = fn(carry, data, Span(run_key, np.int32(first), np.int32(num_steps)))
-    if straight:  # traced by now: the names are known
-      out = out._replace(steps=Packed(out.steps, fn.names[structure]))
-    return carry, out
+    return fn(carry, data, Span(run_key, np.int32(first), np.int32(num_steps)))
 
   def add_batch_sums(self, state, totals, batch):
     """``totals`` (donated; zeros at a set's first batch, as in

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +32,7 @@ import numpy as np
 # draw's own random_bits lowers as JAX does, its threefry unrolled).
 _MODE = contextvars.ContextVar("jaxtrain_fast_random_bits", default="off")
 _ORIGINAL: dict = {}  # primitive -> JAX's own CPU lowering rule
+_LOCK = threading.Lock()
 
 
 def _rotate_left(v, r: int):
@@ -96,8 +98,13 @@ def _random_bits_rule(ctx, keys, *, bit_width, shape):
 def _install() -> bool:
   """Registers the two CPU rules once (they defer to JAX's own rules outside
   the context); False where this JAX lacks what they need."""
-  if _ORIGINAL:
-    return True
+  with _LOCK:  # two threads must not take each other's rules for JAX's
+    if not _ORIGINAL:
+      _ORIGINAL.update(_register() or {"failed": None})
+    return "failed" not in _ORIGINAL
+
+
+def _register() -> dict | None:
   try:
     from jax.extend.core.primitives import random_bits_p, threefry2x32_p
     from jax.interpreters import mlir
@@ -109,14 +116,17 @@ def _install() -> bool:
       return getattr(entry, "rule", entry)
 
     originals = {"threefry2x32": rule(threefry2x32_p), "random_bits": rule(random_bits_p)}
-  except (ImportError, AttributeError, KeyError):
-    return False
-  _ORIGINAL.update(originals)
-  # Not cacheable: a module's lowering cache would otherwise hand the draw
-  # lowered inside the wrapper (JAX's) to the next draw of the same shape.
-  mlir.register_lowering(threefry2x32_p, _threefry_rule, platform="cpu", cacheable=False)
-  mlir.register_lowering(random_bits_p, _random_bits_rule, platform="cpu", cacheable=False)
-  return True
+    if any(r in (_threefry_rule, _random_bits_rule) for r in originals.values()):
+      return None  # ours already (a reloaded module): nothing to defer to
+    _ORIGINAL.update(originals)  # the rules read them from their first lowering
+    # Cacheable as JAX's: a module's lowering cache keys a draw by its shape; the
+    # draw lowered inside the wrapper is cached first, then the wrapped one
+    # replaces it, which is what the next draw of that shape in the module gets.
+    mlir.register_lowering(threefry2x32_p, _threefry_rule, platform="cpu")
+    mlir.register_lowering(random_bits_p, _random_bits_rule, platform="cpu")
+  except (ImportError, AttributeError, KeyError, TypeError, NotImplementedError):
+    return None
+  return originals
 
 
 @contextlib.contextmanager
@@ -133,8 +143,8 @@ def fast_random_bits(enabled: bool = True):
   >>> bool((fast == draw(key)).all())
   True
   """
-  if not enabled or not _install():
-    yield
+  if not enabled or jax.default_backend() != "cpu" or not _install():
+    yield  # other backends keep JAX's lowering, untouched
     return
   token = _MODE.set("on")
   try:

@@ -39,10 +39,16 @@ import os
 import pathlib
 import re
 import statistics
+import threading
 import time
 
 import jax
 import numpy as np
+
+try:
+  import fcntl
+except ImportError:  # not POSIX: the last writer wins
+  fcntl = None
 
 from jaxtrain.nn import conv
 from jaxtrain.nn.cpu_random import fast_random_bits
@@ -100,7 +106,7 @@ def _decide(state, config: FitConfig, example_inputs, batch) -> dict:
     return {"pick": "step", "by": "cost model"}
   signature = hashlib.sha256("\n".join(map(str, (
       jax.__version__, jax.devices()[0].device_kind, config.conv_impl, config.devices,
-      config.batch_size,
+      config.batch_size, config.accumulate_steps, jax.tree.structure(state.opt_state),
       np.shape(example_inputs)[1:], jax.tree.map(np.shape, state.variables),
       _printed(jaxpr)))).encode()).hexdigest()[:32]
   stored = _stored().get(signature)
@@ -147,8 +153,9 @@ def runs_primitive(jaxpr, name: str) -> bool:
 def measure(state, config: FitConfig, batch, steps: int = MEASURED_STEPS) -> dict:
   """Milliseconds a training step takes called once per step (``"step_ms"``)
   and inside a ``lax.fori_loop`` of ``steps`` (``"scan_ms"``), on ``batch``
-  (its first ``batch_size / devices`` rows: one device's share), compiled as
-  ``fit`` compiles its programs; the median of a few alternating rounds.
+  (its first ``batch_size / devices`` rows: one device's share; with gradient
+  accumulation one micro-batch, the part the two programs run alike), compiled
+  as ``fit`` compiles its programs; the median of a few alternating rounds.
   """
   from jaxtrain.core.step import train_step
 
@@ -200,10 +207,14 @@ def _store(signature: str, pick: str) -> None:
   path = _store_path()
   if path is None:
     return
-  picks = {**_stored(), signature: pick}
-  tmp = path.with_name(f".executions.{os.getpid()}.tmp")
   try:
-    tmp.write_text(json.dumps(picks, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    # Runs sharing a cache (a sweep's members) add their picks one at a time.
+    with open(path.with_name("executions.lock"), "a") as lock:
+      if fcntl is not None:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+      picks = {**_stored(), signature: pick}
+      tmp = path.with_name(f".executions.{os.getpid()}.{threading.get_ident()}.tmp")
+      tmp.write_text(json.dumps(picks, indent=1, sort_keys=True))
+      os.replace(tmp, path)
   except OSError:
     pass  # a read-only cache: the pick holds for this process
