@@ -74,8 +74,11 @@ def test_a_checkpoints_json_does_not_grow_with_the_steps(tmp_path):
     meta = json.loads((last / "meta" / "metadata").read_text())
     assert meta["position"]["step_records"] == 4 * n
     assert meta["step_log"]["records"] == 4 * n and meta["position"]["rows"]["records"] == n
-    sizes[n] = ((last / "meta" / "metadata").stat().st_size,
-                sum(p.stat().st_size for p in last.rglob("*") if p.is_file()))
+    # Orbax's OCDBT data files hold the same arrays in one or several files
+    # depending on how its writes were batched (18.2 vs 20.5 kB seen for the
+    # same state): their layout is Orbax's, so they are left out of the total.
+    files = [p for p in last.rglob("*") if p.is_file() and "d" not in p.relative_to(last).parts]
+    sizes[n] = ((last / "meta" / "metadata").stat().st_size, sum(p.stat().st_size for p in files))
   (short_meta, short_all), (long_meta, long_all) = sizes[epochs[0]], sizes[epochs[1]]
   assert long_meta <= short_meta + 64, sizes  # a few more digits, nothing per step or epoch
   assert long_all <= 1.1 * short_all, sizes
