@@ -41,16 +41,19 @@ def _four_devices():
 @pytest.fixture(autouse=True, scope="session")
 def _compilation_cache(tmp_path_factory):
   """Experiments' CLI turns on JAX's persistent compilation cache
-  ($JAXTRAIN_CACHE_DIR, else ~/.cache): keep it in a directory of this session's
-  and restore JAX's settings afterwards, so tests never write to the home
-  directory."""
+  ($JAXTRAIN_CACHE_DIR, else ~/.cache): tests run it with the cache off, so they
+  never write to the home directory, and restore JAX's settings afterwards.
+  Off, not a directory of this session's: a worker reading back an executable
+  it had written itself crashed (a segmentation fault in
+  compilation_cache.get_executable_and_time) in 3 of 7 suite runs on
+  2026-12-06, twice before that; tests that are about the cache set their own."""
   from jax.experimental.compilation_cache import compilation_cache
 
   names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
            "jax_persistent_cache_min_entry_size_bytes")
   saved = {name: getattr(jax.config, name) for name in names}
   with pytest.MonkeyPatch.context() as patch:
-    patch.setenv("JAXTRAIN_CACHE_DIR", str(tmp_path_factory.mktemp("jax_cache")))
+    patch.setenv("JAXTRAIN_CACHE_DIR", "off")
     patch.delenv("JAXTRAIN_DEBUG", raising=False)
     compilation_cache.reset_cache()
     yield
